@@ -1,0 +1,60 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxckpt.state import TrainState
+
+
+def _state(tx=None):
+    params = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}
+    return TrainState.create(apply_fn=None, params=params, tx=tx or optax.adam(1e-2), rng=jax.random.PRNGKey(0))
+
+
+def test_create_starts_at_step_zero_with_optimizer_state():
+    state = _state()
+    assert int(state.step) == 0
+    assert state.step.dtype == jnp.int32
+    assert jax.tree.structure(state.opt_state) == jax.tree.structure(optax.adam(1e-2).init(state.params))
+
+
+def test_apply_gradients_returns_new_state_and_leaves_old_untouched():
+    state = _state(optax.sgd(0.5))
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    new = state.apply_gradients(grads=grads)
+    assert int(new.step) == 1
+    np.testing.assert_allclose(new.params["dense"]["kernel"], 0.5)
+    np.testing.assert_allclose(state.params["dense"]["kernel"], 1.0)
+
+
+def test_state_is_frozen():
+    state = _state()
+    with pytest.raises(Exception):
+        state.step = 3  # type: ignore[misc]
+
+
+def test_static_fields_are_not_leaves():
+    state = _state()
+    leaves = jax.tree.leaves(state)
+    # step, rng, kernel, bias, and adam's count/mu/nu leaves; tx and apply_fn are not leaves.
+    assert all(isinstance(x, jax.Array) for x in leaves)
+
+
+def test_typed_key_is_stored_raw():
+    state = TrainState.create(apply_fn=None, params={"w": jnp.ones(2)}, tx=optax.sgd(1.0), rng=jax.random.key(3))
+    assert state.rng.dtype == jnp.uint32
+    np.testing.assert_array_equal(state.rng, jax.random.key_data(jax.random.key(3)))
+
+
+def test_step_rng_depends_only_on_step():
+    a = _state().replace(step=jnp.asarray(7, jnp.int32))
+    b = _state(optax.sgd(1.0)).replace(step=jnp.asarray(7, jnp.int32))
+    np.testing.assert_array_equal(a.step_rng(), b.step_rng())
+    assert not np.array_equal(a.step_rng(), a.replace(step=jnp.asarray(8, jnp.int32)).step_rng())
+
+
+def test_apply_gradients_without_tx_is_a_clear_error():
+    state = TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones(1)}, opt_state=(), rng=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="no optimizer"):
+        state.apply_gradients(grads={"w": jnp.ones(1)})
