@@ -1,0 +1,408 @@
+"""Optimizers from config: schedules, frozen parameters and per-path learning-rate multipliers.
+
+Parameters are addressed by their tree path (`"encoder/Dense_0/kernel"`) and selected with regular
+expressions (`re.search` semantics, so `"encoder"` selects everything under `encoder/`; anchor with
+`^...$` for exact paths). Each leaf gets one label:
+
+* `"frozen"` if any `freeze` pattern matches it. Freezing wins over every multiplier.
+* otherwise `"x<m>"` for the *first* `lr_multipliers` rule that matches it (`"x0.1"`);
+* otherwise `"train"`.
+
+The labels drive `optax.multi_transform`: frozen leaves get `optax.set_to_zero()`, so their updates
+are exactly zero (parameters stay bitwise unchanged) and the optimizer keeps no moments for them.
+A multiplier group runs its own copy of the optimizer followed by `optax.scale(m)`. For the
+optimizers built here (sgd, momentum, adam, adamw) that is exactly a learning rate of `m * lr`
+for the group, weight decay included: optax multiplies decoupled weight decay by the learning rate.
+
+The step count that drives the schedule lives in the optimizer state, so restoring a checkpointed
+`opt_state` resumes the schedule where it stopped.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import optax
+
+from jaxckpt.types import Params
+
+FROZEN = "frozen"
+"""Label of frozen leaves in `describe_trainable` and in the `optax.multi_transform` labels."""
+
+TRAIN = "train"
+"""Label of leaves trained at the base learning rate."""
+
+FreezeSpec = str | Sequence[str] | None
+"""Comma-separated regexes (`"encoder,fusion/Dense_0"`), or a sequence of regexes."""
+
+MultiplierSpec = str | Mapping[str, float] | Sequence[tuple[str, float]] | None
+"""`"regex:mult,regex2:mult"`, or `{regex: mult}`, or `[(regex, mult), ...]`; first match wins."""
+
+_OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
+_SCHEDULES = ("constant", "cosine", "warmup_cosine")
+
+
+def parse_freeze(spec: FreezeSpec) -> tuple[str, ...]:
+    """Normalises a freeze specification to a tuple of compiled-checked regexes.
+
+    Args:
+        spec: `""`/`None` (nothing frozen), a comma-separated string of regexes, or a sequence of
+            regexes. Commas always separate rules in the string form; use a sequence for a regex
+            that contains a comma (e.g. `{1,3}`).
+
+    Returns:
+        The patterns, in order, without empty entries.
+
+    Raises:
+        ValueError: if a pattern is not a valid regular expression.
+
+    Example:
+        >>> parse_freeze("encoder, fusion/Dense_0")
+        ('encoder', 'fusion/Dense_0')
+    """
+    if spec is None:
+        return ()
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    patterns = tuple(p.strip() for p in items if p.strip())
+    for pattern in patterns:
+        _check_regex(pattern, "freeze")
+    return patterns
+
+
+def parse_lr_multipliers(spec: MultiplierSpec) -> tuple[tuple[str, float], ...]:
+    """Normalises a learning-rate multiplier specification to `((regex, multiplier), ...)`.
+
+    Args:
+        spec: `""`/`None` (no multipliers), a string `"regex:mult,regex2:mult"`, a mapping
+            `{regex: mult}` or a sequence of `(regex, mult)` pairs. In the string form the
+            multiplier follows the *last* colon, so a regex may contain colons (`(?:a|b)/kernel:0.1`);
+            commas always separate rules.
+
+    Returns:
+        The rules in order (first match wins when labelling).
+
+    Raises:
+        ValueError: if a rule has no `:`, its multiplier is not a finite non-negative number, or its
+            regex is invalid.
+
+    Example:
+        >>> parse_lr_multipliers("head:10, encoder/Dense_0:0.1")
+        (('head', 10.0), ('encoder/Dense_0', 0.1))
+    """
+    if spec is None:
+        return ()
+    if isinstance(spec, str):
+        pairs = []
+        for item in (i.strip() for i in spec.split(",")):
+            if not item:
+                continue
+            pattern, sep, mult = item.rpartition(":")
+            if not sep or not pattern.strip():
+                raise ValueError(
+                    f"lr_multipliers rule {item!r} must look like 'regex:multiplier', e.g. 'head:10'."
+                )
+            pairs.append((pattern.strip(), mult.strip()))
+    elif isinstance(spec, Mapping):
+        pairs = list(spec.items())
+    else:
+        pairs = [tuple(p) for p in spec]
+    rules = []
+    for pattern, mult in pairs:
+        _check_regex(pattern, "lr_multipliers")
+        try:
+            value = float(mult)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"lr_multipliers rule for {pattern!r}: multiplier {mult!r} is not a number "
+                "(write e.g. 'head:0.1')."
+            ) from None
+        if not value >= 0 or value == float("inf"):
+            raise ValueError(
+                f"lr_multipliers rule for {pattern!r}: multiplier {value} must be finite and >= 0."
+            )
+        rules.append((pattern, value))
+    return tuple(rules)
+
+
+def trainable_labels(
+    params: Params, freeze: FreezeSpec = None, lr_multipliers: MultiplierSpec = None
+) -> Params:
+    """Labels every leaf of `params` as `"frozen"`, `"x<m>"` or `"train"` (see module docstring).
+
+    Args:
+        params: the parameter tree (arrays or `jax.ShapeDtypeStruct`s).
+        freeze: patterns of leaves to freeze (see `parse_freeze`).
+        lr_multipliers: multiplier rules (see `parse_lr_multipliers`).
+
+    Returns:
+        A tree of the same structure as `params` whose leaves are label strings, ready for
+        `optax.multi_transform`.
+
+    Raises:
+        ValueError: if a pattern matches no parameter path (the error names the pattern and lists
+            the available paths), or a specification is malformed.
+    """
+    freeze_patterns = parse_freeze(freeze)
+    mult_rules = parse_lr_multipliers(lr_multipliers)
+    rules = [(p, FROZEN) for p in freeze_patterns] + [(p, _mult_label(m)) for p, m in mult_rules]
+    return _label_tree(params, rules, TRAIN)
+
+
+def describe_trainable(
+    params: Params, freeze: FreezeSpec = None, lr_multipliers: MultiplierSpec = None
+) -> dict[str, str]:
+    """What happens to each parameter: `{"encoder/Dense_0/kernel": "frozen" | "x0.1" | "train"}`.
+
+    Args:
+        params: the parameter tree (arrays or `jax.ShapeDtypeStruct`s).
+        freeze: patterns of leaves to freeze (see `parse_freeze`).
+        lr_multipliers: multiplier rules (see `parse_lr_multipliers`).
+
+    Returns:
+        A dict from tree path to label, in tree order.
+
+    Raises:
+        ValueError: as `trainable_labels`.
+
+    Example:
+        >>> describe_trainable({"enc": {"w": w}, "head": {"w": w}}, freeze="enc")
+        {'enc/w': 'frozen', 'head/w': 'train'}
+    """
+    labels = trainable_labels(params, freeze, lr_multipliers)
+    return dict(_flatten(labels))
+
+
+def freeze_and_scale(
+    tx: optax.GradientTransformation | Callable[[float], optax.GradientTransformation],
+    params: Params,
+    *,
+    freeze: FreezeSpec = None,
+    lr_multipliers: MultiplierSpec = None,
+) -> optax.GradientTransformation:
+    """Wraps an optimizer so that some leaves are frozen and others get scaled learning rates.
+
+    Args:
+        tx: the optimizer for trainable leaves, or a factory `multiplier -> optimizer` (use it for
+            optimizers whose update is not linear in the learning rate: it is called once per
+            label with that label's multiplier, `1.0` for `"train"`). A plain transformation is
+            followed by `optax.scale(m)` in multiplier groups. Each label group keeps its own copy
+            of the optimizer state, so a global-norm clip inside `tx` would see only its group:
+            clip before this wrapper (as `make_optimizer` does).
+        params: the parameter tree the optimizer will be initialised with (arrays or
+            `jax.ShapeDtypeStruct`s); only its structure and paths are used.
+        freeze: patterns of leaves to freeze (see `parse_freeze`); freezing wins over multipliers.
+        lr_multipliers: multiplier rules (see `parse_lr_multipliers`); first match wins.
+
+    Returns:
+        An `optax.GradientTransformation` whose updates are exactly zero for frozen leaves and
+        whose state holds no moments for them.
+
+    Raises:
+        ValueError: if a pattern matches no parameter path, or a specification is malformed.
+
+    Example:
+        >>> tx = freeze_and_scale(optax.adam(1e-3), params, freeze="encoder", lr_multipliers="head:10")
+        >>> opt_state = tx.init(params)
+    """
+    labels = trainable_labels(params, freeze, lr_multipliers)
+    used = set(jax.tree.leaves(labels))
+    if used == {TRAIN}:
+        return tx if isinstance(tx, optax.GradientTransformation) else tx(1.0)
+    transforms = {}
+    for label in used:
+        if label == FROZEN:
+            transforms[label] = optax.set_to_zero()
+        elif label == TRAIN:
+            transforms[label] = _scaled(tx, 1.0)
+        else:
+            transforms[label] = _scaled(tx, float(label[1:]))
+    return optax.multi_transform(transforms, labels)
+
+
+def make_schedule(config: Any, *, num_steps: int) -> optax.Schedule:
+    """The learning-rate schedule described by an optimizer config.
+
+    Args:
+        config: the `config.optimizer` section (an `ml_collections.ConfigDict` or a mapping) with
+            `learning_rate`, `schedule` (`"constant" | "cosine" | "warmup_cosine"`),
+            `warmup_steps` and `decay_steps` (0 means `num_steps`).
+        num_steps: total training steps, the default length of the decay.
+
+    Returns:
+        A function `step -> learning rate`. `"constant"` with `warmup_steps > 0` warms up linearly
+        from 0 and then stays constant; `"cosine"` decays from the peak to 0 over `decay_steps`
+        (after the warm-up, if any); `"warmup_cosine"` warms up then decays, ending at step
+        `decay_steps`.
+
+    Raises:
+        ValueError: for an unknown schedule name or inconsistent step counts.
+
+    Example:
+        >>> make_schedule(ConfigDict(dict(learning_rate=1e-3, schedule="cosine",
+        ...                               warmup_steps=0, decay_steps=0)), num_steps=100)(100)
+        Array(0., dtype=float32)
+    """
+    lr = float(_field(config, "learning_rate"))
+    name = _field(config, "schedule", "constant")
+    warmup = int(_field(config, "warmup_steps", 0))
+    decay = int(_field(config, "decay_steps", 0)) or int(num_steps)
+    if name not in _SCHEDULES:
+        raise ValueError(f"optimizer.schedule={name!r} is unknown; use one of {_SCHEDULES}.")
+    if warmup < 0 or decay <= 0:
+        raise ValueError(
+            f"optimizer.warmup_steps={warmup} must be >= 0 and the decay length ({decay}: "
+            "optimizer.decay_steps, or num_steps when it is 0) must be > 0."
+        )
+    if name == "constant":
+        if warmup == 0:
+            return optax.constant_schedule(lr)
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
+        )
+    if name == "cosine" and warmup == 0:
+        return optax.cosine_decay_schedule(lr, decay)
+    if warmup >= decay:
+        raise ValueError(
+            f"optimizer.warmup_steps={warmup} must be smaller than the decay length {decay} "
+            "(optimizer.decay_steps, or num_steps when it is 0)."
+        )
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, decay)
+
+
+def make_optimizer(config: Any, params: Params, *, num_steps: int) -> optax.GradientTransformation:
+    """Builds the optimizer described by `config.optimizer` for `params`.
+
+    The chain is: (frozen gradients zeroed) -> global-norm clip over trainable gradients ->
+    `freeze_and_scale(optimizer)`. Weight decay applies to leaves with 2 or more dimensions
+    (kernels, embeddings), not to biases or norm scales: decoupled for `adamw`, added to the
+    gradient (L2) for `sgd`/`momentum`.
+
+    Args:
+        config: an `ml_collections.ConfigDict` (or mapping) with `name` (`"adam" | "adamw" | "sgd"
+            | "momentum"`), `learning_rate`, `schedule`, `warmup_steps`, `decay_steps`,
+            `weight_decay`, `grad_clip_norm` (0 = off), `freeze` and `lr_multipliers`
+            (see `parse_freeze` / `parse_lr_multipliers`); optional `momentum` (default 0.9,
+            used by `"momentum"`), `b1`/`b2` (adam defaults).
+        params: the parameter tree (arrays or `jax.ShapeDtypeStruct`s).
+        num_steps: total training steps (the decay length when `decay_steps` is 0).
+
+    Returns:
+        An `optax.GradientTransformation`.
+
+    Raises:
+        ValueError: for an unknown optimizer or schedule, `weight_decay` with plain `adam`, or a
+            freeze / multiplier pattern that matches no parameter.
+
+    Example:
+        >>> tx = make_optimizer(config.optimizer, params, num_steps=config.num_steps)
+        >>> state = TrainState.create(params=params, tx=tx, ...)
+    """
+    name = _field(config, "name", "adam")
+    if name not in _OPTIMIZERS:
+        raise ValueError(f"optimizer.name={name!r} is unknown; use one of {_OPTIMIZERS}.")
+    schedule = make_schedule(config, num_steps=num_steps)
+    weight_decay = float(_field(config, "weight_decay", 0.0))
+    if weight_decay and name == "adam":
+        raise ValueError(
+            "optimizer.weight_decay is set with name='adam'; use name='adamw' for decoupled weight "
+            "decay, or set weight_decay=0."
+        )
+    clip = float(_field(config, "grad_clip_norm", 0.0))
+    freeze = parse_freeze(_field(config, "freeze", ""))
+    decay_mask = jax.tree.map(lambda p: len(p.shape) >= 2, params)
+
+    def base(multiplier: float) -> optax.GradientTransformation:
+        lr = _scaled_schedule(schedule, multiplier)
+        if name == "adam" or name == "adamw":
+            b1, b2 = float(_field(config, "b1", 0.9)), float(_field(config, "b2", 0.999))
+            if name == "adam":
+                return optax.adam(lr, b1=b1, b2=b2)
+            return optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)
+        momentum = float(_field(config, "momentum", 0.9)) if name == "momentum" else None
+        sgd = optax.sgd(lr, momentum=momentum)
+        if not weight_decay:
+            return sgd
+        return optax.chain(optax.add_decayed_weights(weight_decay, decay_mask), sgd)
+
+    parts = []
+    if clip > 0:
+        if freeze:
+            # Frozen gradients must not count towards the global norm that scales the others.
+            frozen_mask = jax.tree.map(lambda label: label == FROZEN, trainable_labels(params, freeze))
+            parts.append(optax.masked(optax.set_to_zero(), frozen_mask))
+        parts.append(optax.clip_by_global_norm(clip))
+    parts.append(
+        freeze_and_scale(base, params, freeze=freeze, lr_multipliers=_field(config, "lr_multipliers", ""))
+    )
+    return parts[0] if len(parts) == 1 else optax.chain(*parts)
+
+
+def _scaled_schedule(schedule: optax.Schedule, multiplier: float) -> optax.ScalarOrSchedule:
+    if multiplier == 1.0:
+        return schedule
+    return lambda step: multiplier * schedule(step)
+
+
+def _scaled(
+    tx: optax.GradientTransformation | Callable[[float], optax.GradientTransformation], multiplier: float
+) -> optax.GradientTransformation:
+    if not isinstance(tx, optax.GradientTransformation):
+        return tx(multiplier)
+    if multiplier == 1.0:
+        return tx
+    return optax.chain(tx, optax.scale(multiplier))
+
+
+def _mult_label(multiplier: float) -> str:
+    # A multiplier of exactly 1 is the base rate: share the "train" group (and its state).
+    return TRAIN if multiplier == 1.0 else f"x{multiplier:g}"
+
+
+def _field(config: Any, name: str, default: Any = None) -> Any:
+    if isinstance(config, Mapping):
+        value = config.get(name, default)
+    else:
+        value = getattr(config, name, default)
+    if value is None and default is None:
+        raise ValueError(f"optimizer config has no field {name!r}; add it to config.optimizer.")
+    return value
+
+
+def _check_regex(pattern: str, where: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{where} pattern {pattern!r} is not a valid regular expression: {e}.") from None
+
+
+def _flatten(tree: Params) -> list[tuple[str, Any]]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [("/".join(_key_name(k) for k in path), leaf) for path, leaf in leaves]
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _label_tree(tree: Params, rules: list[tuple[str, str]], default: str) -> Params:
+    paths = [path for path, _ in _flatten(tree)]
+    matched = {i: False for i in range(len(rules))}
+    labels = []
+    for path in paths:
+        label = None
+        for i, (pattern, rule_label) in enumerate(rules):
+            if re.search(pattern, path):
+                matched[i] = True
+                if label is None:
+                    label = rule_label
+        labels.append(default if label is None else label)
+    unmatched = [rules[i][0] for i, hit in matched.items() if not hit]
+    if unmatched:
+        shown = ", ".join(paths[:20]) + (", ..." if len(paths) > 20 else "")
+        raise ValueError(f"pattern(s) {unmatched} match no parameter path; paths are: {shown}")
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), labels)
