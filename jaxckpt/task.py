@@ -62,12 +62,14 @@ class Task(Protocol):
         """
 
 
-def load_task(config: Any) -> Task:
+def load_task(config: Any, artifacts: Mapping[str, Any] | None = None) -> Task:
     """Import `config.task` (a module path such as `"experiments.tasks.digits"`) and build the task.
 
     Args:
         config: an `ml_collections.ConfigDict` with a `task` field naming a module that defines
-            `build(config) -> Task`.
+            `build(config, artifacts=None) -> Task`.
+        artifacts: what `Task.artifacts()` returned for the checkpoint being loaded (e.g. a saved
+            vocabulary), so the task is rebuilt exactly as it was; None for a fresh run.
 
     Returns:
         The task built from `config`.
@@ -86,4 +88,4 @@ def load_task(config: Any) -> Task:
     build = getattr(module, "build", None)
     if build is None:
         raise ValueError(f"config.task={name!r} defines no build(config) function.")
-    return build(config)
+    return build(config, artifacts=artifacts) if artifacts else build(config)

@@ -1,0 +1,37 @@
+"""How command-line entry points report failures: user errors get one line, bugs a traceback."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from jaxckpt.preemption import PREEMPTED_EXIT_CODE, Preempted
+
+USER_ERROR_EXIT_CODE = 2
+
+
+class UserError(RuntimeError):
+    """A failure the user resolves by changing an input; the message names the culprit and the fix."""
+
+
+# Errors a user can cause with a bad path, config or input; their messages say what to do.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, OSError)
+
+
+def exit_code_of(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """Calls `fn`; returns 0, or prints a user error to stderr (no traceback) and returns its code.
+
+    `Preempted` returns `PREEMPTED_EXIT_CODE`; exceptions outside `USER_ERRORS` propagate with their
+    traceback, because they are bugs to report rather than inputs to fix.
+    """
+    try:
+        fn(*args, **kwargs)
+    except Preempted as e:
+        print(f"jaxckpt: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except USER_ERRORS as e:
+        name = type(e).__name__
+        label = "error" if isinstance(e, (UserError, ValueError)) else name
+        print(f"jaxckpt: {label}: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    return 0

@@ -1,0 +1,159 @@
+"""Where a run starts from, decided once and logged in one line.
+
+Precedence: the workdir's own checkpoint (auto-resume) > `checkpoint.resume_file` (a full state
+to continue from) > `checkpoint.pretrained` (weights only, through `graft`, fresh optimizer at step 0)
+> scratch. The pretrained graft applies only on a fresh start, never on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jaxckpt import treepath
+from jaxckpt.checkpoint import CheckpointManager
+from jaxckpt.errors import UserError
+from jaxckpt.pretrained import load_pretrained, resolve_checkpoint_path
+from jaxckpt.state import TrainState
+from jaxckpt.task import Task
+from jaxckpt.workdir import WorkdirError, log, set_aside, write_json
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """The decided starting point of a run.
+
+    Attributes:
+      kind: "resume" (this workdir), "resume_file", "pretrained" or "scratch".
+      reason: why, for the log.
+      manager: the manager of the checkpoint directory to restore from (resume / resume_file).
+      step: the step to restore (resume / resume_file).
+      extra: the JSON items saved with that step (config, data position, loop state, artifacts).
+      path: the user's path for resume_file / pretrained.
+    """
+
+    kind: str
+    reason: str
+    manager: CheckpointManager | None = None
+    step: int | None = None
+    extra: dict[str, Any] | None = None
+    path: str | None = None
+
+    @property
+    def artifacts(self) -> dict[str, Any] | None:
+        return (self.extra or {}).get("task_artifacts") or None
+
+
+def _pick_step(manager: CheckpointManager, best: bool, where: str, criteria: str) -> int:
+    if best:
+        step = manager.best_step()
+        if step is None:
+            raise UserError(
+                f"checkpoint.resume_best=True but no checkpoint in {where} has a finite {criteria!r} "
+                f"(steps: {manager.all_steps()}). Set checkpoint.resume_best=False to use the latest.")
+        return step
+    return manager.latest_step()
+
+
+def decide_start(config: Any, workdir: Path, manager: CheckpointManager | None, *, training: bool) -> Start:
+    """Applies the precedence rules; reads no arrays.
+
+    Args:
+      config: the experiment config.
+      workdir: the run directory.
+      manager: the manager of `workdir/checkpoints` (None if it has none).
+      training: True for train runs; False for val/test/predict, which need a trained model.
+
+    Returns:
+      The `Start`.
+
+    Raises:
+      UserError: if val/test/predict have no model, or `resume=False` would mix a new run with the
+        checkpoints already in the workdir.
+    """
+    ck = config.checkpoint
+    criteria = config.early_stop.criteria
+    own = manager.all_steps() if manager is not None else []
+    if own and ck.resume:
+        step = _pick_step(manager, ck.resume_best, workdir, criteria)
+        which = "best" if ck.resume_best else "latest"
+        others = " (checkpoint.resume_file/pretrained are ignored on resume)" if ck.resume_file or ck.pretrained else ""
+        return Start("resume", f"resuming from this workdir's {which} checkpoint, step {step}{others}",
+                     manager=manager, step=step, extra=manager.restore_extra(step))
+    if own and training:
+        raise WorkdirError(
+            f"{workdir} already holds checkpoints {own} but checkpoint.resume=False. Starting over here "
+            "would mix two runs: pass a new --workdir, or move its checkpoints/ away.")
+    if ck.resume_file:
+        checkpoint_dir, step = resolve_checkpoint_path(ck.resume_file)
+        source = CheckpointManager(checkpoint_dir, read_only=True)
+        if step is None:
+            step = _pick_step(source, ck.resume_best, ck.resume_file, criteria)
+        return Start("resume_file", f"loading the full state of step {step} from checkpoint.resume_file="
+                     f"{ck.resume_file}", manager=source, step=step, extra=source.restore_extra(step),
+                     path=ck.resume_file)
+    if not training:
+        raise UserError(
+            f"nothing to {config.run_type}: {workdir} has no checkpoint. Train in this workdir first, or "
+            "set checkpoint.resume_file to a run directory, step directory or zoo:NAME.")
+    if ck.pretrained:
+        return Start("pretrained", f"fresh start with weights from checkpoint.pretrained={ck.pretrained} "
+                     f"(strict={ck.strict}, mapping={ck.mapping or 'whole tree'}, skip={ck.skip or 'none'})",
+                     path=ck.pretrained)
+    return Start("scratch", "fresh start from random initialisation (no checkpoint in the workdir, "
+                 "no resume_file, no pretrained)")
+
+
+def check_same_experiment(start: Start, abstract: TrainState, workdir: Path) -> None:
+    """Refuses to resume a workdir whose checkpoint holds a model of other shapes than the config builds."""
+    if start.kind != "resume":
+        return
+    saved = {p: tuple(m["shape"]) for p, m in start.manager.param_shapes(start.step).items()}
+    built = {p: tuple(x.shape) for p, x in treepath.flatten(abstract.params).items()}
+    if saved != built:
+        differ = sorted(set(saved) ^ set(built)) + sorted(p for p in set(saved) & set(built) if saved[p] != built[p])
+        lines = [f"  {p}: checkpoint {saved.get(p, 'absent')} vs config {built.get(p, 'absent')}" for p in differ[:10]]
+        raise WorkdirError(
+            f"{workdir} holds a different experiment: its step {start.step} does not match the model this "
+            f"config builds ({len(differ)} param paths differ):\n" + "\n".join(lines) +
+            "\nUse a new --workdir to start this experiment, or to finetune from that run pass "
+            f"--config.checkpoint.pretrained={workdir} in a new workdir.")
+
+
+def load_start(start: Start, task: Task, config: Any, abstract: TrainState, tx: Any, mesh: Any, *,
+               workdir: Path, fresh: Callable[..., TrainState]) -> tuple[TrainState, dict[str, Any], Any]:
+    """Materialises the start: returns `(state, loop_state, data_state)`.
+
+    `loop_state` holds the best-metric and early-stopping bookkeeping; `data_state` the training
+    iterator position (None for a fresh iterator).
+    """
+    log.info("start: %s", start.reason)
+    loop_state = {"best_value": None, "best_step": None, "bad_evals": 0}
+    if start.kind in ("resume", "resume_file"):
+        state = start.manager.restore(abstract, step=start.step).replace(tx=tx)
+        extra = start.extra or {}
+        data_state = extra.get("data_state")
+        if start.kind == "resume":
+            loop_state = dict(extra.get("loop_state") or loop_state)
+            newer = [s for s in start.manager.all_steps() if s > start.step]
+            if newer and config.run_type in ("train", "train_val"):
+                start.manager.wait()
+                moved = set_aside(Path(start.manager.directory), newer, workdir)
+                start.manager.reload()
+                log.warning("continuing from best step %d: newer steps %s moved to %s (not deleted)",
+                            start.step, newer, moved)
+        elif (extra.get("config") or {}).get("data") != config.data.to_dict():
+            data_state = None
+            log.info("resume_file was trained on other data settings: starting a fresh data iterator")
+        return state, loop_state, data_state
+    if start.kind == "pretrained":
+        params, report = load_pretrained(start.path, abstract.params, config.checkpoint)
+        log.info("graft report (%s):\n%s", start.path, report)
+        if jax.process_index() == 0:
+            write_json(workdir / "graft_report.json", report.to_dict())
+        return fresh(task, config, tx, mesh, params=params), loop_state, None
+    return fresh(task, config, tx, mesh), loop_state, None

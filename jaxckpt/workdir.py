@@ -1,0 +1,123 @@
+"""The run directory: exclusive lock, log file, resolved config, and setting newer steps aside.
+
+A workdir belongs to one experiment and one writer at a time. The lock is an `fcntl.flock` on
+`WORKDIR/.lock`, which the kernel releases when the holder dies, so a crash never leaves a stale
+lock behind; the file records the holder's pid and host for the error message.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from jaxckpt.errors import UserError
+
+LOG_NAME = "jaxckpt"
+log = logging.getLogger(LOG_NAME)
+
+
+class WorkdirError(UserError):
+    """A problem with the run directory that the user must resolve (message says how)."""
+
+
+class WorkdirLock:
+    """Exclusive, crash-safe lock on a run directory.
+
+    Example:
+      >>> with WorkdirLock("/tmp/run"):  # doctest: +SKIP
+      ...   train()
+    """
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.path = Path(workdir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "WorkdirLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise WorkdirError(
+                    f"workdir {self.path.parent} is in use by {holder}. Two runs must not write one "
+                    "workdir: wait for it to finish, stop it, or pass another --workdir.") from None
+            raise
+        # The previous holder may have died; its pid is stale text, overwrite it.
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def setup_logging(workdir: str | os.PathLike | None, *, write: bool = True) -> logging.Logger:
+    """Sends the `jaxckpt` logger to stderr and (when `write`) to `WORKDIR/train.log`."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    log.addHandler(stream)
+    if workdir is not None and write:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(Path(workdir) / "train.log")
+        file_handler.setFormatter(fmt)
+        log.addHandler(file_handler)
+    return log
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Writes JSON atomically (temporary file, fsync, rename): a crash leaves the old file or the new."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def set_aside(checkpoint_dir: Path, steps: Iterable[int], workdir: Path) -> Path | None:
+    """Moves step directories to `WORKDIR/superseded/<time>/` (never deletes them).
+
+    Used when training continues from an older (best) step: the newer steps would otherwise be
+    overwritten or confuse "latest".
+
+    Returns:
+      The folder they were moved to, or None if there was nothing to move.
+    """
+    steps = sorted(steps)
+    if not steps:
+        return None
+    dest = workdir / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        shutil.move(str(checkpoint_dir / str(step)), str(dest / str(step)))
+    return dest
