@@ -1,8 +1,9 @@
 """Optimizers from config: schedules, frozen parameters and per-path learning-rate multipliers.
 
 Parameters are addressed by their tree path (`"encoder/Dense_0/kernel"`) and selected with regular
-expressions (`re.search` semantics, so `"encoder"` selects everything under `encoder/`; anchor with
-`^...$` for exact paths). Each leaf gets one label:
+expressions that match a whole path or a whole ancestor (`jaxckpt.treepath` rules): `"encoder"`
+selects everything under `encoder/`, `".*/bias"` every bias, `"head"` not `"lm_head"`. A `glob:`
+prefix switches one pattern to glob syntax (`"glob:encoder/**"`). Each leaf gets one label:
 
 * `"frozen"` if any `freeze` pattern matches it. Freezing wins over every multiplier.
 * otherwise `"x<m>"` for the *first* `lr_multipliers` rule that matches it (`"x0.1"`);
@@ -20,12 +21,12 @@ The step count that drives the schedule lives in the optimizer state, so restori
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import optax
 
+from jaxckpt import treepath
 from jaxckpt.types import Params
 
 FROZEN = "frozen"
@@ -170,8 +171,7 @@ def describe_trainable(
         >>> describe_trainable({"enc": {"w": w}, "head": {"w": w}}, freeze="enc")
         {'enc/w': 'frozen', 'head/w': 'train'}
     """
-    labels = trainable_labels(params, freeze, lr_multipliers)
-    return dict(_flatten(labels))
+    return treepath.flatten(trainable_labels(params, freeze, lr_multipliers))
 
 
 def freeze_and_scale(
@@ -211,7 +211,7 @@ def freeze_and_scale(
     if used == {TRAIN}:
         return tx if isinstance(tx, optax.GradientTransformation) else tx(1.0)
     transforms = {}
-    for label in used:
+    for label in sorted(used):
         if label == FROZEN:
             transforms[label] = optax.set_to_zero()
         elif label == TRAIN:
@@ -357,7 +357,11 @@ def _scaled(
 
 def _mult_label(multiplier: float) -> str:
     # A multiplier of exactly 1 is the base rate: share the "train" group (and its state).
-    return TRAIN if multiplier == 1.0 else f"x{multiplier:g}"
+    if multiplier == 1.0:
+        return TRAIN
+    text = f"{multiplier:g}"
+    # The label is parsed back into the multiplier: keep every digit when `:g` would round.
+    return f"x{text if float(text) == multiplier else repr(multiplier)}"
 
 
 def _field(config: Any, name: str, default: Any = None) -> Any:
@@ -372,37 +376,20 @@ def _field(config: Any, name: str, default: Any = None) -> Any:
 
 def _check_regex(pattern: str, where: str) -> None:
     try:
-        re.compile(pattern)
-    except re.error as e:
-        raise ValueError(f"{where} pattern {pattern!r} is not a valid regular expression: {e}.") from None
-
-
-def _flatten(tree: Params) -> list[tuple[str, Any]]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [("/".join(_key_name(k) for k in path), leaf) for path, leaf in leaves]
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
+        treepath.compile_pattern(pattern, syntax="regex")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _label_tree(tree: Params, rules: list[tuple[str, str]], default: str) -> Params:
-    paths = [path for path, _ in _flatten(tree)]
-    matched = {i: False for i in range(len(rules))}
-    labels = []
-    for path in paths:
-        label = None
-        for i, (pattern, rule_label) in enumerate(rules):
-            if re.search(pattern, path):
-                matched[i] = True
-                if label is None:
-                    label = rule_label
-        labels.append(default if label is None else label)
-    unmatched = [rules[i][0] for i, hit in matched.items() if not hit]
+    patterns = [pattern for pattern, _ in rules]
+    unmatched = treepath.unmatched_patterns(treepath.tree_paths(tree), patterns, syntax="regex")
     if unmatched:
+        paths = treepath.tree_paths(tree)
         shown = ", ".join(paths[:20]) + (", ..." if len(paths) > 20 else "")
-        raise ValueError(f"pattern(s) {unmatched} match no parameter path; paths are: {shown}")
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), labels)
+        raise ValueError(
+            f"freeze/lr_multipliers pattern(s) {unmatched} match no parameter path. Patterns are "
+            f"regexes matching a whole path or a whole ancestor (e.g. 'encoder', '.*/bias'); "
+            f"paths are: {shown}"
+        )
+    return treepath.label_tree(tree, rules, default, syntax="regex")

@@ -76,7 +76,7 @@ def _leaf(tree, path):
 
 def test_frozen_leaves_have_no_optimizer_state():
     params = _params()
-    tx = optim.freeze_and_scale(optax.adam(1e-3), params, freeze="^encoder/")
+    tx = optim.freeze_and_scale(optax.adam(1e-3), params, freeze="encoder")
     opt_state = tx.init(params)
     full = optax.adam(1e-3).init(params)
     frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(params["encoder"]))
@@ -138,7 +138,7 @@ def test_unmatched_patterns_are_errors_naming_the_pattern():
     ("head", "must look like 'regex:multiplier'"),
     (":0.1", "must look like 'regex:multiplier'"),
     ("head:-1", "must be finite and >= 0"),
-    ("head[:0.1", "not a valid regular expression"),
+    ("head[:0.1", "not a valid regex"),
 ])
 def test_bad_multiplier_strings_give_clear_errors(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -206,6 +206,23 @@ def test_schedule_position_survives_an_opt_state_round_trip():
 def test_freezing_the_digits_encoder_saves_its_adam_moments():
     params = _params()
     full = optim.make_optimizer(_config(), params, num_steps=10).init(params)
-    frozen = optim.make_optimizer(_config(freeze="^encoder/"), params, num_steps=10).init(params)
+    frozen = optim.make_optimizer(_config(freeze="encoder"), params, num_steps=10).init(params)
     encoder_bytes = sum(x.nbytes for x in jax.tree.leaves(params["encoder"]))
     assert _state_bytes(full) - _state_bytes(frozen) == 2 * encoder_bytes
+
+
+def test_regex_and_glob_patterns_follow_treepath_rules():
+    params = _params()
+    described = optim.describe_trainable(params, freeze="glob:*/Dense_0/bias",
+                                         lr_multipliers=".*/kernel:0.123456789")
+    assert described["encoder/Dense_0/bias"] == "frozen"
+    assert described["encoder/Dense_1/bias"] == "train"
+    assert described["head/Dense_0/kernel"] == "x0.123456789"
+    # A pattern names a whole path or subtree, never a prefix of a name.
+    with pytest.raises(ValueError, match="'enc'"):
+        optim.describe_trainable(params, freeze="enc")
+    grads = _grads(params)
+    tx = optim.freeze_and_scale(optax.sgd(1.0), params, lr_multipliers=".*/kernel:0.123456789")
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(np.asarray(updates["head"]["Dense_0"]["kernel"]),
+                                  -np.asarray(grads["head"]["Dense_0"]["kernel"]) * np.float32(0.123456789))
