@@ -1,0 +1,358 @@
+r"""Weights from outside JAX: safetensors files and PyTorch state dicts, grafted like any checkpoint.
+
+`read_foreign(path)` turns a file of named tensors into a flat `{"encoder/Dense_0/kernel": lazy}`
+dict that `jaxckpt.graft.graft` accepts as its source. Nothing is read up front: each value is a
+`LazyTensor` that knows its (converted) shape and dtype from the file header and reads its bytes
+only when the graft loads it, so skipped, mismatched or unused tensors never leave the disk.
+
+Names: a source key such as `"encoder.layers.0.weight"` becomes a tree path either through a
+`rename` rule (a regex that must match the whole key, and a target path with `\1` group
+references) or, when no rule matches, through the default rule:
+
+* `.` becomes `/`;
+* with `layout="torch"`, a final `weight` becomes `kernel` for tensors of 2 or more dimensions
+  (Linear, Conv) and `scale` for 1-D ones (LayerNorm, BatchNorm); `bias` stays `bias`.
+
+Layout: with `layout="torch"`, every tensor whose final path name is `kernel` is transposed from
+PyTorch's layout to Flax's when read: Linear `(out, in)` -> Dense `(in, out)`, Conv `(O, I, *spatial)`
+-> `(*spatial, I, O)` (OIHW -> HWIO). Other names (`embedding`, `bias`, `scale`) are unchanged, so an
+`nn.Embedding` weight needs a rule naming it `.../embedding`. `ConvTranspose` weights, which PyTorch
+stores as `(I, O, *spatial)`, are not recognised: rename them to a name other than `kernel` and
+convert them with a graft adapter. `layout="flax"` only turns `.` into `/`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_dtypes  # Registers bfloat16/float8 with numpy, so BF16 tensors can be read.
+import numpy as np
+
+from jaxckpt import graft as graft_lib
+from jaxckpt.types import Params
+
+RenameSpec = str | Mapping[str, str] | Sequence[tuple[str, str]] | None
+"""`"regex=>path;regex2=>path2"`, `{regex: path}` or `[(regex, path), ...]`; first match wins."""
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+_LAYOUTS = ("torch", "flax")
+
+_SAFETENSORS_DTYPES = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
+    "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64,
+    "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F32": np.float32, "F64": np.float64,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+
+
+class LazyTensor:
+    """A tensor in a file: shape and dtype known up front, bytes read by `np.asarray(lazy)`.
+
+    Attributes:
+        shape: the shape after layout conversion.
+        dtype: the numpy dtype.
+        source: where it comes from, e.g. `"model.safetensors:encoder.0.weight (transposed)"`.
+    """
+
+    def __init__(self, read: Callable[[], np.ndarray], shape: Sequence[int], dtype: Any,
+                 source: str, perm: tuple[int, ...] | None = None):
+        self._read = read
+        self._perm = perm
+        self._stored_shape = tuple(int(d) for d in shape)
+        self.shape = self._stored_shape if perm is None else tuple(self._stored_shape[p] for p in perm)
+        self.dtype = np.dtype(dtype)
+        self.source = source + (" (transposed)" if perm is not None else "")
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        array = np.asarray(self._read())
+        if tuple(array.shape) != self._stored_shape:
+            raise ValueError(
+                f"{self.source}: the file holds shape {array.shape}, its header said "
+                f"{self._stored_shape}; the file may have changed since it was opened."
+            )
+        if self._perm is not None:
+            array = np.ascontiguousarray(np.transpose(array, self._perm))
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"LazyTensor({self.source}, shape={self.shape}, dtype={self.dtype})"
+
+
+def parse_rename(spec: RenameSpec) -> tuple[tuple[str, str], ...]:
+    r"""Normalises rename rules to `((regex, path_template), ...)`.
+
+    Args:
+        spec: `None`/`""`; a string `"regex=>path;regex2=>path2"` (`=>` and `;` are literal
+            characters in a regex, and neither appears in PyTorch parameter names, so they cannot
+            clash with the rules themselves); a mapping `{regex: path}`; or `(regex, path)` pairs.
+            Each regex must match a whole source key; the path may use `\1`-style group references.
+
+    Returns:
+        The rules in order (first match wins).
+
+    Raises:
+        ValueError: for a rule without `=>`, an empty side, or an invalid regex.
+
+    Example:
+        >>> parse_rename(r"fc1\.weight=>Dense_0/kernel; fc(\d)\.bias=>Dense_\1/bias")
+        (('fc1\\.weight', 'Dense_0/kernel'), ('fc(\\d)\\.bias', 'Dense_\\1/bias'))
+    """
+    if not spec:
+        return ()
+    if isinstance(spec, str):
+        pairs = []
+        for item in (i.strip() for i in spec.split(";")):
+            if not item:
+                continue
+            pattern, sep, target = item.partition("=>")
+            if not sep:
+                raise ValueError(
+                    f"rename rule {item!r} must look like 'regex=>path', e.g. "
+                    r"'encoder\.(\d+)\.weight=>encoder/Dense_\1/kernel'; separate rules with ';'."
+                )
+            pairs.append((pattern.strip(), target.strip()))
+    elif isinstance(spec, Mapping):
+        pairs = list(spec.items())
+    else:
+        pairs = [tuple(p) for p in spec]
+    for pattern, target in pairs:
+        if not pattern or not target:
+            raise ValueError(f"rename rule {pattern!r}=>{target!r} has an empty side.")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"rename pattern {pattern!r} is not a valid regex: {e}.") from None
+    return tuple(pairs)
+
+
+def read_foreign(path: str | os.PathLike, *, rename: RenameSpec = None,
+                 layout: str = "torch") -> dict[str, LazyTensor]:
+    r"""Opens a safetensors file or PyTorch state dict as a flat, lazy `{tree_path: tensor}` dict.
+
+    Args:
+        path: a `.safetensors` file, or a `.pt`/`.pth`/`.bin` PyTorch state dict (needs torch;
+            a checkpoint dict with a `"state_dict"` entry is unwrapped).
+        rename: rules mapping source keys to tree paths (see `parse_rename`); keys no rule
+            matches follow the default rule (module docstring).
+        layout: `"torch"` (transpose `kernel`s to Flax layout, rename `weight`) or `"flax"`
+            (names only: `.` -> `/`).
+
+    Returns:
+        `{"encoder/Dense_0/kernel": LazyTensor, ...}`, ready as the source of `graft`.
+
+    Raises:
+        FileNotFoundError: if `path` does not exist.
+        ImportError: for a PyTorch file when torch is not installed, or a safetensors file when
+            safetensors is not.
+        ValueError: for an unknown suffix or layout, a rename rule that matches no key, or two
+            keys renamed to the same path.
+
+    Example:
+        >>> flat = read_foreign("mlp.safetensors", rename=r"net\.(\d+)\.weight=>Dense_\1/kernel")
+        >>> params, report = graft(flat, fresh_params)
+    """
+    path = os.fspath(path)
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout={layout!r} is unknown; use one of {_LAYOUTS}.")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No weights file at {path!r}.")
+    rules = parse_rename(rename)
+    if path.endswith(SAFETENSORS_SUFFIXES):
+        tensors = _open_safetensors(path)
+    elif path.endswith(TORCH_SUFFIXES):
+        tensors = _open_torch(path)
+    else:
+        raise ValueError(
+            f"{path!r}: unknown weights format; expected a file ending in "
+            f"{SAFETENSORS_SUFFIXES + TORCH_SUFFIXES}."
+        )
+    base = os.path.basename(path)
+    compiled = [(re.compile(p), t) for p, t in rules]
+    used = [False] * len(rules)
+    flat: dict[str, LazyTensor] = {}
+    origin: dict[str, str] = {}
+    for key, (read, shape, dtype) in tensors.items():
+        target = None
+        for i, (regex, template) in enumerate(compiled):
+            found = regex.fullmatch(key)
+            if found:
+                used[i] = True
+                target = found.expand(template)
+                break
+        if target is None:
+            target = _default_name(key, len(shape), layout)
+        if not all(target.split("/")):
+            raise ValueError(f"{path!r}: key {key!r} becomes {target!r}, which has an empty name; "
+                             "paths look like 'encoder/Dense_0/kernel'.")
+        if target in flat:
+            raise ValueError(
+                f"{path!r}: keys {origin[target]!r} and {key!r} both become {target!r}; "
+                "fix the rename rules so each key gets its own path."
+            )
+        is_kernel = target.rsplit("/", 1)[-1] == "kernel"
+        perm = _to_flax_perm(len(shape)) if layout == "torch" and is_kernel else None
+        flat[target] = LazyTensor(read, shape, dtype, f"{base}:{key}", perm)
+        origin[target] = key
+    unused = [i for i, hit in enumerate(used) if not hit]
+    if unused:
+        keys = list(tensors)
+        shadowed = [rules[i][0] for i in unused if any(compiled[i][0].fullmatch(k) for k in keys)]
+        unmatched = [rules[i][0] for i in unused if rules[i][0] not in shadowed]
+        shown = ", ".join(keys[:20]) + (", ..." if len(keys) > 20 else "")
+        raise ValueError(
+            f"{path!r}: "
+            + (f"rename rule(s) {unmatched} match no key (a rule must match a whole key). "
+               if unmatched else "")
+            + (f"rename rule(s) {shadowed} only match keys an earlier rule already renamed. "
+               if shadowed else "")
+            + f"Keys are: {shown}"
+        )
+    return flat
+
+
+def graft_foreign(
+    path: str | os.PathLike,
+    target_params: Params,
+    *,
+    rename: RenameSpec = None,
+    layout: str = "torch",
+    mapping: str | Mapping[str, str] | None = None,
+    skip: Sequence[str] = (),
+    strict: bool = True,
+    adapters: Any = None,
+) -> tuple[Params, graft_lib.GraftReport]:
+    r"""Grafts a safetensors file or PyTorch state dict into `target_params`.
+
+    `read_foreign` followed by `jaxckpt.graft.graft`: only the tensors the graft loads are read.
+
+    Args:
+        path: the weights file (see `read_foreign`).
+        target_params: the freshly initialised params (arrays or `jax.ShapeDtypeStruct`s for a
+            plan that reads nothing).
+        rename: source key -> tree path rules (see `parse_rename`).
+        layout: `"torch"` or `"flax"` (see `read_foreign`).
+        mapping: source prefix -> target prefix, as in `graft`.
+        skip: regexes of target paths to keep fresh, as in `graft`.
+        strict: raise on any missing, mismatched or unused leaf, as in `graft`.
+        adapters: shape adapters, as in `graft`.
+
+    Returns:
+        `(params, report)` as `graft` returns them.
+
+    Raises:
+        ValueError: as `read_foreign` and `graft`.
+        ImportError: as `read_foreign`.
+
+    Example:
+        >>> params, report = graft_foreign("mlp.pt", task.init_params(rng),
+        ...                                rename=r"net\.0\.(weight|bias)=>encoder/Dense_0/\1")
+        >>> print(report)
+    """
+    source = read_foreign(path, rename=rename, layout=layout)
+    return graft_lib.graft(source, target_params, mapping=mapping, skip=skip, strict=strict,
+                           adapters=adapters)
+
+
+def is_foreign(path: str | os.PathLike) -> bool:
+    """Whether `path` names a safetensors or PyTorch weights file (by its suffix).
+
+    Example:
+        >>> is_foreign("bert.safetensors"), is_foreign("runs/a/checkpoints/100")
+        (True, False)
+    """
+    return os.fspath(path).endswith(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)
+
+
+def _default_name(key: str, ndim: int, layout: str) -> str:
+    names = key.split(".")
+    if layout == "torch" and names[-1] == "weight":
+        names[-1] = "kernel" if ndim >= 2 else "scale"
+    return "/".join(names)
+
+
+def _to_flax_perm(ndim: int) -> tuple[int, ...] | None:
+    if ndim == 2:
+        return (1, 0)
+    if ndim >= 3:  # (O, I, *spatial) -> (*spatial, I, O)
+        return tuple(range(2, ndim)) + (1, 0)
+    return None
+
+
+_Entry = tuple[Callable[[], np.ndarray], tuple[int, ...], Any]
+
+
+def _open_safetensors(path: str) -> dict[str, _Entry]:
+    try:
+        import safetensors
+    except ImportError:
+        raise ImportError(
+            f"Reading {path!r} needs the safetensors package: pip install jaxckpt[safetensors]."
+        ) from None
+    entries = {}
+    with safetensors.safe_open(path, framework="numpy") as f:
+        for key in f.keys():
+            view = f.get_slice(key)
+            dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
+            if dtype is None:
+                raise ValueError(f"{path!r}: tensor {key!r} has dtype {view.get_dtype()}, which numpy "
+                                 "cannot hold; convert it before saving.")
+            entries[key] = (_safetensors_reader(safetensors, path, key), tuple(view.get_shape()), dtype)
+    return entries
+
+
+def _safetensors_reader(safetensors: Any, path: str, key: str) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        # Opening maps the file; only this tensor's bytes are copied.
+        with safetensors.safe_open(path, framework="numpy") as f:
+            return f.get_tensor(key)
+    return read
+
+
+def _open_torch(path: str) -> dict[str, _Entry]:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"Reading the PyTorch file {path!r} needs torch: pip install jaxckpt[torch] "
+            "(or convert it to .safetensors, which needs no torch)."
+        ) from None
+    try:
+        # mmap keeps tensor storages on disk until a tensor is converted.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # Legacy (non-zip) files cannot be memory-mapped.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict; save "
+                         "model.state_dict() instead of the model.")
+    entries = {}
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{path!r}: entry {key!r} is a {type(tensor).__name__}, not a tensor; "
+                             "save a plain model.state_dict().")
+        dtype = _torch_numpy_dtype(torch, tensor.dtype)
+        entries[str(key)] = (_torch_reader(torch, tensor), tuple(tensor.shape), dtype)
+    return entries
+
+
+def _torch_numpy_dtype(torch: Any, dtype: Any) -> Any:
+    if dtype == torch.bfloat16:
+        return ml_dtypes.bfloat16
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+def _torch_reader(torch: Any, tensor: Any) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        t = tensor.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits.
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    return read
