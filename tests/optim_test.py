@@ -226,3 +226,21 @@ def test_regex_and_glob_patterns_follow_treepath_rules():
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_array_equal(np.asarray(updates["head"]["Dense_0"]["kernel"]),
                                   -np.asarray(grads["head"]["Dense_0"]["kernel"]) * np.float32(0.123456789))
+
+
+def test_frozen_opt_state_round_trips_through_orbax(tmp_path):
+    import orbax.checkpoint as ocp
+    params = _params()
+    tx = optim.make_optimizer(_config(name="adamw", weight_decay=0.1, grad_clip_norm=1.0, freeze="encoder",
+                                      lr_multipliers="head:0.5", schedule="cosine"), params, num_steps=10)
+    params, opt_state = _run(tx, params, steps=2)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", opt_state)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / "ckpt", jax.eval_shape(lambda: opt_state))
+    assert jax.tree.structure(restored) == jax.tree.structure(opt_state)  # MaskedNodes survive.
+    grads = _grads(params, seed=5)
+    expected, _ = tx.update(grads, opt_state, params)
+    actual, _ = tx.update(grads, restored, params)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
