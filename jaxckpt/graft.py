@@ -354,6 +354,38 @@ def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
     return _plan_unpaused(source, target, mapping, skip, adapters)
 
 
+def _top_level(paths: Sequence[str]) -> str:
+  names = sorted({p.split(treepath.SEP, 1)[0] for p in paths})
+  return "empty" if not names else "rooted at " + ", ".join(
+      repr(n) for n in names[:12]) + (" ..." if len(names) > 12 else "")
+
+
+def _scope(rules, src_paths, tgt_paths):
+  """Candidate target indices, their source paths, in-scope source indices,
+  and errors for mapping rules that match nothing."""
+  if rules is None:
+    return range(len(tgt_paths)), tgt_paths, range(len(src_paths)), []
+  by_length = sorted(rules, key=lambda pair: -len(pair[1]))
+  candidates, source_of = [], {}
+  for i, path in enumerate(tgt_paths):
+    for src, dst in by_length:  # The most specific destination wins.
+      if treepath.is_under(path, dst):
+        candidates.append(i)
+        source_of[i] = treepath.rebase(path, dst, src)
+        break
+  in_scope = [i for i, p in enumerate(src_paths)
+              if any(treepath.is_under(p, src) for src, _ in rules)]
+  errors = []
+  for src, dst in rules:
+    if not any(treepath.is_under(p, src) for p in src_paths):
+      errors.append(f"mapping rule {src!r}:{dst!r} matches no source path"
+                    f" (source is {_top_level(src_paths)})")
+    if not any(treepath.is_under(p, dst) for p in tgt_paths):
+      errors.append(f"mapping rule {src!r}:{dst!r} matches no target path"
+                    f" (target is {_top_level(tgt_paths)})")
+  return candidates, source_of, in_scope, errors
+
+
 def _plan_unpaused(source, target, mapping, skip, adapters) -> _Plan:
   rules = parse_mapping(mapping)
   adapter_rules = parse_adapters(adapters)
@@ -367,30 +399,7 @@ def _plan_unpaused(source, target, mapping, skip, adapters) -> _Plan:
       src_leaves[i] = leaf()
   src_info = [_shape_dtype(leaf) for leaf in src_leaves]
 
-  errors = []
-  if rules is None:
-    candidates = list(range(len(tgt_paths)))
-    source_of = tgt_paths
-    in_scope = range(len(src_paths))
-  else:
-    by_length = sorted(rules, key=lambda pair: -len(pair[1]))
-    candidates, source_of = [], {}
-    for i, path in enumerate(tgt_paths):
-      for src, dst in by_length:  # The most specific destination wins.
-        if treepath.is_under(path, dst):
-          candidates.append(i)
-          source_of[i] = treepath.rebase(path, dst, src)
-          break
-    in_scope = [i for i, p in enumerate(src_paths)
-                if any(treepath.is_under(p, src) for src, _ in rules)]
-    for src, dst in rules:
-      if not any(treepath.is_under(p, src) for p in src_paths):
-        errors.append(f"mapping rule {src!r}:{dst!r} matches no source path"
-                      f" (source is {_top_level(src_paths)})")
-      if not any(treepath.is_under(p, dst) for p in tgt_paths):
-        errors.append(f"mapping rule {src!r}:{dst!r} matches no target path"
-                      f" (target is {_top_level(tgt_paths)})")
-
+  candidates, source_of, in_scope, errors = _scope(rules, src_paths, tgt_paths)
   skip_matcher = treepath.PathMatcher(skip, syntax="regex")
   adapt_matcher = treepath.PathMatcher([p for p, _ in adapter_rules],
                                        syntax="regex")
@@ -462,12 +471,6 @@ def _plan_unpaused(source, target, mapping, skip, adapters) -> _Plan:
       for j in in_scope if j not in used]
   report = GraftReport(**{k: tuple(v) for k, v in buckets.items()})
   return _Plan(report, fills, src_leaves, tgt_paths, tgt_leaves, treedef)
-
-
-def _top_level(paths: Sequence[str]) -> str:
-  names = sorted({p.split(treepath.SEP, 1)[0] for p in paths})
-  return "empty" if not names else "rooted at " + ", ".join(
-      repr(n) for n in names[:12]) + (" ..." if len(names) > 12 else "")
 
 
 def plan(

@@ -351,3 +351,13 @@ def test_sharded_targets_keep_their_sharding():
                                 source["w"])
   np.testing.assert_allclose(np.asarray(tree["pos"]), np.ones((8, 2)))
   assert [e.path for e in report.cast] == ["w"]
+
+
+def test_mapping_a_subtree_onto_the_root():
+  # E.g. the params of a saved train state onto a bare params tree.
+  saved = {"params": _pretrained(), "opt_state": {"mu": np.ones(3)}, "step": 7}
+  target = jax.tree_util.tree_map(jnp.zeros_like, _pretrained())
+  tree, report = graft(saved, target, mapping="params:")
+  assert report.ok and len(report.loaded) == 4
+  assert report.loaded[0].source.startswith("params/")
+  np.testing.assert_array_equal(tree["head"]["bias"], [4.0, 4.0])
