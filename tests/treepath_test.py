@@ -218,7 +218,7 @@ def test_label_tree_without_default_names_unlabelled_paths():
     treepath.label_tree({"a": 1, "b": 2}, {"a": "x"}, None)
 
 
-def test_flatten_is_linear_and_exact_on_a_wide_tree():
+def test_flatten_wide_tree_in_leaf_order():
   tree = {f"l{i}": {"w": jnp.zeros(()), "b": [1, 2]} for i in range(2000)}
   flat = treepath.flatten(tree)
   assert len(flat) == 6000
