@@ -1,0 +1,1 @@
+"""Applications of jaxckpt: configs, tasks (data, model, loss) and the `run.py` entry point."""

@@ -1,0 +1,10 @@
+"""Tasks: each module exposes `build(config) -> jaxckpt.task.Task`.
+
+- `experiments.tasks.digits`: UCI handwritten digits (shipped in scikit-learn, works offline).
+- `experiments.tasks.imdb`: IMDB movie-review sentiment through tfds `imdb_reviews`.
+
+Shared pieces: `data` (tfds data sources + grain pipelines), `models` (Flax modules whose top-level
+parameters are `encoder`, `fusion`, `head`), `classifier` (loss, metrics, predictions),
+`tokenizer` (the IMDB word vocabulary), and the tfds builders `digits_builder` and `imdb_builder`
+(both prepare ARRAY_RECORD files without TensorFlow).
+"""
