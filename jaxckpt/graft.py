@@ -50,32 +50,32 @@ _LOADED_SHOWN = 10  # str(report) lists loaded leaves only up to this many.
 
 
 class GraftEntry(NamedTuple):
-  """One leaf in a `GraftReport` bucket.
+    """One leaf in a `GraftReport` bucket.
 
-  Attributes:
-    path: the target path (for `unused`, the source path).
-    source: the source path it came from or was looked up at.
-    source_shape: shape of the source leaf, when there is one.
-    target_shape: shape of the target leaf, when there is one.
-    source_dtype: dtype name of the source leaf.
-    target_dtype: dtype name of the target leaf.
-    rule: the skip pattern or adapter name that decided it.
-  """
-  path: str
-  source: str | None = None
-  source_shape: tuple[int, ...] | None = None
-  target_shape: tuple[int, ...] | None = None
-  source_dtype: str | None = None
-  target_dtype: str | None = None
-  rule: str | None = None
+    Attributes:
+        path: the target path (for `unused`, the source path).
+        source: the source path it came from or was looked up at.
+        source_shape: shape of the source leaf, when there is one.
+        target_shape: shape of the target leaf, when there is one.
+        source_dtype: dtype name of the source leaf.
+        target_dtype: dtype name of the target leaf.
+        rule: the skip pattern or adapter name that decided it.
+    """
+    path: str
+    source: str | None = None
+    source_shape: tuple[int, ...] | None = None
+    target_shape: tuple[int, ...] | None = None
+    source_dtype: str | None = None
+    target_dtype: str | None = None
+    rule: str | None = None
 
-  def to_dict(self) -> dict[str, Any]:
-    """The entry as JSON-able values (shapes as lists)."""
-    out = self._asdict()
-    for key in ("source_shape", "target_shape"):
-      if out[key] is not None:
-        out[key] = list(out[key])
-    return out
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as JSON-able values (shapes as lists)."""
+        out = self._asdict()
+        for key in ("source_shape", "target_shape"):
+            if out[key] is not None:
+                out[key] = list(out[key])
+        return out
 
 
 _BUCKETS = ("loaded", "adapted", "mismatched", "missing", "skipped",
@@ -84,393 +84,393 @@ _BUCKETS = ("loaded", "adapted", "mismatched", "missing", "skipped",
 
 @dataclasses.dataclass(frozen=True)
 class GraftReport:
-  """Where every leaf of a graft went. See the module docstring for buckets.
+    """Where every leaf of a graft went. See the module docstring for buckets.
 
-  Example:
-    >>> _, report = graft({"w": np.ones(2)}, {"w": np.zeros(2)})
-    >>> report.counts["loaded"], report.ok
-    (1, True)
-  """
-  loaded: tuple[GraftEntry, ...] = ()
-  adapted: tuple[GraftEntry, ...] = ()
-  mismatched: tuple[GraftEntry, ...] = ()
-  missing: tuple[GraftEntry, ...] = ()
-  skipped: tuple[GraftEntry, ...] = ()
-  untouched: tuple[GraftEntry, ...] = ()
-  unused: tuple[GraftEntry, ...] = ()
-  cast: tuple[GraftEntry, ...] = ()
-
-  @property
-  def counts(self) -> dict[str, int]:
-    """Number of entries per bucket."""
-    return {name: len(getattr(self, name)) for name in _BUCKETS}
-
-  @property
-  def ok(self) -> bool:
-    """True when nothing is missing, mismatched or unused."""
-    return not (self.missing or self.mismatched or self.unused)
-
-  def problems(self) -> str:
-    """The missing, mismatched and unused leaves, one line each."""
-    lines = []
-    if self.missing:
-      lines.append("missing (target leaf with no source leaf; kept fresh):")
-      lines += [f"  {e.path}: target {e.target_shape} {e.target_dtype}, no"
-                f" source leaf at {e.source!r}" for e in self.missing]
-    if self.mismatched:
-      lines.append("mismatched (shapes differ; kept fresh, never reshaped):")
-      lines += [f"  {e.path}: source {e.source!r} {e.source_shape} vs target"
-                f" {e.target_shape}" for e in self.mismatched]
-    if self.unused:
-      lines.append("unused (source leaf no target leaf takes):")
-      lines += [f"  {e.path}: source {e.source_shape} {e.source_dtype}"
-                for e in self.unused]
-    return "\n".join(lines)
-
-  def check(self) -> None:
-    """Raises the strict-mode error unless `ok`.
-
-    Raises:
-      ValueError: listing every missing, mismatched and unused path with
-        shapes, and how to proceed.
+    Example:
+        >>> _, report = graft({"w": np.ones(2)}, {"w": np.zeros(2)})
+        >>> report.counts["loaded"], report.ok
+        (1, True)
     """
-    if self.ok:
-      return
-    c = self.counts
-    raise ValueError(
-        f"graft(strict=True) found {c['missing']} missing, {c['mismatched']}"
-        f" mismatched and {c['unused']} unused leaves:\n{self.problems()}\n"
-        "To proceed: pass strict=False to keep these target leaves fresh and"
-        " get the report; restrict what is grafted with mapping={'src_prefix':"
-        " 'dst_prefix'} (or 'src:dst,...'); keep target leaves fresh with"
-        " skip=[regex, ...]; or change shapes on purpose with"
-        " adapters={regex: 'resize' | 'interpolate' | fn}.")
+    loaded: tuple[GraftEntry, ...] = ()
+    adapted: tuple[GraftEntry, ...] = ()
+    mismatched: tuple[GraftEntry, ...] = ()
+    missing: tuple[GraftEntry, ...] = ()
+    skipped: tuple[GraftEntry, ...] = ()
+    untouched: tuple[GraftEntry, ...] = ()
+    unused: tuple[GraftEntry, ...] = ()
+    cast: tuple[GraftEntry, ...] = ()
 
-  def __str__(self) -> str:
-    c = self.counts
-    lines = ["GraftReport: " + ", ".join(f"{n} {c[n]}" for n in _BUCKETS)]
-    shown = self.loaded[:_LOADED_SHOWN] if len(self.loaded) > 2 * _LOADED_SHOWN \
-        else self.loaded
-    for e in shown:
-      renamed = f" <- {e.source}" if e.source != e.path else ""
-      lines.append(f"  loaded     {e.path}{renamed} {e.target_shape}")
-    if len(shown) < len(self.loaded):
-      lines.append(f"  loaded     ... and {len(self.loaded) - len(shown)} more")
-    for e in self.adapted:
-      lines.append(f"  adapted    {e.path} <- {e.source} {e.source_shape} ->"
-                   f" {e.target_shape} by {e.rule}")
-    for e in self.mismatched:
-      lines.append(f"  mismatched {e.path} <- {e.source} source"
-                   f" {e.source_shape} target {e.target_shape}")
-    for e in self.missing:
-      lines.append(f"  missing    {e.path} {e.target_shape} (no {e.source})")
-    for e in self.skipped:
-      lines.append(f"  skipped    {e.path} {e.target_shape} by {e.rule!r}")
-    for e in self.untouched:
-      lines.append(f"  untouched  {e.path} {e.target_shape}")
-    for e in self.unused:
-      lines.append(f"  unused     {e.path} {e.source_shape} (source)")
-    for e in self.cast:
-      lines.append(f"  cast       {e.path} {e.source_dtype} -> {e.target_dtype}")
-    return "\n".join(lines)
+    @property
+    def counts(self) -> dict[str, int]:
+        """Number of entries per bucket."""
+        return {name: len(getattr(self, name)) for name in _BUCKETS}
 
-  def to_dict(self) -> dict[str, Any]:
-    """The report as JSON-able dicts and lists."""
-    out: dict[str, Any] = {"counts": self.counts, "ok": self.ok}
-    for name in _BUCKETS:
-      out[name] = [e.to_dict() for e in getattr(self, name)]
-    return out
+    @property
+    def ok(self) -> bool:
+        """True when nothing is missing, mismatched or unused."""
+        return not (self.missing or self.mismatched or self.unused)
+
+    def problems(self) -> str:
+        """The missing, mismatched and unused leaves, one line each."""
+        lines = []
+        if self.missing:
+            lines.append("missing (target leaf with no source leaf; kept fresh):")
+            lines += [f"  {e.path}: target {e.target_shape} {e.target_dtype}, no"
+                      f" source leaf at {e.source!r}" for e in self.missing]
+        if self.mismatched:
+            lines.append("mismatched (shapes differ; kept fresh, never reshaped):")
+            lines += [f"  {e.path}: source {e.source!r} {e.source_shape} vs target"
+                      f" {e.target_shape}" for e in self.mismatched]
+        if self.unused:
+            lines.append("unused (source leaf no target leaf takes):")
+            lines += [f"  {e.path}: source {e.source_shape} {e.source_dtype}"
+                      for e in self.unused]
+        return "\n".join(lines)
+
+    def check(self) -> None:
+        """Raises the strict-mode error unless `ok`.
+
+        Raises:
+            ValueError: listing every missing, mismatched and unused path with
+                shapes, and how to proceed.
+        """
+        if self.ok:
+            return
+        c = self.counts
+        raise ValueError(
+            f"graft(strict=True) found {c['missing']} missing, {c['mismatched']}"
+            f" mismatched and {c['unused']} unused leaves:\n{self.problems()}\n"
+            "To proceed: pass strict=False to keep these target leaves fresh and"
+            " get the report; restrict what is grafted with mapping={'src_prefix':"
+            " 'dst_prefix'} (or 'src:dst,...'); keep target leaves fresh with"
+            " skip=[regex, ...]; or change shapes on purpose with"
+            " adapters={regex: 'resize' | 'interpolate' | fn}.")
+
+    def __str__(self) -> str:
+        c = self.counts
+        lines = ["GraftReport: " + ", ".join(f"{n} {c[n]}" for n in _BUCKETS)]
+        shown = self.loaded[:_LOADED_SHOWN] if len(self.loaded) > 2 * _LOADED_SHOWN \
+            else self.loaded
+        for e in shown:
+            renamed = f" <- {e.source}" if e.source != e.path else ""
+            lines.append(f"  loaded     {e.path}{renamed} {e.target_shape}")
+        if len(shown) < len(self.loaded):
+            lines.append(f"  loaded     ... and {len(self.loaded) - len(shown)} more")
+        for e in self.adapted:
+            lines.append(f"  adapted    {e.path} <- {e.source} {e.source_shape} ->"
+                         f" {e.target_shape} by {e.rule}")
+        for e in self.mismatched:
+            lines.append(f"  mismatched {e.path} <- {e.source} source"
+                         f" {e.source_shape} target {e.target_shape}")
+        for e in self.missing:
+            lines.append(f"  missing    {e.path} {e.target_shape} (no {e.source})")
+        for e in self.skipped:
+            lines.append(f"  skipped    {e.path} {e.target_shape} by {e.rule!r}")
+        for e in self.untouched:
+            lines.append(f"  untouched  {e.path} {e.target_shape}")
+        for e in self.unused:
+            lines.append(f"  unused     {e.path} {e.source_shape} (source)")
+        for e in self.cast:
+            lines.append(f"  cast       {e.path} {e.source_dtype} -> {e.target_dtype}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-able dicts and lists."""
+        out: dict[str, Any] = {"counts": self.counts, "ok": self.ok}
+        for name in _BUCKETS:
+            out[name] = [e.to_dict() for e in getattr(self, name)]
+        return out
 
 
 def _strip(prefix: str) -> str:
-  return prefix.strip().strip(treepath.SEP)
+    return prefix.strip().strip(treepath.SEP)
 
 
 def parse_mapping(
     mapping: str | Mapping[str, str] | None,
 ) -> tuple[tuple[str, str], ...] | None:
-  """Normalises a mapping to `((source_prefix, target_prefix), ...)`.
+    """Normalises a mapping to `((source_prefix, target_prefix), ...)`.
 
-  Args:
-    mapping: None (the whole tree onto itself), a dict of source prefix to
-      target prefix, or `"src:dst,src2:dst2"`. An empty side is the root; an
-      empty or blank string means None.
+    Args:
+        mapping: None (the whole tree onto itself), a dict of source prefix to
+            target prefix, or `"src:dst,src2:dst2"`. An empty side is the root; an
+            empty or blank string means None.
 
-  Returns:
-    The pairs, or None for the whole tree onto itself.
+    Returns:
+        The pairs, or None for the whole tree onto itself.
 
-  Raises:
-    ValueError: for a malformed rule, or two rules sharing a source or a
-      destination prefix.
+    Raises:
+        ValueError: for a malformed rule, or two rules sharing a source or a
+            destination prefix.
 
-  Example:
-    >>> parse_mapping("bert:encoder, cls/head:head")
-    (('bert', 'encoder'), ('cls/head', 'head'))
-  """
-  if mapping is None or (isinstance(mapping, str) and not mapping.strip()):
-    return None
-  if isinstance(mapping, str):
-    pairs = []
-    for rule in mapping.split(","):
-      if rule.count(":") != 1:
-        raise ValueError(
-            f"Mapping rule {rule.strip()!r} in {mapping!r} must be"
-            " 'source_prefix:target_prefix' (one ':'); separate rules with ','.")
-      src, dst = rule.split(":")
-      pairs.append((_strip(src), _strip(dst)))
-  elif isinstance(mapping, Mapping):
-    pairs = []
-    for src, dst in mapping.items():
-      if not isinstance(src, str) or not isinstance(dst, str):
-        raise ValueError(f"Mapping rule {src!r}: {dst!r} must map a path prefix"
-                         " string to a path prefix string.")
-      pairs.append((_strip(src), _strip(dst)))
-  else:
-    raise ValueError(f"mapping must be None, a dict or 'src:dst,...'; got"
-                     f" {type(mapping).__name__}.")
-  for side, name in ((0, "source"), (1, "target")):
-    prefixes = [pair[side] for pair in pairs]
-    dupes = sorted({p for p in prefixes if prefixes.count(p) > 1})
-    if dupes:
-      raise ValueError(f"Mapping {mapping!r} names the {name} prefix(es) {dupes}"
-                       " in more than one rule; each may appear once.")
-  return tuple(pairs)
+    Example:
+        >>> parse_mapping("bert:encoder, cls/head:head")
+        (('bert', 'encoder'), ('cls/head', 'head'))
+    """
+    if mapping is None or (isinstance(mapping, str) and not mapping.strip()):
+        return None
+    if isinstance(mapping, str):
+        pairs = []
+        for rule in mapping.split(","):
+            if rule.count(":") != 1:
+                raise ValueError(
+                    f"Mapping rule {rule.strip()!r} in {mapping!r} must be"
+                    " 'source_prefix:target_prefix' (one ':'); separate rules with ','.")
+            src, dst = rule.split(":")
+            pairs.append((_strip(src), _strip(dst)))
+    elif isinstance(mapping, Mapping):
+        pairs = []
+        for src, dst in mapping.items():
+            if not isinstance(src, str) or not isinstance(dst, str):
+                raise ValueError(f"Mapping rule {src!r}: {dst!r} must map a path prefix"
+                                 " string to a path prefix string.")
+            pairs.append((_strip(src), _strip(dst)))
+    else:
+        raise ValueError(f"mapping must be None, a dict or 'src:dst,...'; got"
+                         f" {type(mapping).__name__}.")
+    for side, name in ((0, "source"), (1, "target")):
+        prefixes = [pair[side] for pair in pairs]
+        dupes = sorted({p for p in prefixes if prefixes.count(p) > 1})
+        if dupes:
+            raise ValueError(f"Mapping {mapping!r} names the {name} prefix(es) {dupes}"
+                             " in more than one rule; each may appear once.")
+    return tuple(pairs)
 
 
 def parse_adapters(
     adapters: str | Mapping[str, Adapter] | None,
 ) -> tuple[tuple[str, Adapter], ...]:
-  """Normalises adapter rules to `((regex, adapter), ...)`.
+    """Normalises adapter rules to `((regex, adapter), ...)`.
 
-  Args:
-    adapters: None, `{regex: adapter}`, or `"regex:resize,regex2:interpolate"`
-      (use the dict form for regexes containing ',').
+    Args:
+        adapters: None, `{regex: adapter}`, or `"regex:resize,regex2:interpolate"`
+            (use the dict form for regexes containing ',').
 
-  Returns:
-    The rules in order.
+    Returns:
+        The rules in order.
 
-  Raises:
-    ValueError: for a malformed rule or an unknown adapter name.
+    Raises:
+        ValueError: for a malformed rule or an unknown adapter name.
 
-  Example:
-    >>> parse_adapters("head:resize")
-    (('head', 'resize'),)
-  """
-  if adapters is None or (isinstance(adapters, str) and not adapters.strip()):
-    return ()
-  if isinstance(adapters, str):
-    rules = []
-    for rule in adapters.split(","):
-      pattern, sep, name = rule.rpartition(":")
-      if not sep or not pattern.strip():
-        raise ValueError(f"Adapter rule {rule.strip()!r} must be"
-                         " 'regex:resize' or 'regex:interpolate'.")
-      rules.append((pattern.strip(), name.strip()))
-  elif isinstance(adapters, Mapping):
-    rules = list(adapters.items())
-  else:
-    raise ValueError("adapters must be None, a dict {regex: adapter} or"
-                     f" 'regex:adapter,...'; got {type(adapters).__name__}.")
-  for pattern, adapter in rules:
-    if not callable(adapter) and adapter not in _ADAPTER_NAMES:
-      raise ValueError(f"Adapter {adapter!r} for {pattern!r} is unknown; use"
-                       f" one of {_ADAPTER_NAMES} or a callable"
-                       " fn(source_array, target_leaf) -> array.")
-  return tuple(rules)
+    Example:
+        >>> parse_adapters("head:resize")
+        (('head', 'resize'),)
+    """
+    if adapters is None or (isinstance(adapters, str) and not adapters.strip()):
+        return ()
+    if isinstance(adapters, str):
+        rules = []
+        for rule in adapters.split(","):
+            pattern, sep, name = rule.rpartition(":")
+            if not sep or not pattern.strip():
+                raise ValueError(f"Adapter rule {rule.strip()!r} must be"
+                                 " 'regex:resize' or 'regex:interpolate'.")
+            rules.append((pattern.strip(), name.strip()))
+    elif isinstance(adapters, Mapping):
+        rules = list(adapters.items())
+    else:
+        raise ValueError("adapters must be None, a dict {regex: adapter} or"
+                         f" 'regex:adapter,...'; got {type(adapters).__name__}.")
+    for pattern, adapter in rules:
+        if not callable(adapter) and adapter not in _ADAPTER_NAMES:
+            raise ValueError(f"Adapter {adapter!r} for {pattern!r} is unknown; use"
+                             f" one of {_ADAPTER_NAMES} or a callable"
+                             " fn(source_array, target_leaf) -> array.")
+    return tuple(rules)
 
 
 def _adapter_name(adapter: Adapter) -> str:
-  return adapter if isinstance(adapter, str) else getattr(
-      adapter, "__name__", repr(adapter))
+    return adapter if isinstance(adapter, str) else getattr(
+        adapter, "__name__", repr(adapter))
 
 
 _DTYPE_NAMES: dict[Any, str] = {}
 
 
 def _dtype_name(dtype: np.dtype) -> str:
-  name = _DTYPE_NAMES.get(dtype)
-  if name is None:
-    name = _DTYPE_NAMES[dtype] = str(dtype)
-  return name
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype)
+    return name
 
 
 def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
-  shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
-  if shape is not None and dtype is not None:
-    return (shape if type(shape) is tuple else tuple(shape),
-            dtype if isinstance(dtype, np.dtype) else np.dtype(dtype))
-  array = np.asarray(leaf)  # Python scalars and other array-likes.
-  return array.shape, array.dtype
+    shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+    if shape is not None and dtype is not None:
+        return (shape if type(shape) is tuple else tuple(shape),
+                dtype if isinstance(dtype, np.dtype) else np.dtype(dtype))
+    array = np.asarray(leaf)  # Python scalars and other array-likes.
+    return array.shape, array.dtype
 
 
 def _source_leaves(source: PyTree) -> tuple[list[str], list[Any]]:
-  """Source paths and leaves; a dict with '/' in its keys is taken as flat."""
-  if isinstance(source, Mapping) and any(
-      isinstance(k, str) and treepath.SEP in k for k in source):
-    paths, leaves = [], []
-    for key, value in source.items():
-      sub_paths, sub_leaves, _ = treepath.flatten_with_treedef(value)
-      paths += [treepath.join(_strip(str(key)), p) for p in sub_paths]
-      leaves += sub_leaves
-    if len(set(paths)) != len(paths):
-      raise ValueError("The flat source dict names some path twice (e.g. 'a/b'"
-                       " and a key 'a' holding {'b': ...}); keep one.")
+    """Source paths and leaves; a dict with '/' in its keys is taken as flat."""
+    if isinstance(source, Mapping) and any(
+        isinstance(k, str) and treepath.SEP in k for k in source):
+        paths, leaves = [], []
+        for key, value in source.items():
+            sub_paths, sub_leaves, _ = treepath.flatten_with_treedef(value)
+            paths += [treepath.join(_strip(str(key)), p) for p in sub_paths]
+            leaves += sub_leaves
+        if len(set(paths)) != len(paths):
+            raise ValueError("The flat source dict names some path twice (e.g. 'a/b'"
+                             " and a key 'a' holding {'b': ...}); keep one.")
+        return paths, leaves
+    paths, leaves, _ = treepath.flatten_with_treedef(source)
     return paths, leaves
-  paths, leaves, _ = treepath.flatten_with_treedef(source)
-  return paths, leaves
 
 
 def _rule_errors(kind: str, rules: Sequence[str], side: str) -> list[str]:
-  return [f"{kind} {rule!r} matches no {side} path" for rule in rules]
+    return [f"{kind} {rule!r} matches no {side} path" for rule in rules]
 
 
 @dataclasses.dataclass
 class _Plan:
-  report: GraftReport
-  # Per target leaf index: (source index, adapter or None) for leaves to fill.
-  fills: dict[int, tuple[int, Adapter | None]]
-  source_leaves: list[Any]
-  target_paths: list[str]
-  target_leaves: list[Any]
-  treedef: Any
+    report: GraftReport
+    # Per target leaf index: (source index, adapter or None) for leaves to fill.
+    fills: dict[int, tuple[int, Adapter | None]]
+    source_leaves: list[Any]
+    target_paths: list[str]
+    target_leaves: list[Any]
+    treedef: Any
 
 
 @contextlib.contextmanager
 def _gc_paused():
-  """Pauses the cyclic GC: planning allocates ~10 small tuples per leaf and
-  nothing cyclic, yet on 100k leaves the collector's full passes over the
-  trees would take longer than the planning itself."""
-  enabled = gc.isenabled()
-  gc.disable()
-  try:
-    yield
-  finally:
-    if enabled:
-      gc.enable()
+    """Pauses the cyclic GC: planning allocates ~10 small tuples per leaf and
+    nothing cyclic, yet on 100k leaves the collector's full passes over the
+    trees would take longer than the planning itself."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
-  with _gc_paused():
-    return _plan_unpaused(source, target, mapping, skip, adapters)
+    with _gc_paused():
+        return _plan_unpaused(source, target, mapping, skip, adapters)
 
 
 def _top_level(paths: Sequence[str]) -> str:
-  names = sorted({p.split(treepath.SEP, 1)[0] for p in paths})
-  return "empty" if not names else "rooted at " + ", ".join(
-      repr(n) for n in names[:12]) + (" ..." if len(names) > 12 else "")
+    names = sorted({p.split(treepath.SEP, 1)[0] for p in paths})
+    return "empty" if not names else "rooted at " + ", ".join(
+        repr(n) for n in names[:12]) + (" ..." if len(names) > 12 else "")
 
 
 def _scope(rules, src_paths, tgt_paths):
-  """Candidate target indices, their source paths, in-scope source indices,
-  and errors for mapping rules that match nothing."""
-  if rules is None:
-    return range(len(tgt_paths)), tgt_paths, range(len(src_paths)), []
-  by_length = sorted(rules, key=lambda pair: -len(pair[1]))
-  candidates, source_of = [], {}
-  for i, path in enumerate(tgt_paths):
-    for src, dst in by_length:  # The most specific destination wins.
-      if treepath.is_under(path, dst):
-        candidates.append(i)
-        source_of[i] = treepath.rebase(path, dst, src)
-        break
-  in_scope = [i for i, p in enumerate(src_paths)
-              if any(treepath.is_under(p, src) for src, _ in rules)]
-  errors = []
-  for src, dst in rules:
-    if not any(treepath.is_under(p, src) for p in src_paths):
-      errors.append(f"mapping rule {src!r}:{dst!r} matches no source path"
-                    f" (source is {_top_level(src_paths)})")
-    if not any(treepath.is_under(p, dst) for p in tgt_paths):
-      errors.append(f"mapping rule {src!r}:{dst!r} matches no target path"
-                    f" (target is {_top_level(tgt_paths)})")
-  return candidates, source_of, in_scope, errors
+    """Candidate target indices, their source paths, in-scope source indices,
+    and errors for mapping rules that match nothing."""
+    if rules is None:
+        return range(len(tgt_paths)), tgt_paths, range(len(src_paths)), []
+    by_length = sorted(rules, key=lambda pair: -len(pair[1]))
+    candidates, source_of = [], {}
+    for i, path in enumerate(tgt_paths):
+        for src, dst in by_length:  # The most specific destination wins.
+            if treepath.is_under(path, dst):
+                candidates.append(i)
+                source_of[i] = treepath.rebase(path, dst, src)
+                break
+    in_scope = [i for i, p in enumerate(src_paths)
+                if any(treepath.is_under(p, src) for src, _ in rules)]
+    errors = []
+    for src, dst in rules:
+        if not any(treepath.is_under(p, src) for p in src_paths):
+            errors.append(f"mapping rule {src!r}:{dst!r} matches no source path"
+                          f" (source is {_top_level(src_paths)})")
+        if not any(treepath.is_under(p, dst) for p in tgt_paths):
+            errors.append(f"mapping rule {src!r}:{dst!r} matches no target path"
+                          f" (target is {_top_level(tgt_paths)})")
+    return candidates, source_of, in_scope, errors
 
 
 def _plan_unpaused(source, target, mapping, skip, adapters) -> _Plan:
-  rules = parse_mapping(mapping)
-  adapter_rules = parse_adapters(adapters)
-  src_paths, src_leaves = _source_leaves(source)
-  tgt_paths, tgt_leaves, treedef = treepath.flatten_with_treedef(target)
-  src_index = {p: i for i, p in enumerate(src_paths)}
+    rules = parse_mapping(mapping)
+    adapter_rules = parse_adapters(adapters)
+    src_paths, src_leaves = _source_leaves(source)
+    tgt_paths, tgt_leaves, treedef = treepath.flatten_with_treedef(target)
+    src_index = {p: i for i, p in enumerate(src_paths)}
 
-  # Called once: a bare callable's shape is only known from its value.
-  for i, leaf in enumerate(src_leaves):
-    if callable(leaf) and getattr(leaf, "shape", None) is None:
-      src_leaves[i] = leaf()
-  src_info = [_shape_dtype(leaf) for leaf in src_leaves]
+    # Called once: a bare callable's shape is only known from its value.
+    for i, leaf in enumerate(src_leaves):
+        if callable(leaf) and getattr(leaf, "shape", None) is None:
+            src_leaves[i] = leaf()
+    src_info = [_shape_dtype(leaf) for leaf in src_leaves]
 
-  candidates, source_of, in_scope, errors = _scope(rules, src_paths, tgt_paths)
-  skip_matcher = treepath.PathMatcher(skip, syntax="regex")
-  adapt_matcher = treepath.PathMatcher([p for p, _ in adapter_rules],
-                                       syntax="regex")
-  candidate_paths = [tgt_paths[i] for i in candidates]
-  errors += _rule_errors("skip pattern", skip_matcher.unmatched(candidate_paths),
-                         "target")
-  errors += _rule_errors("adapter rule",
-                         adapt_matcher.unmatched(candidate_paths), "target")
-  if errors:
-    scope = "" if rules is None else " under the mapped target prefixes"
-    raise ValueError(
-        "graft rules that match nothing (a typo, or a rule for another model):"
-        "\n  " + "\n  ".join(errors) + f"\nSkip and adapter rules are regexes"
-        f" over target paths{scope}, matching a whole path or a whole subtree;"
-        " mapping rules are path prefixes. Fix or drop these rules.")
-
-  buckets = {name: [] for name in _BUCKETS}
-  fills: dict[int, tuple[int, Adapter | None]] = {}
-  used = set()
-  for i in candidates:
-    path, leaf = tgt_paths[i], tgt_leaves[i]
-    tgt_shape, tgt_dtype = _shape_dtype(leaf)
-    tgt_dtype_name = _dtype_name(tgt_dtype)
-    src_path = source_of[i]
-    j = src_index.get(src_path)
-    if j is not None:
-      used.add(j)
-    rule = skip_matcher.first(path) if skip else None
-    if rule is not None:
-      buckets["skipped"].append(GraftEntry(
-          path, src_path, None, tgt_shape, None, tgt_dtype_name,
-          skip_matcher.patterns[rule]))
-      continue
-    if j is None:
-      buckets["missing"].append(GraftEntry(
-          path, src_path, None, tgt_shape, None, tgt_dtype_name))
-      continue
-    src_shape, src_dtype = src_info[j]
-    src_dtype_name = _dtype_name(src_dtype)
-    entry = GraftEntry(path, src_path, src_shape, tgt_shape, src_dtype_name,
-                       tgt_dtype_name)
-    if src_shape == tgt_shape:
-      buckets["loaded"].append(entry)
-      fills[i] = (j, None)
-    else:
-      rule = adapt_matcher.first(path) if adapter_rules else None
-      if rule is None:
-        buckets["mismatched"].append(entry)
-        continue
-      adapter = adapter_rules[rule][1]
-      if not callable(adapter) and len(src_shape) != len(tgt_shape):
+    candidates, source_of, in_scope, errors = _scope(rules, src_paths, tgt_paths)
+    skip_matcher = treepath.PathMatcher(skip, syntax="regex")
+    adapt_matcher = treepath.PathMatcher([p for p, _ in adapter_rules],
+                                         syntax="regex")
+    candidate_paths = [tgt_paths[i] for i in candidates]
+    errors += _rule_errors("skip pattern", skip_matcher.unmatched(candidate_paths),
+                           "target")
+    errors += _rule_errors("adapter rule",
+                           adapt_matcher.unmatched(candidate_paths), "target")
+    if errors:
+        scope = "" if rules is None else " under the mapped target prefixes"
         raise ValueError(
-            f"Adapter {adapter!r} (rule {adapter_rules[rule][0]!r}) cannot map"
-            f" {src_path!r} {src_shape} onto {path!r} {tgt_shape}: the number of"
-            " axes differs. Pass a callable adapter that reshapes it, or skip"
-            " the path.")
-      buckets["adapted"].append(entry._replace(rule=_adapter_name(adapter)))
-      fills[i] = (j, adapter)
-    if src_dtype != tgt_dtype:
-      buckets["cast"].append(GraftEntry(
-          path, src_path, None, None, src_dtype_name, tgt_dtype_name))
-  in_candidates = set(candidates)
-  buckets["untouched"] = [
-      GraftEntry(p, None, None, _shape_dtype(tgt_leaves[i])[0])
-      for i, p in enumerate(tgt_paths) if i not in in_candidates]
-  buckets["unused"] = [
-      GraftEntry(src_paths[j], src_paths[j], src_info[j][0], None,
-                 _dtype_name(src_info[j][1]))
-      for j in in_scope if j not in used]
-  report = GraftReport(**{k: tuple(v) for k, v in buckets.items()})
-  return _Plan(report, fills, src_leaves, tgt_paths, tgt_leaves, treedef)
+            "graft rules that match nothing (a typo, or a rule for another model):"
+            "\n  " + "\n  ".join(errors) + f"\nSkip and adapter rules are regexes"
+            f" over target paths{scope}, matching a whole path or a whole subtree;"
+            " mapping rules are path prefixes. Fix or drop these rules.")
+
+    buckets = {name: [] for name in _BUCKETS}
+    fills: dict[int, tuple[int, Adapter | None]] = {}
+    used = set()
+    for i in candidates:
+        path, leaf = tgt_paths[i], tgt_leaves[i]
+        tgt_shape, tgt_dtype = _shape_dtype(leaf)
+        tgt_dtype_name = _dtype_name(tgt_dtype)
+        src_path = source_of[i]
+        j = src_index.get(src_path)
+        if j is not None:
+            used.add(j)
+        rule = skip_matcher.first(path) if skip else None
+        if rule is not None:
+            buckets["skipped"].append(GraftEntry(
+                path, src_path, None, tgt_shape, None, tgt_dtype_name,
+                skip_matcher.patterns[rule]))
+            continue
+        if j is None:
+            buckets["missing"].append(GraftEntry(
+                path, src_path, None, tgt_shape, None, tgt_dtype_name))
+            continue
+        src_shape, src_dtype = src_info[j]
+        src_dtype_name = _dtype_name(src_dtype)
+        entry = GraftEntry(path, src_path, src_shape, tgt_shape, src_dtype_name,
+                           tgt_dtype_name)
+        if src_shape == tgt_shape:
+            buckets["loaded"].append(entry)
+            fills[i] = (j, None)
+        else:
+            rule = adapt_matcher.first(path) if adapter_rules else None
+            if rule is None:
+                buckets["mismatched"].append(entry)
+                continue
+            adapter = adapter_rules[rule][1]
+            if not callable(adapter) and len(src_shape) != len(tgt_shape):
+                raise ValueError(
+                    f"Adapter {adapter!r} (rule {adapter_rules[rule][0]!r}) cannot map"
+                    f" {src_path!r} {src_shape} onto {path!r} {tgt_shape}: the number of"
+                    " axes differs. Pass a callable adapter that reshapes it, or skip"
+                    " the path.")
+            buckets["adapted"].append(entry._replace(rule=_adapter_name(adapter)))
+            fills[i] = (j, adapter)
+        if src_dtype != tgt_dtype:
+            buckets["cast"].append(GraftEntry(
+                path, src_path, None, None, src_dtype_name, tgt_dtype_name))
+    in_candidates = set(candidates)
+    buckets["untouched"] = [
+        GraftEntry(p, None, None, _shape_dtype(tgt_leaves[i])[0])
+        for i, p in enumerate(tgt_paths) if i not in in_candidates]
+    buckets["unused"] = [
+        GraftEntry(src_paths[j], src_paths[j], src_info[j][0], None,
+                   _dtype_name(src_info[j][1]))
+        for j in in_scope if j not in used]
+    report = GraftReport(**{k: tuple(v) for k, v in buckets.items()})
+    return _Plan(report, fills, src_leaves, tgt_paths, tgt_leaves, treedef)
 
 
 def plan(
@@ -481,74 +481,74 @@ def plan(
     skip: Sequence[str] = (),
     adapters: str | Mapping[str, Adapter] | None = None,
 ) -> GraftReport:
-  """The report `graft` would give, without reading any array.
+    """The report `graft` would give, without reading any array.
 
-  Never raises for missing, mismatched or unused leaves (see `report.ok` and
-  `report.check()`); bare callables in `source` are called to learn shapes.
+    Never raises for missing, mismatched or unused leaves (see `report.ok` and
+    `report.check()`); bare callables in `source` are called to learn shapes.
 
-  Args:
-    source, target, mapping, skip, adapters: as for `graft`.
+    Args:
+        source, target, mapping, skip, adapters: as for `graft`.
 
-  Returns:
-    The complete `GraftReport`.
+    Returns:
+        The complete `GraftReport`.
 
-  Raises:
-    ValueError: for malformed rules or rules that match nothing.
+    Raises:
+        ValueError: for malformed rules or rules that match nothing.
 
-  Example:
-    >>> sds = jax.ShapeDtypeStruct
-    >>> plan({"w": sds((2,), jnp.float32)}, {"w": sds((3,), jnp.float32)},
-    ...      ).counts["mismatched"]
-    1
-  """
-  return _make_plan(source, target, mapping, tuple(skip), adapters).report
+    Example:
+        >>> sds = jax.ShapeDtypeStruct
+        >>> plan({"w": sds((2,), jnp.float32)}, {"w": sds((3,), jnp.float32)},
+        ...      ).counts["mismatched"]
+        1
+    """
+    return _make_plan(source, target, mapping, tuple(skip), adapters).report
 
 
 def _read(leaf: Any) -> Any:
-  if isinstance(leaf, (jax.Array, np.ndarray)):
-    return leaf
-  if callable(leaf):
-    return leaf()
-  return np.asarray(leaf)  # Lazy readers (`__array__`) and scalars.
+    if isinstance(leaf, (jax.Array, np.ndarray)):
+        return leaf
+    if callable(leaf):
+        return leaf()
+    return np.asarray(leaf)  # Lazy readers (`__array__`) and scalars.
 
 
 def _adapt(adapter: Adapter, value: Any, target_leaf: Any, shape, dtype,
            path: str) -> Any:
-  if adapter == "resize":
-    # Copy the overlap along every axis; the rest keeps the fresh init.
-    overlap = tuple(slice(0, min(a, b)) for a, b in zip(np.shape(value), shape))
-    if isinstance(target_leaf, jax.Array):
-      return target_leaf.at[overlap].set(jnp.asarray(value[overlap], dtype))
-    out = np.array(target_leaf, dtype=dtype)
-    out[overlap] = np.asarray(value[overlap], dtype)
+    if adapter == "resize":
+        # Copy the overlap along every axis; the rest keeps the fresh init.
+        overlap = tuple(slice(0, min(a, b)) for a, b in zip(np.shape(value), shape))
+        if isinstance(target_leaf, jax.Array):
+            return target_leaf.at[overlap].set(jnp.asarray(value[overlap], dtype))
+        out = np.array(target_leaf, dtype=dtype)
+        out[overlap] = np.asarray(value[overlap], dtype)
+        return out
+    if adapter == "interpolate":
+        # Plain separable linear interpolation at half-pixel centres (as TF and
+        # PyTorch bilinear with align_corners=False): axes of equal size come back
+        # unchanged, and with no antialiasing filter a shrink samples the source
+        # rather than averaging it, so values stay those of a linear interpolant.
+        as_float = jnp.asarray(value)
+        if not jnp.issubdtype(as_float.dtype, jnp.floating):
+            as_float = as_float.astype(jnp.float32)
+        return jax.image.resize(as_float, shape, method="linear", antialias=False)
+    out = adapter(value, target_leaf)
+    if tuple(np.shape(out)) != tuple(shape):
+        raise ValueError(
+            f"Adapter {_adapter_name(adapter)!r} returned shape {np.shape(out)} for"
+            f" {path!r}, whose target shape is {shape}. It must return the target"
+            " shape.")
     return out
-  if adapter == "interpolate":
-    # Plain separable linear interpolation at half-pixel centres (as TF and
-    # PyTorch bilinear with align_corners=False): axes of equal size come back
-    # unchanged, and with no antialiasing filter a shrink samples the source
-    # rather than averaging it, so values stay those of a linear interpolant.
-    as_float = jnp.asarray(value)
-    if not jnp.issubdtype(as_float.dtype, jnp.floating):
-      as_float = as_float.astype(jnp.float32)
-    return jax.image.resize(as_float, shape, method="linear", antialias=False)
-  out = adapter(value, target_leaf)
-  if tuple(np.shape(out)) != tuple(shape):
-    raise ValueError(
-        f"Adapter {_adapter_name(adapter)!r} returned shape {np.shape(out)} for"
-        f" {path!r}, whose target shape is {shape}. It must return the target"
-        " shape.")
-  return out
 
 
 def _place(value: Any, target_leaf: Any, dtype: np.dtype) -> Any:
-  """`value` with the target leaf's dtype and, for jax.Arrays, sharding."""
-  if isinstance(target_leaf, jax.Array):
-    if not isinstance(value, jax.Array):
-      value = np.asarray(value)
-    if value.dtype != dtype:
-      value = value.astype(dtype)
-    return jax.device_put(value, target_leaf.sharding)
-  return np.asarray(value, dtype=dtype)
+    """`value` with the target leaf's dtype and, for jax.Arrays, sharding."""
+    if isinstance(target_leaf, jax.Array):
+        if not isinstance(value, jax.Array):
+            value = np.asarray(value)
+        if value.dtype != dtype:
+            value = value.astype(dtype)
+        return jax.device_put(value, target_leaf.sharding)
+    return np.asarray(value, dtype=dtype)
 
 
 def graft(
@@ -560,68 +560,68 @@ def graft(
     strict: bool = True,
     adapters: str | Mapping[str, Adapter] | None = None,
 ) -> tuple[PyTree, GraftReport]:
-  """Fills `target` with `source` leaves where paths and shapes agree.
+    """Fills `target` with `source` leaves where paths and shapes agree.
 
-  Args:
-    source: pytree (or flat `{"a/b": leaf}` dict) of arrays, lazy readers,
-      callables or `jax.ShapeDtypeStruct`s.
-    target: the freshly initialised pytree (arrays or `ShapeDtypeStruct`s).
-    mapping: None for the whole tree onto itself, or source prefix -> target
-      prefix as a dict or `"src:dst,src2:dst2"`. Only target leaves under a
-      destination are candidates (the rest are `untouched`); only source leaves
-      under a source prefix are in scope.
-    skip: regexes of target paths to keep fresh (each names a path or subtree).
-    strict: raise if anything is missing, mismatched or unused; otherwise keep
-      those target leaves fresh and only report them.
-    adapters: `{regex: "resize" | "interpolate" | fn}` or
-      `"regex:resize,..."`: shape-mismatched target leaves a rule names are
-      adapted on purpose. `resize` copies the overlapping block (the rest keeps
-      the fresh init); `interpolate` resamples linearly along the axes whose
-      size differs; `fn(source_array, target_leaf)` returns the new leaf.
+    Args:
+        source: pytree (or flat `{"a/b": leaf}` dict) of arrays, lazy readers,
+            callables or `jax.ShapeDtypeStruct`s.
+        target: the freshly initialised pytree (arrays or `ShapeDtypeStruct`s).
+        mapping: None for the whole tree onto itself, or source prefix -> target
+            prefix as a dict or `"src:dst,src2:dst2"`. Only target leaves under a
+            destination are candidates (the rest are `untouched`); only source leaves
+            under a source prefix are in scope.
+        skip: regexes of target paths to keep fresh (each names a path or subtree).
+        strict: raise if anything is missing, mismatched or unused; otherwise keep
+            those target leaves fresh and only report them.
+        adapters: `{regex: "resize" | "interpolate" | fn}` or
+            `"regex:resize,..."`: shape-mismatched target leaves a rule names are
+            adapted on purpose. `resize` copies the overlapping block (the rest keeps
+            the fresh init); `interpolate` resamples linearly along the axes whose
+            size differs; `fn(source_array, target_leaf)` returns the new leaf.
 
-  Returns:
-    `(tree, report)`: `tree` has the target's structure, dtypes and shardings;
-    abstract target leaves stay abstract (the call is then a plan).
+    Returns:
+        `(tree, report)`: `tree` has the target's structure, dtypes and shardings;
+        abstract target leaves stay abstract (the call is then a plan).
 
-  Raises:
-    ValueError: in strict mode, one error listing every missing, mismatched
-      and unused path with shapes; always, for rules that match nothing or are
-      malformed.
-    TypeError: if a concrete target leaf would be filled from an abstract one.
+    Raises:
+        ValueError: in strict mode, one error listing every missing, mismatched
+            and unused path with shapes; always, for rules that match nothing or are
+            malformed.
+        TypeError: if a concrete target leaf would be filled from an abstract one.
 
-  Example:
-    >>> pretrained = {"encoder": {"w": np.ones((2, 2))}, "head": np.ones(3)}
-    >>> fresh = {"encoder": {"w": np.zeros((2, 2))}, "head": np.zeros(5)}
-    >>> tree, report = graft(pretrained, fresh, skip=["head"])
-    >>> float(tree["encoder"]["w"][0, 0]), report.counts["skipped"]
-    (1.0, 1)
-  """
-  if isinstance(skip, str):
-    raise TypeError(f"skip must be a sequence of regexes; got the string"
-                    f" {skip!r}. Wrap it in a list.")
-  planned = _make_plan(source, target, mapping, tuple(skip), adapters)
-  if strict:
-    planned.report.check()
-  leaves = list(planned.target_leaves)
-  abstract_reads = []
-  for i, (j, _) in planned.fills.items():
-    if (not isinstance(leaves[i], jax.ShapeDtypeStruct)
-        and isinstance(planned.source_leaves[j], jax.ShapeDtypeStruct)):
-      abstract_reads.append(planned.target_paths[i])
-  if abstract_reads:
-    raise TypeError(
-        f"Source leaves for {abstract_reads} are abstract"
-        " (jax.ShapeDtypeStruct) but their target leaves are concrete arrays."
-        " Pass arrays or lazy readers as the source, or an abstract target to"
-        " get only the plan.")
-  for i, (j, adapter) in planned.fills.items():
-    target_leaf = leaves[i]
-    if isinstance(target_leaf, jax.ShapeDtypeStruct):
-      continue  # Planning only: nothing is read for abstract targets.
-    path = planned.target_paths[i]
-    shape, dtype = _shape_dtype(target_leaf)
-    value = _read(planned.source_leaves[j])
-    if adapter is not None:
-      value = _adapt(adapter, value, target_leaf, shape, dtype, path)
-    leaves[i] = _place(value, target_leaf, dtype)
-  return planned.treedef.unflatten(leaves), planned.report
+    Example:
+        >>> pretrained = {"encoder": {"w": np.ones((2, 2))}, "head": np.ones(3)}
+        >>> fresh = {"encoder": {"w": np.zeros((2, 2))}, "head": np.zeros(5)}
+        >>> tree, report = graft(pretrained, fresh, skip=["head"])
+        >>> float(tree["encoder"]["w"][0, 0]), report.counts["skipped"]
+        (1.0, 1)
+    """
+    if isinstance(skip, str):
+        raise TypeError(f"skip must be a sequence of regexes; got the string"
+                        f" {skip!r}. Wrap it in a list.")
+    planned = _make_plan(source, target, mapping, tuple(skip), adapters)
+    if strict:
+        planned.report.check()
+    leaves = list(planned.target_leaves)
+    abstract_reads = []
+    for i, (j, _) in planned.fills.items():
+        if (not isinstance(leaves[i], jax.ShapeDtypeStruct)
+            and isinstance(planned.source_leaves[j], jax.ShapeDtypeStruct)):
+            abstract_reads.append(planned.target_paths[i])
+    if abstract_reads:
+        raise TypeError(
+            f"Source leaves for {abstract_reads} are abstract"
+            " (jax.ShapeDtypeStruct) but their target leaves are concrete arrays."
+            " Pass arrays or lazy readers as the source, or an abstract target to"
+            " get only the plan.")
+    for i, (j, adapter) in planned.fills.items():
+        target_leaf = leaves[i]
+        if isinstance(target_leaf, jax.ShapeDtypeStruct):
+            continue  # Planning only: nothing is read for abstract targets.
+        path = planned.target_paths[i]
+        shape, dtype = _shape_dtype(target_leaf)
+        value = _read(planned.source_leaves[j])
+        if adapter is not None:
+            value = _adapt(adapter, value, target_leaf, shape, dtype, path)
+        leaves[i] = _place(value, target_leaf, dtype)
+    return planned.treedef.unflatten(leaves), planned.report

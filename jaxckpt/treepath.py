@@ -41,422 +41,422 @@ _KIND_BY_TYPE: dict[type, str] = {}
 
 
 def _key_name(key: Any) -> str:
-  kind = type(key)
-  if kind is DictKey:
-    return str(key.key)
-  if kind is GetAttrKey:
-    return key.name
-  if kind is SequenceKey:
-    return str(key.idx)
-  if kind is FlattenedIndexKey:
-    return str(key.key)
-  return str(key)
+    kind = type(key)
+    if kind is DictKey:
+        return str(key.key)
+    if kind is GetAttrKey:
+        return key.name
+    if kind is SequenceKey:
+        return str(key.idx)
+    if kind is FlattenedIndexKey:
+        return str(key.key)
+    return str(key)
 
 
 def _bad_name(name: str, path_so_far: str) -> ValueError:
-  where = f"under {path_so_far!r}" if path_so_far else "at the root"
-  return ValueError(
-      f"Key {name!r} {where} cannot be a path name: names must be non-empty and"
-      f" must not contain {SEP!r}. Rename the key (paths are joined with"
-      f" {SEP!r}), or pass an already-flat dict where a flat dict is accepted.")
+    where = f"under {path_so_far!r}" if path_so_far else "at the root"
+    return ValueError(
+        f"Key {name!r} {where} cannot be a path name: names must be non-empty and"
+        f" must not contain {SEP!r}. Rename the key (paths are joined with"
+        f" {SEP!r}), or pass an already-flat dict where a flat dict is accepted.")
 
 
 def _one_level(node: Any) -> list[tuple[Any, Any]]:
-  """(key, child) pairs of a registered pytree node, via JAX's public API."""
-  keyed, _ = jax.tree_util.tree_flatten_with_path(
-      node, is_leaf=lambda child: child is not node)
-  return [(keypath[0], child) for keypath, child in keyed]
+    """(key, child) pairs of a registered pytree node, via JAX's public API."""
+    keyed, _ = jax.tree_util.tree_flatten_with_path(
+        node, is_leaf=lambda child: child is not node)
+    return [(keypath[0], child) for keypath, child in keyed]
 
 
 def _is_leaf_type(node: Any) -> bool:
-  kind = _KIND_BY_TYPE.get(type(node))
-  if kind is None:
-    # A leaf flattens to itself under an empty key path; a node to its children.
-    keyed, _ = jax.tree_util.tree_flatten_with_path(
-        node, is_leaf=lambda child: child is not node)
-    leaf = len(keyed) == 1 and keyed[0][0] == () and keyed[0][1] is node
-    kind = "leaf" if leaf else "node"
-    _KIND_BY_TYPE[type(node)] = kind
-  return kind == "leaf"
+    kind = _KIND_BY_TYPE.get(type(node))
+    if kind is None:
+        # A leaf flattens to itself under an empty key path; a node to its children.
+        keyed, _ = jax.tree_util.tree_flatten_with_path(
+            node, is_leaf=lambda child: child is not node)
+        leaf = len(keyed) == 1 and keyed[0][0] == () and keyed[0][1] is node
+        kind = "leaf" if leaf else "node"
+        _KIND_BY_TYPE[type(node)] = kind
+    return kind == "leaf"
 
 
 def _walk_fast(tree: PyTree) -> tuple[list[str], list[Any]]:
-  """Paths and leaves in JAX leaf order, special-casing dict/list/tuple.
+    """Paths and leaves in JAX leaf order, special-casing dict/list/tuple.
 
-  `jax.tree_util.tree_flatten_with_path` builds a key object per level per leaf,
-  which costs ~0.4 s for 100k leaves; this walk costs a fifth of that.
-  """
-  paths: list[str] = []
-  leaves: list[Any] = []
+    `jax.tree_util.tree_flatten_with_path` builds a key object per level per leaf,
+    which costs ~0.4 s for 100k leaves; this walk costs a fifth of that.
+    """
+    paths: list[str] = []
+    leaves: list[Any] = []
 
-  def visit(node: Any, prefix: str) -> None:
-    kind = type(node)
-    if kind is dict:
-      for key in sorted(node):
-        name = str(key)
-        if not name or SEP in name:
-          raise _bad_name(name, prefix[:-1])
-        visit(node[key], prefix + name + SEP)
-    elif kind is list or kind is tuple:
-      for index, child in enumerate(node):
-        visit(child, f"{prefix}{index}{SEP}")
-    elif node is None:
-      return
-    elif _is_leaf_type(node):
-      paths.append(prefix[:-1])
-      leaves.append(node)
-    else:
-      for key, child in _one_level(node):
-        name = _key_name(key)
-        if not name or SEP in name:
-          raise _bad_name(name, prefix[:-1])
-        visit(child, prefix + name + SEP)
+    def visit(node: Any, prefix: str) -> None:
+        kind = type(node)
+        if kind is dict:
+            for key in sorted(node):
+                name = str(key)
+                if not name or SEP in name:
+                    raise _bad_name(name, prefix[:-1])
+                visit(node[key], prefix + name + SEP)
+        elif kind is list or kind is tuple:
+            for index, child in enumerate(node):
+                visit(child, f"{prefix}{index}{SEP}")
+        elif node is None:
+            return
+        elif _is_leaf_type(node):
+            paths.append(prefix[:-1])
+            leaves.append(node)
+        else:
+            for key, child in _one_level(node):
+                name = _key_name(key)
+                if not name or SEP in name:
+                    raise _bad_name(name, prefix[:-1])
+                visit(child, prefix + name + SEP)
 
-  visit(tree, "")
-  return paths, leaves
+    visit(tree, "")
+    return paths, leaves
 
 
 def _walk_slow(tree: PyTree, is_leaf: Callable[[Any], bool] | None):
-  keyed, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  paths, leaves = [], []
-  for keypath, leaf in keyed:
-    names = [_key_name(key) for key in keypath]
-    for depth, name in enumerate(names):
-      if not name or SEP in name:
-        raise _bad_name(name, SEP.join(names[:depth]))
-    paths.append(SEP.join(names))
-    leaves.append(leaf)
-  return paths, leaves
+    keyed, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    paths, leaves = [], []
+    for keypath, leaf in keyed:
+        names = [_key_name(key) for key in keypath]
+        for depth, name in enumerate(names):
+            if not name or SEP in name:
+                raise _bad_name(name, SEP.join(names[:depth]))
+        paths.append(SEP.join(names))
+        leaves.append(leaf)
+    return paths, leaves
 
 
 def _check_unique(paths: list[str]) -> None:
-  if len(set(paths)) == len(paths):
-    return
-  seen, dupes = set(), []
-  for path in paths:
-    if path in seen and path not in dupes:
-      dupes.append(path)
-    seen.add(path)
-  raise ValueError(
-      f"Two or more leaves render to the same path: {dupes}. This happens when a"
-      " dict mixes keys such as 1 and '1'. Rename the keys so each leaf has its"
-      " own path.")
+    if len(set(paths)) == len(paths):
+        return
+    seen, dupes = set(), []
+    for path in paths:
+        if path in seen and path not in dupes:
+            dupes.append(path)
+        seen.add(path)
+    raise ValueError(
+        f"Two or more leaves render to the same path: {dupes}. This happens when a"
+        " dict mixes keys such as 1 and '1'. Rename the keys so each leaf has its"
+        " own path.")
 
 
 def flatten_with_treedef(
     tree: PyTree, *, is_leaf: Callable[[Any], bool] | None = None,
 ) -> tuple[list[str], list[Any], jax.tree_util.PyTreeDef]:
-  """Paths, leaves (in JAX leaf order) and the tree structure, in one pass.
+    """Paths, leaves (in JAX leaf order) and the tree structure, in one pass.
 
-  Args:
-    tree: any pytree.
-    is_leaf: optional predicate, as in `jax.tree_util.tree_flatten`.
+    Args:
+        tree: any pytree.
+        is_leaf: optional predicate, as in `jax.tree_util.tree_flatten`.
 
-  Returns:
-    `(paths, leaves, treedef)`; `treedef.unflatten(leaves)` rebuilds `tree`.
+    Returns:
+        `(paths, leaves, treedef)`; `treedef.unflatten(leaves)` rebuilds `tree`.
 
-  Raises:
-    ValueError: if a key is empty or contains "/", or two leaves share a path.
+    Raises:
+        ValueError: if a key is empty or contains "/", or two leaves share a path.
 
-  Example:
-    >>> paths, leaves, treedef = flatten_with_treedef({"a": {"b": 1}, "c": 2})
-    >>> paths
-    ['a/b', 'c']
-  """
-  reference, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_leaf)
-  paths = leaves = None
-  if is_leaf is None:
-    try:
-      paths, leaves = _walk_fast(tree)
-    except TypeError:  # e.g. unsortable mixed dict keys: let JAX decide order.
-      paths = None
-    # The fast walk must agree with JAX leaf for leaf; otherwise trust JAX.
-    if paths is not None and (
-        len(leaves) != len(reference)
-        or any(a is not b for a, b in zip(leaves, reference))):
-      paths = None
-  if paths is None:
-    paths, leaves = _walk_slow(tree, is_leaf)
-  _check_unique(paths)
-  return paths, leaves, treedef
+    Example:
+        >>> paths, leaves, treedef = flatten_with_treedef({"a": {"b": 1}, "c": 2})
+        >>> paths
+        ['a/b', 'c']
+    """
+    reference, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_leaf)
+    paths = leaves = None
+    if is_leaf is None:
+        try:
+            paths, leaves = _walk_fast(tree)
+        except TypeError:  # e.g. unsortable mixed dict keys: let JAX decide order.
+            paths = None
+        # The fast walk must agree with JAX leaf for leaf; otherwise trust JAX.
+        if paths is not None and (
+            len(leaves) != len(reference)
+            or any(a is not b for a, b in zip(leaves, reference))):
+            paths = None
+    if paths is None:
+        paths, leaves = _walk_slow(tree, is_leaf)
+    _check_unique(paths)
+    return paths, leaves, treedef
 
 
 def flatten(
     tree: PyTree, *, is_leaf: Callable[[Any], bool] | None = None,
 ) -> dict[str, Any]:
-  """Flattens a pytree into `{path: leaf}`, in the tree's leaf order.
+    """Flattens a pytree into `{path: leaf}`, in the tree's leaf order.
 
-  Args:
-    tree: dicts, flax FrozenDicts, lists, tuples, NamedTuples (optax states),
-      flax.struct dataclasses, or any registered pytree. `None` subtrees have
-      no leaves and so no paths.
-    is_leaf: optional predicate, as in `jax.tree_util.tree_flatten`.
+    Args:
+        tree: dicts, flax FrozenDicts, lists, tuples, NamedTuples (optax states),
+            flax.struct dataclasses, or any registered pytree. `None` subtrees have
+            no leaves and so no paths.
+        is_leaf: optional predicate, as in `jax.tree_util.tree_flatten`.
 
-  Returns:
-    A dict from path (`"encoder/Dense_0/kernel"`) to leaf.
+    Returns:
+        A dict from path (`"encoder/Dense_0/kernel"`) to leaf.
 
-  Raises:
-    ValueError: if a key is empty or contains "/", or two leaves share a path.
+    Raises:
+        ValueError: if a key is empty or contains "/", or two leaves share a path.
 
-  Example:
-    >>> flatten({"encoder": {"kernel": 1, "bias": 2}, "layers": [3]})
-    {'encoder/bias': 2, 'encoder/kernel': 1, 'layers/0': 3}
-  """
-  paths, leaves, _ = flatten_with_treedef(tree, is_leaf=is_leaf)
-  return dict(zip(paths, leaves))
+    Example:
+        >>> flatten({"encoder": {"kernel": 1, "bias": 2}, "layers": [3]})
+        {'encoder/bias': 2, 'encoder/kernel': 1, 'layers/0': 3}
+    """
+    paths, leaves, _ = flatten_with_treedef(tree, is_leaf=is_leaf)
+    return dict(zip(paths, leaves))
 
 
 def tree_paths(
     tree: PyTree, *, is_leaf: Callable[[Any], bool] | None = None,
 ) -> list[str]:
-  """The paths of a tree's leaves, in leaf order.
+    """The paths of a tree's leaves, in leaf order.
 
-  Example:
-    >>> tree_paths({"b": [1, 2], "a": 0})
-    ['a', 'b/0', 'b/1']
-  """
-  return flatten_with_treedef(tree, is_leaf=is_leaf)[0]
+    Example:
+        >>> tree_paths({"b": [1, 2], "a": 0})
+        ['a', 'b/0', 'b/1']
+    """
+    return flatten_with_treedef(tree, is_leaf=is_leaf)[0]
 
 
 def _preview(paths: Iterable[str], limit: int = 20) -> str:
-  paths = list(paths)
-  shown = ", ".join(repr(p) for p in paths[:limit])
-  return shown + (f", ... ({len(paths) - limit} more)" if len(paths) > limit
-                  else "")
+    paths = list(paths)
+    shown = ", ".join(repr(p) for p in paths[:limit])
+    return shown + (f", ... ({len(paths) - limit} more)" if len(paths) > limit
+                    else "")
 
 
 def unflatten(
     flat: Mapping[str, Any], like: PyTree, *,
     is_leaf: Callable[[Any], bool] | None = None,
 ) -> PyTree:
-  """Rebuilds a tree with the structure of `like` from `{path: leaf}`.
+    """Rebuilds a tree with the structure of `like` from `{path: leaf}`.
 
-  Args:
-    flat: one leaf per path of `like`.
-    like: a tree giving the structure; its leaves are ignored.
-    is_leaf: optional predicate, as in `jax.tree_util.tree_flatten`.
+    Args:
+        flat: one leaf per path of `like`.
+        like: a tree giving the structure; its leaves are ignored.
+        is_leaf: optional predicate, as in `jax.tree_util.tree_flatten`.
 
-  Returns:
-    A tree shaped like `like` whose leaves come from `flat`.
+    Returns:
+        A tree shaped like `like` whose leaves come from `flat`.
 
-  Raises:
-    ValueError: naming every path of `like` missing from `flat` and every
-      path of `flat` that `like` does not have.
+    Raises:
+        ValueError: naming every path of `like` missing from `flat` and every
+            path of `flat` that `like` does not have.
 
-  Example:
-    >>> unflatten({"a/0": 1, "a/1": 2}, {"a": [0, 0]})
-    {'a': [1, 2]}
-  """
-  paths, _, treedef = flatten_with_treedef(like, is_leaf=is_leaf)
-  missing = [p for p in paths if p not in flat]
-  if missing or len(flat) != len(paths):
-    known = set(paths)
-    extra = [p for p in flat if p not in known]
-    raise ValueError(
-        "The flat dict does not fit the structure it is unflattened into."
-        + (f" Missing paths: {_preview(missing)}." if missing else "")
-        + (f" Extra paths: {_preview(extra)}." if extra else "")
-        + " Pass a `like` tree with exactly these leaves, or use"
-        " unflatten_dict() to build plain nested dicts.")
-  return treedef.unflatten([flat[p] for p in paths])
+    Example:
+        >>> unflatten({"a/0": 1, "a/1": 2}, {"a": [0, 0]})
+        {'a': [1, 2]}
+    """
+    paths, _, treedef = flatten_with_treedef(like, is_leaf=is_leaf)
+    missing = [p for p in paths if p not in flat]
+    if missing or len(flat) != len(paths):
+        known = set(paths)
+        extra = [p for p in flat if p not in known]
+        raise ValueError(
+            "The flat dict does not fit the structure it is unflattened into."
+            + (f" Missing paths: {_preview(missing)}." if missing else "")
+            + (f" Extra paths: {_preview(extra)}." if extra else "")
+            + " Pass a `like` tree with exactly these leaves, or use"
+            " unflatten_dict() to build plain nested dicts.")
+    return treedef.unflatten([flat[p] for p in paths])
 
 
 def unflatten_dict(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """Builds plain nested dicts from `{path: leaf}`.
+    """Builds plain nested dicts from `{path: leaf}`.
 
-  Raises:
-    ValueError: if a path is both a leaf and the parent of another path, or a
-      path is empty or has an empty name.
+    Raises:
+        ValueError: if a path is both a leaf and the parent of another path, or a
+            path is empty or has an empty name.
 
-  Example:
-    >>> unflatten_dict({"a/b": 1, "a/c": 2, "d": 3})
-    {'a': {'b': 1, 'c': 2}, 'd': 3}
-  """
-  nested: dict[str, Any] = {}
-  for path, leaf in flat.items():
-    names = path.split(SEP)
-    if not all(names):
-      raise ValueError(f"Path {path!r} has an empty name; paths look like"
-                       " 'encoder/Dense_0/kernel'.")
-    node = nested
-    for depth, name in enumerate(names[:-1]):
-      child = node.setdefault(name, {})
-      if not isinstance(child, dict):
-        raise ValueError(
-            f"Path {path!r} goes through {SEP.join(names[:depth + 1])!r},"
-            " which is itself a leaf. A path cannot be both a leaf and a parent.")
-      node = child
-    if names[-1] in node:
-      raise ValueError(
-          f"Path {path!r} is both a leaf and the parent of other paths.")
-    node[names[-1]] = leaf
-  return nested
+    Example:
+        >>> unflatten_dict({"a/b": 1, "a/c": 2, "d": 3})
+        {'a': {'b': 1, 'c': 2}, 'd': 3}
+    """
+    nested: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        names = path.split(SEP)
+        if not all(names):
+            raise ValueError(f"Path {path!r} has an empty name; paths look like"
+                             " 'encoder/Dense_0/kernel'.")
+        node = nested
+        for depth, name in enumerate(names[:-1]):
+            child = node.setdefault(name, {})
+            if not isinstance(child, dict):
+                raise ValueError(
+                    f"Path {path!r} goes through {SEP.join(names[:depth + 1])!r},"
+                    " which is itself a leaf. A path cannot be both a leaf and a parent.")
+            node = child
+        if names[-1] in node:
+            raise ValueError(
+                f"Path {path!r} is both a leaf and the parent of other paths.")
+        node[names[-1]] = leaf
+    return nested
 
 
 def join(*parts: str) -> str:
-  """Joins path parts, ignoring empty ones (the root).
+    """Joins path parts, ignoring empty ones (the root).
 
-  Example:
-    >>> join("encoder", "", "kernel")
-    'encoder/kernel'
-  """
-  return SEP.join(p for p in parts if p)
+    Example:
+        >>> join("encoder", "", "kernel")
+        'encoder/kernel'
+    """
+    return SEP.join(p for p in parts if p)
 
 
 def is_under(path: str, prefix: str) -> bool:
-  """Whether `path` is `prefix` or lies below it; prefix `""` is the root.
+    """Whether `path` is `prefix` or lies below it; prefix `""` is the root.
 
-  Example:
-    >>> is_under("head/kernel", "head"), is_under("lm_head/kernel", "head")
-    (True, False)
-  """
-  return (not prefix or path == prefix
-          or (path.startswith(prefix) and path[len(prefix)] == SEP))
+    Example:
+        >>> is_under("head/kernel", "head"), is_under("lm_head/kernel", "head")
+        (True, False)
+    """
+    return (not prefix or path == prefix
+            or (path.startswith(prefix) and path[len(prefix)] == SEP))
 
 
 def rebase(path: str, old_prefix: str, new_prefix: str) -> str:
-  """Moves `path` from under `old_prefix` to under `new_prefix`.
+    """Moves `path` from under `old_prefix` to under `new_prefix`.
 
-  Raises:
-    ValueError: if `path` is not under `old_prefix`.
+    Raises:
+        ValueError: if `path` is not under `old_prefix`.
 
-  Example:
-    >>> rebase("bert/layer_0/kernel", "bert", "encoder")
-    'encoder/layer_0/kernel'
-  """
-  if not is_under(path, old_prefix):
-    raise ValueError(f"Path {path!r} is not under {old_prefix!r}.")
-  rest = path[len(old_prefix):].lstrip(SEP) if old_prefix else path
-  return join(new_prefix, rest)
+    Example:
+        >>> rebase("bert/layer_0/kernel", "bert", "encoder")
+        'encoder/layer_0/kernel'
+    """
+    if not is_under(path, old_prefix):
+        raise ValueError(f"Path {path!r} is not under {old_prefix!r}.")
+    rest = path[len(old_prefix):].lstrip(SEP) if old_prefix else path
+    return join(new_prefix, rest)
 
 
 def _glob_to_regex(glob: str) -> str:
-  out, i = [], 0
-  while i < len(glob):
-    if glob.startswith("**/", i):
-      out.append(f"(?:.*{SEP})?")
-      i += 3
-    elif glob.startswith("**", i):
-      out.append(".*")
-      i += 2
-    elif glob[i] == "*":
-      out.append(f"[^{SEP}]*")
-      i += 1
-    elif glob[i] == "?":
-      out.append(f"[^{SEP}]")
-      i += 1
-    else:
-      out.append(re.escape(glob[i]))
-      i += 1
-  return "".join(out)
+    out, i = [], 0
+    while i < len(glob):
+        if glob.startswith("**/", i):
+            out.append(f"(?:.*{SEP})?")
+            i += 3
+        elif glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append(f"[^{SEP}]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append(f"[^{SEP}]")
+            i += 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return "".join(out)
 
 
 @functools.lru_cache(maxsize=4096)
 def compile_pattern(pattern: str, *, syntax: str = "glob") -> re.Pattern[str]:
-  """Compiles a glob or regex path pattern (see the module docstring).
+    """Compiles a glob or regex path pattern (see the module docstring).
 
-  The result is meant for `.fullmatch(path)`: it accepts the path or any path
-  below one the pattern names.
+    The result is meant for `.fullmatch(path)`: it accepts the path or any path
+    below one the pattern names.
 
-  Args:
-    pattern: the pattern; a `re:` or `glob:` prefix overrides `syntax`.
-    syntax: `"glob"` or `"regex"`, for patterns without a prefix.
+    Args:
+        pattern: the pattern; a `re:` or `glob:` prefix overrides `syntax`.
+        syntax: `"glob"` or `"regex"`, for patterns without a prefix.
 
-  Returns:
-    A compiled regular expression.
+    Returns:
+        A compiled regular expression.
 
-  Raises:
-    ValueError: for an empty pattern, an unknown syntax or a bad regex.
+    Raises:
+        ValueError: for an empty pattern, an unknown syntax or a bad regex.
 
-  Example:
-    >>> bool(compile_pattern("*/kernel").fullmatch("dense/kernel"))
-    True
-  """
-  if syntax not in _SYNTAXES:
-    raise ValueError(f"Unknown pattern syntax {syntax!r}; use one of {_SYNTAXES}.")
-  body = pattern
-  if pattern.startswith("re:"):
-    syntax, body = "regex", pattern[3:]
-  elif pattern.startswith("glob:"):
-    syntax, body = "glob", pattern[5:]
-  if not body:
-    raise ValueError(f"Empty path pattern {pattern!r}; to name the whole tree"
-                     " use '**' (glob) or 're:.*'.")
-  if syntax == "glob":
-    body = _glob_to_regex(body)
-  try:
-    return re.compile(f"(?:{body})(?:{SEP}.*)?", re.DOTALL)
-  except re.error as e:
-    raise ValueError(f"Path pattern {pattern!r} is not a valid regex: {e}."
-                     " Prefix it with 'glob:' if it is a glob.") from e
+    Example:
+        >>> bool(compile_pattern("*/kernel").fullmatch("dense/kernel"))
+        True
+    """
+    if syntax not in _SYNTAXES:
+        raise ValueError(f"Unknown pattern syntax {syntax!r}; use one of {_SYNTAXES}.")
+    body = pattern
+    if pattern.startswith("re:"):
+        syntax, body = "regex", pattern[3:]
+    elif pattern.startswith("glob:"):
+        syntax, body = "glob", pattern[5:]
+    if not body:
+        raise ValueError(f"Empty path pattern {pattern!r}; to name the whole tree"
+                         " use '**' (glob) or 're:.*'.")
+    if syntax == "glob":
+        body = _glob_to_regex(body)
+    try:
+        return re.compile(f"(?:{body})(?:{SEP}.*)?", re.DOTALL)
+    except re.error as e:
+        raise ValueError(f"Path pattern {pattern!r} is not a valid regex: {e}."
+                         " Prefix it with 'glob:' if it is a glob.") from e
 
 
 class PathMatcher:
-  """A list of patterns compiled once, answering which one matches a path.
+    """A list of patterns compiled once, answering which one matches a path.
 
-  Attributes:
-    patterns: the patterns as given.
+    Attributes:
+        patterns: the patterns as given.
 
-  Example:
-    >>> m = PathMatcher(["head", "*/bias"])
-    >>> m.first("head/kernel"), m.first("dense/bias"), m.first("dense/kernel")
-    (0, 1, None)
-  """
+    Example:
+        >>> m = PathMatcher(["head", "*/bias"])
+        >>> m.first("head/kernel"), m.first("dense/bias"), m.first("dense/kernel")
+        (0, 1, None)
+    """
 
-  def __init__(self, patterns: Sequence[str], *, syntax: str = "glob"):
-    if isinstance(patterns, str):
-      raise TypeError(f"Expected a sequence of patterns, got the string"
-                      f" {patterns!r}; wrap it in a list.")
-    self.patterns = tuple(patterns)
-    self._fullmatch = [compile_pattern(p, syntax=syntax).fullmatch
-                       for p in self.patterns]
+    def __init__(self, patterns: Sequence[str], *, syntax: str = "glob"):
+        if isinstance(patterns, str):
+            raise TypeError(f"Expected a sequence of patterns, got the string"
+                            f" {patterns!r}; wrap it in a list.")
+        self.patterns = tuple(patterns)
+        self._fullmatch = [compile_pattern(p, syntax=syntax).fullmatch
+                           for p in self.patterns]
 
-  def first(self, path: str) -> int | None:
-    """Index of the first pattern matching `path`, or None."""
-    for index, fullmatch in enumerate(self._fullmatch):
-      if fullmatch(path) is not None:
-        return index
-    return None
+    def first(self, path: str) -> int | None:
+        """Index of the first pattern matching `path`, or None."""
+        for index, fullmatch in enumerate(self._fullmatch):
+            if fullmatch(path) is not None:
+                return index
+        return None
 
-  def __call__(self, path: str) -> bool:
-    """Whether any pattern matches `path`."""
-    return self.first(path) is not None
+    def __call__(self, path: str) -> bool:
+        """Whether any pattern matches `path`."""
+        return self.first(path) is not None
 
-  def filter(self, paths: Iterable[str]) -> list[str]:
-    """The paths any pattern matches, in order."""
-    return [p for p in paths if self.first(p) is not None]
+    def filter(self, paths: Iterable[str]) -> list[str]:
+        """The paths any pattern matches, in order."""
+        return [p for p in paths if self.first(p) is not None]
 
-  def unmatched(self, paths: Iterable[str]) -> list[str]:
-    """The patterns that match none of `paths`, in order."""
-    waiting = dict(enumerate(self._fullmatch))
-    for path in paths:
-      if not waiting:
-        break
-      for index in [i for i, fm in waiting.items() if fm(path) is not None]:
-        del waiting[index]
-    return [self.patterns[i] for i in waiting]
+    def unmatched(self, paths: Iterable[str]) -> list[str]:
+        """The patterns that match none of `paths`, in order."""
+        waiting = dict(enumerate(self._fullmatch))
+        for path in paths:
+            if not waiting:
+                break
+            for index in [i for i, fm in waiting.items() if fm(path) is not None]:
+                del waiting[index]
+        return [self.patterns[i] for i in waiting]
 
 
 def match(paths: Iterable[str], pattern: str, *,
           syntax: str = "glob") -> list[str]:
-  """The paths a pattern matches, in order.
+    """The paths a pattern matches, in order.
 
-  Example:
-    >>> match(["enc/kernel", "enc/bias", "head/kernel"], "*/kernel")
-    ['enc/kernel', 'head/kernel']
-  """
-  return PathMatcher([pattern], syntax=syntax).filter(paths)
+    Example:
+        >>> match(["enc/kernel", "enc/bias", "head/kernel"], "*/kernel")
+        ['enc/kernel', 'head/kernel']
+    """
+    return PathMatcher([pattern], syntax=syntax).filter(paths)
 
 
 def unmatched_patterns(paths: Iterable[str], patterns: Sequence[str], *,
                        syntax: str = "glob") -> list[str]:
-  """The patterns that match none of `paths` (to raise "matches nothing").
+    """The patterns that match none of `paths` (to raise "matches nothing").
 
-  Example:
-    >>> unmatched_patterns(["enc/kernel"], ["enc", "dec"])
-    ['dec']
-  """
-  return PathMatcher(patterns, syntax=syntax).unmatched(paths)
+    Example:
+        >>> unmatched_patterns(["enc/kernel"], ["enc", "dec"])
+        ['dec']
+    """
+    return PathMatcher(patterns, syntax=syntax).unmatched(paths)
 
 
 def label_tree(
@@ -466,40 +466,40 @@ def label_tree(
     *,
     syntax: str = "glob",
 ) -> PyTree:
-  """A tree of labels shaped like `tree`: the first matching rule wins.
+    """A tree of labels shaped like `tree`: the first matching rule wins.
 
-  Made for `optax.multi_transform(transforms, param_labels=...)`.
+    Made for `optax.multi_transform(transforms, param_labels=...)`.
 
-  Args:
-    tree: the tree to label (arrays or `jax.ShapeDtypeStruct`s).
-    rules: `(pattern, label)` pairs in priority order, or an ordered mapping.
-    default: label for leaves no rule matches; None makes such leaves an error.
-    syntax: `"glob"` or `"regex"` for patterns without a `re:`/`glob:` prefix.
+    Args:
+        tree: the tree to label (arrays or `jax.ShapeDtypeStruct`s).
+        rules: `(pattern, label)` pairs in priority order, or an ordered mapping.
+        default: label for leaves no rule matches; None makes such leaves an error.
+        syntax: `"glob"` or `"regex"` for patterns without a `re:`/`glob:` prefix.
 
-  Returns:
-    A tree with the structure of `tree` whose leaves are labels.
+    Returns:
+        A tree with the structure of `tree` whose leaves are labels.
 
-  Raises:
-    ValueError: if `default` is None and some leaf matches no rule.
+    Raises:
+        ValueError: if `default` is None and some leaf matches no rule.
 
-  Example:
-    >>> label_tree({"enc": {"w": 1}, "head": {"w": 2}}, [("enc", "frozen")],
-    ...            "train")
-    {'enc': {'w': 'frozen'}, 'head': {'w': 'train'}}
-  """
-  pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
-  matcher = PathMatcher([p for p, _ in pairs], syntax=syntax)
-  paths, _, treedef = flatten_with_treedef(tree)
-  labels, unlabelled = [], []
-  for path in paths:
-    index = matcher.first(path)
-    if index is None:
-      unlabelled.append(path)
-      labels.append(default)
-    else:
-      labels.append(pairs[index][1])
-  if default is None and unlabelled:
-    raise ValueError(
-        f"No rule labels these paths: {_preview(unlabelled)}. Add a rule for"
-        " them or pass a default label.")
-  return treedef.unflatten(labels)
+    Example:
+        >>> label_tree({"enc": {"w": 1}, "head": {"w": 2}}, [("enc", "frozen")],
+        ...            "train")
+        {'enc': {'w': 'frozen'}, 'head': {'w': 'train'}}
+    """
+    pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
+    matcher = PathMatcher([p for p, _ in pairs], syntax=syntax)
+    paths, _, treedef = flatten_with_treedef(tree)
+    labels, unlabelled = [], []
+    for path in paths:
+        index = matcher.first(path)
+        if index is None:
+            unlabelled.append(path)
+            labels.append(default)
+        else:
+            labels.append(pairs[index][1])
+    if default is None and unlabelled:
+        raise ValueError(
+            f"No rule labels these paths: {_preview(unlabelled)}. Add a rule for"
+            " them or pass a default label.")
+    return treedef.unflatten(labels)
