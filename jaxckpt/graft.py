@@ -33,153 +33,16 @@ Results keep the target's dtype and, for `jax.Array` targets, its sharding.
 import contextlib
 import dataclasses
 import gc
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxckpt import treepath
+# Adapter, GraftEntry and parse_adapters are also imported from here by callers.
+from jaxckpt.adapters import Adapter, adapt, adapter_name, parse_adapters
+from jaxckpt.graft_report import GraftEntry, GraftReport
 from jaxckpt.types import PyTree
-
-Adapter = str | Callable[[Any, Any], Any]
-"""`"resize"`, `"interpolate"`, or `fn(source_array, target_leaf) -> array`."""
-
-_ADAPTER_NAMES = ("resize", "interpolate")
-_LOADED_SHOWN = 10  # str(report) lists loaded leaves only up to this many.
-
-
-class GraftEntry(NamedTuple):
-    """One leaf in a `GraftReport` bucket.
-
-    Attributes:
-        path: the target path (for `unused`, the source path).
-        source: the source path it came from or was looked up at.
-        source_shape: shape of the source leaf, when there is one.
-        target_shape: shape of the target leaf, when there is one.
-        source_dtype: dtype name of the source leaf.
-        target_dtype: dtype name of the target leaf.
-        rule: the skip pattern or adapter name that decided it.
-    """
-    path: str
-    source: str | None = None
-    source_shape: tuple[int, ...] | None = None
-    target_shape: tuple[int, ...] | None = None
-    source_dtype: str | None = None
-    target_dtype: str | None = None
-    rule: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The entry as JSON-able values (shapes as lists)."""
-        out = self._asdict()
-        for key in ("source_shape", "target_shape"):
-            if out[key] is not None:
-                out[key] = list(out[key])
-        return out
-
-
-_BUCKETS = ("loaded", "adapted", "mismatched", "missing", "skipped",
-            "untouched", "unused", "cast")
-
-
-@dataclasses.dataclass(frozen=True)
-class GraftReport:
-    """Where every leaf of a graft went. See the module docstring for buckets.
-
-    Example:
-        >>> _, report = graft({"w": np.ones(2)}, {"w": np.zeros(2)})
-        >>> report.counts["loaded"], report.ok
-        (1, True)
-    """
-    loaded: tuple[GraftEntry, ...] = ()
-    adapted: tuple[GraftEntry, ...] = ()
-    mismatched: tuple[GraftEntry, ...] = ()
-    missing: tuple[GraftEntry, ...] = ()
-    skipped: tuple[GraftEntry, ...] = ()
-    untouched: tuple[GraftEntry, ...] = ()
-    unused: tuple[GraftEntry, ...] = ()
-    cast: tuple[GraftEntry, ...] = ()
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """Number of entries per bucket."""
-        return {name: len(getattr(self, name)) for name in _BUCKETS}
-
-    @property
-    def ok(self) -> bool:
-        """True when nothing is missing, mismatched or unused."""
-        return not (self.missing or self.mismatched or self.unused)
-
-    def problems(self) -> str:
-        """The missing, mismatched and unused leaves, one line each."""
-        lines = []
-        if self.missing:
-            lines.append("missing (target leaf with no source leaf; kept fresh):")
-            lines += [f"  {e.path}: target {e.target_shape} {e.target_dtype}, no"
-                      f" source leaf at {e.source!r}" for e in self.missing]
-        if self.mismatched:
-            lines.append("mismatched (shapes differ; kept fresh, never reshaped):")
-            lines += [f"  {e.path}: source {e.source!r} {e.source_shape} vs target"
-                      f" {e.target_shape}" for e in self.mismatched]
-        if self.unused:
-            lines.append("unused (source leaf no target leaf takes):")
-            lines += [f"  {e.path}: source {e.source_shape} {e.source_dtype}"
-                      for e in self.unused]
-        return "\n".join(lines)
-
-    def check(self) -> None:
-        """Raises the strict-mode error unless `ok`.
-
-        Raises:
-            ValueError: listing every missing, mismatched and unused path with
-                shapes, and how to proceed.
-        """
-        if self.ok:
-            return
-        c = self.counts
-        raise ValueError(
-            f"graft(strict=True) found {c['missing']} missing, {c['mismatched']}"
-            f" mismatched and {c['unused']} unused leaves:\n{self.problems()}\n"
-            "To proceed: pass strict=False to keep these target leaves fresh and"
-            " get the report; restrict what is grafted with mapping={'src_prefix':"
-            " 'dst_prefix'} (or 'src:dst,...'); keep target leaves fresh with"
-            " skip=[regex, ...]; or change shapes on purpose with"
-            " adapters={regex: 'resize' | 'interpolate' | fn}.")
-
-    def __str__(self) -> str:
-        c = self.counts
-        lines = ["GraftReport: " + ", ".join(f"{n} {c[n]}" for n in _BUCKETS)]
-        shown = self.loaded[:_LOADED_SHOWN] if len(self.loaded) > 2 * _LOADED_SHOWN \
-            else self.loaded
-        for e in shown:
-            renamed = f" <- {e.source}" if e.source != e.path else ""
-            lines.append(f"  loaded     {e.path}{renamed} {e.target_shape}")
-        if len(shown) < len(self.loaded):
-            lines.append(f"  loaded     ... and {len(self.loaded) - len(shown)} more")
-        for e in self.adapted:
-            lines.append(f"  adapted    {e.path} <- {e.source} {e.source_shape} ->"
-                         f" {e.target_shape} by {e.rule}")
-        for e in self.mismatched:
-            lines.append(f"  mismatched {e.path} <- {e.source} source"
-                         f" {e.source_shape} target {e.target_shape}")
-        for e in self.missing:
-            lines.append(f"  missing    {e.path} {e.target_shape} (no {e.source})")
-        for e in self.skipped:
-            lines.append(f"  skipped    {e.path} {e.target_shape} by {e.rule!r}")
-        for e in self.untouched:
-            lines.append(f"  untouched  {e.path} {e.target_shape}")
-        for e in self.unused:
-            lines.append(f"  unused     {e.path} {e.source_shape} (source)")
-        for e in self.cast:
-            lines.append(f"  cast       {e.path} {e.source_dtype} -> {e.target_dtype}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The report as JSON-able dicts and lists."""
-        out: dict[str, Any] = {"counts": self.counts, "ok": self.ok}
-        for name in _BUCKETS:
-            out[name] = [e.to_dict() for e in getattr(self, name)]
-        return out
 
 
 def _strip(prefix: str) -> str:
@@ -235,53 +98,6 @@ def parse_mapping(
             raise ValueError(f"Mapping {mapping!r} names the {name} prefix(es) {dupes}"
                              " in more than one rule; each may appear once.")
     return tuple(pairs)
-
-
-def parse_adapters(
-    adapters: str | Mapping[str, Adapter] | None,
-) -> tuple[tuple[str, Adapter], ...]:
-    """Normalises adapter rules to `((regex, adapter), ...)`.
-
-    Args:
-        adapters: None, `{regex: adapter}`, or `"regex:resize,regex2:interpolate"`
-            (use the dict form for regexes containing ',').
-
-    Returns:
-        The rules in order.
-
-    Raises:
-        ValueError: for a malformed rule or an unknown adapter name.
-
-    Example:
-        >>> parse_adapters("head:resize")
-        (('head', 'resize'),)
-    """
-    if adapters is None or (isinstance(adapters, str) and not adapters.strip()):
-        return ()
-    if isinstance(adapters, str):
-        rules = []
-        for rule in adapters.split(","):
-            pattern, sep, name = rule.rpartition(":")
-            if not sep or not pattern.strip():
-                raise ValueError(f"Adapter rule {rule.strip()!r} must be"
-                                 " 'regex:resize' or 'regex:interpolate'.")
-            rules.append((pattern.strip(), name.strip()))
-    elif isinstance(adapters, Mapping):
-        rules = list(adapters.items())
-    else:
-        raise ValueError("adapters must be None, a dict {regex: adapter} or"
-                         f" 'regex:adapter,...'; got {type(adapters).__name__}.")
-    for pattern, adapter in rules:
-        if not callable(adapter) and adapter not in _ADAPTER_NAMES:
-            raise ValueError(f"Adapter {adapter!r} for {pattern!r} is unknown; use"
-                             f" one of {_ADAPTER_NAMES} or a callable"
-                             " fn(source_array, target_leaf) -> array.")
-    return tuple(rules)
-
-
-def _adapter_name(adapter: Adapter) -> str:
-    return adapter if isinstance(adapter, str) else getattr(
-        adapter, "__name__", repr(adapter))
 
 
 _DTYPE_NAMES: dict[Any, str] = {}
@@ -416,7 +232,7 @@ def _plan_unpaused(source, target, mapping, skip, adapters) -> _Plan:
             f" over target paths{scope}, matching a whole path or a whole subtree;"
             " mapping rules are path prefixes. Fix or drop these rules.")
 
-    buckets = {name: [] for name in _BUCKETS}
+    buckets = {f.name: [] for f in dataclasses.fields(GraftReport)}
     fills: dict[int, tuple[int, Adapter | None]] = {}
     used = set()
     for i in candidates:
@@ -456,7 +272,7 @@ def _plan_unpaused(source, target, mapping, skip, adapters) -> _Plan:
                     f" {src_path!r} {src_shape} onto {path!r} {tgt_shape}: the number of"
                     " axes differs. Pass a callable adapter that reshapes it, or skip"
                     " the path.")
-            buckets["adapted"].append(entry._replace(rule=_adapter_name(adapter)))
+            buckets["adapted"].append(entry._replace(rule=adapter_name(adapter)))
             fills[i] = (j, adapter)
         if src_dtype != tgt_dtype:
             buckets["cast"].append(GraftEntry(
@@ -497,7 +313,7 @@ def plan(
 
     Example:
         >>> sds = jax.ShapeDtypeStruct
-        >>> plan({"w": sds((2,), jnp.float32)}, {"w": sds((3,), jnp.float32)},
+        >>> plan({"w": sds((2,), np.float32)}, {"w": sds((3,), np.float32)},
         ...      ).counts["mismatched"]
         1
     """
@@ -510,34 +326,6 @@ def _read(leaf: Any) -> Any:
     if callable(leaf):
         return leaf()
     return np.asarray(leaf)  # Lazy readers (`__array__`) and scalars.
-
-
-def _adapt(adapter: Adapter, value: Any, target_leaf: Any, shape, dtype,
-           path: str) -> Any:
-    if adapter == "resize":
-        # Copy the overlap along every axis; the rest keeps the fresh init.
-        overlap = tuple(slice(0, min(a, b)) for a, b in zip(np.shape(value), shape))
-        if isinstance(target_leaf, jax.Array):
-            return target_leaf.at[overlap].set(jnp.asarray(value[overlap], dtype))
-        out = np.array(target_leaf, dtype=dtype)
-        out[overlap] = np.asarray(value[overlap], dtype)
-        return out
-    if adapter == "interpolate":
-        # Plain separable linear interpolation at half-pixel centres (as TF and
-        # PyTorch bilinear with align_corners=False): axes of equal size come back
-        # unchanged, and with no antialiasing filter a shrink samples the source
-        # rather than averaging it, so values stay those of a linear interpolant.
-        as_float = jnp.asarray(value)
-        if not jnp.issubdtype(as_float.dtype, jnp.floating):
-            as_float = as_float.astype(jnp.float32)
-        return jax.image.resize(as_float, shape, method="linear", antialias=False)
-    out = adapter(value, target_leaf)
-    if tuple(np.shape(out)) != tuple(shape):
-        raise ValueError(
-            f"Adapter {_adapter_name(adapter)!r} returned shape {np.shape(out)} for"
-            f" {path!r}, whose target shape is {shape}. It must return the target"
-            " shape.")
-    return out
 
 
 def _place(value: Any, target_leaf: Any, dtype: np.dtype) -> Any:
@@ -622,6 +410,6 @@ def graft(
         shape, dtype = _shape_dtype(target_leaf)
         value = _read(planned.source_leaves[j])
         if adapter is not None:
-            value = _adapt(adapter, value, target_leaf, shape, dtype, path)
+            value = adapt(adapter, value, target_leaf, shape, dtype, path)
         leaves[i] = _place(value, target_leaf, dtype)
     return planned.treedef.unflatten(leaves), planned.report
