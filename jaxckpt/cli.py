@@ -1,0 +1,387 @@
+"""`python -m jaxckpt inspect|plan|zoo ...`: look at checkpoints and plan grafts without training.
+
+    python -m jaxckpt inspect runs/digits                 # steps, metrics, config, param table
+    python -m jaxckpt inspect zoo:digits-mlp --all        # every state leaf, optimizer included
+    python -m jaxckpt plan runs/digits --config experiments/configs/digits.py \
+        --config.data.target=parity --config.checkpoint.skip=head
+    python -m jaxckpt zoo publish runs/digits digits-mlp --best
+    python -m jaxckpt zoo list
+
+Everything here reads metadata only: no array is loaded and no run or zoo entry is written (except
+by `zoo publish`); `plan` builds the config's task (which may prepare its dataset) but only
+evaluates the shapes of its params. Exit codes: 0 success; 2 a user error (a bad path, an unknown zoo name or config
+key, a rule matching nothing, a plan strict mode would refuse), printed as one message on stderr;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import re
+import sys
+from typing import Any, Mapping, Sequence
+
+from jaxckpt import zoo
+from jaxckpt.errors import USER_ERROR_EXIT_CODE, USER_ERRORS, UserError
+from jaxckpt.metrics import format_metrics
+from jaxckpt.stepdir import CheckpointCorruptError
+
+# Config fields worth a line in `inspect`; absent ones are left out (model.* is shown whole).
+_CONFIG_SUMMARY = (
+        "task", "run_type", "seed", "train.num_steps", "train.batch_size", "optimizer.name",
+        "optimizer.learning_rate", "optimizer.schedule", "early_stop.criteria", "checkpoint.pretrained",
+        "checkpoint.mapping", "checkpoint.skip",
+)
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str], right: Sequence[int] = ()) -> str:
+    """Plain-text table; columns in `right` are right-aligned (numbers)."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    return "\n".join(line(row).rstrip() for row in cells)
+
+
+def _human_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024:
+            break
+    return f"{n:.1f} {unit}"
+
+
+def _flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); fix or remove it.") from e
+
+
+def _parse_step(text: str) -> int | str:
+    if text in ("latest", "best"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--step must be a step number, 'latest' or 'best'; got {text!r}") from None
+
+
+# inspect
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    # Imported per command: `zoo list` should not pay for Orbax and JAX start-up.
+    from jaxckpt.checkpoint import CheckpointManager
+    from jaxckpt.pretrained import resolve_checkpoint_path, resolve_step_dir
+    from jaxckpt.stepdir import EXTRA_ITEM, INFO_ITEM, read_json_item, read_state_metadata
+
+    path = zoo.resolve(args.path)
+    checkpoint_dir, named_step = resolve_checkpoint_path(path)
+    config = _read_json(checkpoint_dir.parent / "config.json")
+    if config is None:
+        config = (read_json_item(resolve_step_dir(path), EXTRA_ITEM) or {}).get("config")
+    best_metric, best_mode = zoo.best_rule(config)
+    manager = CheckpointManager(checkpoint_dir, read_only=True, best_metric=best_metric, best_mode=best_mode)
+    try:
+        steps = manager.all_steps()
+        if not steps:
+            raise UserError(f"{checkpoint_dir} holds no saved step; nothing to inspect.")
+        best = manager.best_step() if best_metric else None
+        step = named_step if args.step is None else args.step
+        if step in (None, "latest"):
+            step = steps[-1]
+        elif step == "best":
+            step = best
+        if step is None:
+            raise UserError(f"--step=best: no step in {checkpoint_dir} has a finite {best_metric or 'best metric'} "
+                            f"(steps: {steps}); pass --step N.")
+        if step not in steps:
+            raise UserError(f"Step {step} is not in {checkpoint_dir}; saved steps: {steps}.")
+        metrics = {s: manager.metrics(s) for s in steps}
+    finally:
+        manager.close()
+
+    out = [f"checkpoints: {checkpoint_dir}"]
+    entry = _read_json(checkpoint_dir.parent / zoo.ENTRY_FILE)
+    if entry:
+        out.append(f"zoo entry:   {entry.get('name')} (step {entry.get('step')} of {entry.get('source')}, "
+                   f"published {entry.get('published_at')})")
+    rule = f" by {best_metric} ({best_mode})" if best_metric else " (no early_stop.criteria in the config)"
+    out.append(f"steps:       {', '.join(map(str, steps))}")
+    out.append(f"latest:      {steps[-1]}")
+    out.append(f"best:        {best if best is not None else '-'}{rule}")
+
+    names = sorted({name for m in metrics.values() for name in m})
+    rows = []
+    for s in steps:
+        saved_at = (read_json_item(checkpoint_dir / str(s), INFO_ITEM) or {}).get("saved_at", "")
+        marks = ",".join(m for m, hit in (("latest", s == steps[-1]), ("best", s == best)) if hit)
+        rows.append([s, saved_at[:19].replace("T", " ")]
+                    + [f"{metrics[s][n]:.4g}" if n in metrics[s] else "-" for n in names] + [marks])
+    out += ["", _table(rows, ["step", "saved_at", *names, ""], right=range(2, 2 + len(names)))]
+
+    if config:
+        flat = _flat_config(config)
+        keys = [k for k in _CONFIG_SUMMARY if flat.get(k) not in (None, "")]
+        keys += sorted(k for k in flat if k.startswith("model."))
+        out += ["", "config:"] + [f"  {k} = {flat[k]!r}" for k in keys]
+
+    out += ["", f"state of step {step} (from metadata; no array is read):"]
+    out.append(_state_table(read_state_metadata(checkpoint_dir / str(step)), show_all=args.all))
+    print("\n".join(out))
+    return 0
+
+
+def _state_table(flat: Mapping[str, Any], *, show_all: bool) -> str:
+    """Rows of path/shape/dtype/bytes for params (or everything), and totals per top-level group."""
+    rows, groups = [], {}
+    has_params = any(p.startswith("params/") for p in flat)
+    for path, leaf in sorted(flat.items()):
+        size = math.prod(leaf.shape)
+        nbytes = size * leaf.dtype.itemsize
+        group = path.split("/", 1)[0]
+        count, total, arrays = groups.get(group, (0, 0, 0))
+        groups[group] = (count + size, total + nbytes, arrays + 1)
+        if show_all or group == "params" or not has_params:
+            rows.append([path, str(tuple(leaf.shape)), leaf.dtype.name, f"{size:,}", _human_bytes(nbytes)])
+    text = _table(rows, ["path", "shape", "dtype", "values", "bytes"], right=(3, 4))
+    summary = [[g, f"{a:,}", f"{c:,}", _human_bytes(b)] for g, (c, b, a) in groups.items()]
+    all_count = sum(c for c, _, _ in groups.values())
+    all_bytes = sum(b for _, b, _ in groups.values())
+    summary.append(["total", f"{len(flat):,}", f"{all_count:,}", _human_bytes(all_bytes)])
+    hint = "" if show_all else "\n(only params are listed; --all lists every leaf)"
+    return text + "\n\n" + _table(summary, ["group", "arrays", "values", "bytes"], right=(1, 2, 3)) + hint
+
+
+# plan
+
+
+def _load_config(config_args: Sequence[str]) -> Any:
+    """Parses `--config FILE [--config.KEY=VALUE ...]` with ml_collections, locked like the loop's."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["jaxckpt plan", *config_args]
+    path = config_args[1].split(":", 1)[0]
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} does not exist; pass --config PATH/TO/CONFIG.py "
+                        "(e.g. experiments/configs/digits.py).")
+    flag_values = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
+                                             flag_values=flag_values, lock_config=True, sys_argv=argv)
+    try:
+        rest = flag_values(argv)
+        config = holder.value
+    except flags.Error as e:
+        raise UserError(f"bad config flag: {e}") from e
+    except AttributeError as e:
+        # ml_collections reports an override of a field the config lacks as AttributeError(field).
+        overrides = " ".join(a for a in config_args if a.startswith("--config."))
+        suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', str(e))
+        hint = f" ({suggestion[2]!r}: did you mean {suggestion[1]!r}?)" if suggestion else f" ({e})"
+        raise UserError(f"unknown config key in {overrides}{hint}. The config is locked: override only "
+                        "fields its get_config() defines.") from e
+    except OSError as e:
+        raise UserError(f"cannot load the config file: {e}") from e
+    if len(rest) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
+    if config is None:
+        raise UserError("plan needs --config FILE (an experiment config with get_config()).")
+    return config
+
+
+def _split(spec: Any) -> tuple[str, ...]:
+    """`"a,b"` -> `("a", "b")`, as the loop reads `checkpoint.skip`."""
+    if isinstance(spec, str):
+        return tuple(p.strip() for p in spec.split(",") if p.strip())
+    return tuple(spec or ())
+
+
+def _source_metadata(source: str, ck: Any) -> tuple[dict[str, Any], str]:
+    """The source's leaves as abstract or lazy values (nothing is read), and a description."""
+    from jaxckpt.foreign import is_foreign, read_foreign
+    from jaxckpt.pretrained import PARAMS_KEY, resolve_step_dir
+    from jaxckpt.stepdir import read_state_metadata
+
+    if is_foreign(source):
+        rename = getattr(ck, "rename", "") or None
+        return read_foreign(source, rename=rename), f"weights file {source}"
+    step_dir = resolve_step_dir(zoo.resolve(source))
+    saved = read_state_metadata(step_dir)
+    # A jaxckpt step holds the whole train state; its params are what pretrained loading grafts.
+    prefix = PARAMS_KEY + "/"
+    if any(p.startswith(prefix) for p in saved):
+        saved = {p[len(prefix):]: v for p, v in saved.items() if p.startswith(prefix)}
+    return saved, f"step directory {step_dir}"
+
+
+def _plan(args: argparse.Namespace, config_args: Sequence[str]) -> int:
+    import jax
+
+    # `jaxckpt.graft` the name is the function once the package re-exports it: import from the module.
+    from jaxckpt.graft import plan as plan_graft
+    from jaxckpt.task import load_task
+
+    # Configs name their task module relative to the repository root; `python -m` puts the
+    # working directory on sys.path but the `jaxckpt` console script does not.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    config = _load_config(config_args)
+    ck = config.checkpoint
+    source = args.source or ck.pretrained
+    if not source:
+        raise UserError("plan needs a SOURCE (run dir, step dir, zoo:NAME, .safetensors or .pt), "
+                        "or --config.checkpoint.pretrained=SOURCE.")
+    source_leaves, described = _source_metadata(str(source), ck)
+    task = load_task(config)
+    # The same abstract params the loop builds: shapes only, nothing is computed.
+    target = jax.eval_shape(task.init_params, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+    options = dict(mapping=ck.mapping or None, skip=_split(ck.skip), adapters=ck.adapters or None)
+    report = plan_graft(source_leaves, target, **options)
+
+    print(f"plan: graft {described}\n      into the params of {config.task}")
+    print(f"      mapping={ck.mapping or 'whole tree'} skip={ck.skip or 'none'} "
+          f"adapters={ck.adapters or 'none'} strict={ck.strict}")
+    print(report)
+    if report.ok:
+        print("\nresult: the graft would succeed.")
+        return 0
+    if not ck.strict:
+        print("\nresult: the graft would succeed with strict=False; the missing, mismatched and unused "
+              "leaves above keep their fresh values.")
+        return 0
+    raise UserError(
+            f"strict mode would refuse this graft ({report.counts['missing']} missing, "
+            f"{report.counts['mismatched']} mismatched, {report.counts['unused']} unused):\n"
+            f"{report.problems()}\nTo proceed, pass --config.checkpoint.strict=False to keep those leaves "
+            "fresh, or narrow the graft with --config.checkpoint.mapping='src:dst,...' and "
+            "--config.checkpoint.skip='regex,...'."
+    )
+
+
+# zoo
+
+
+def _zoo_publish(args: argparse.Namespace) -> int:
+    step = "best" if args.best else args.step
+    path = zoo.publish(args.workdir, args.name, step=step, overwrite=args.overwrite)
+    print(f"published zoo:{args.name} (step {path.name} of {args.workdir}) at {path.parent.parent}")
+    return 0
+
+
+def _short_metrics(metrics: Mapping[str, Any], limit: int = 3) -> str:
+    """A few metrics for a one-line listing: validation ones first (they rank checkpoints)."""
+    finite = {k: v for k, v in metrics.items() if v is not None}
+    val = {k: v for k, v in finite.items() if k.startswith("val/")}
+    chosen = dict(list((val or finite).items())[:limit])
+    more = len(val or finite) - len(chosen)
+    return format_metrics(chosen) + (f" (+{more})" if more > 0 else "")
+
+
+def _zoo_list(args: argparse.Namespace) -> int:
+    entries = zoo.list_entries()
+    if not entries:
+        print(f"the zoo at {zoo.zoo_dir()} is empty; add to it with `python -m jaxckpt zoo publish WORKDIR NAME`.")
+        return 0
+    rows = [[f"zoo:{e['name']}", e.get("step"), str(e.get("published_at", ""))[:10],
+             _short_metrics(e.get("metrics") or {}), e.get("source", "")] for e in entries]
+    print(f"zoo: {zoo.zoo_dir()}")
+    print(_table(rows, ["name", "step", "published", "metrics", "source"], right=(1,)))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+            prog="jaxckpt", description="Inspect jaxckpt checkpoints, plan grafts, manage the zoo.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", help="steps, metrics, config and param table of a checkpoint")
+    inspect.add_argument("path", help="run dir, checkpoints dir, step dir, or zoo:NAME")
+    inspect.add_argument("--step", type=_parse_step, default=None,
+                         help="step whose state table to show: N, latest or best (default: latest)")
+    inspect.add_argument("--all", action="store_true", help="list every state leaf, not only params")
+    inspect.set_defaults(run=_inspect)
+
+    plan = commands.add_parser(
+            "plan", help="what pretrained loading would graft into a config's model", allow_abbrev=False,
+            description="Prints the graft plan of SOURCE into the model of --config, with "
+            "config.checkpoint.mapping/skip/adapters/strict, reading no array. Other arguments are "
+            "config overrides: --config.KEY=VALUE.")
+    plan.add_argument("source", nargs="?", default=None,
+                      help="run dir, step dir, zoo:NAME, .safetensors or .pt (default: checkpoint.pretrained)")
+    plan.add_argument("--config", required=True, metavar="FILE",
+                      help="experiment config file with get_config(); override fields with --config.KEY=VALUE")
+
+    zoo_parser = commands.add_parser("zoo", help="named, self-contained checkpoints")
+    zoo_commands = zoo_parser.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    publish = zoo_commands.add_parser("publish", help="copy one step of a run into the zoo")
+    publish.add_argument("workdir", help="run dir, checkpoints dir or step dir (or zoo:NAME)")
+    publish.add_argument("name", help="entry name: letters, digits, '.', '_', '-'")
+    which = publish.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="publish this step (default: the latest)")
+    which.add_argument("--best", action="store_true", help="publish the best step by early_stop.criteria")
+    publish.add_argument("--overwrite", action="store_true", help="replace an entry of the same name")
+    publish.set_defaults(run=_zoo_publish)
+    listing = zoo_commands.add_parser("list", help="list the zoo's entries")
+    listing.set_defaults(run=_zoo_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs `jaxckpt COMMAND ...` and returns its exit code.
+
+    Args:
+        argv: the arguments after the program name (default: `sys.argv[1:]`).
+
+    Returns:
+        0 on success; 2 for a user error (printed to stderr without a traceback) or bad usage.
+
+    Example:
+
+        main(["inspect", "runs/digits"])
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    try:
+        # `plan` hands its unknown arguments (--config, --config.KEY=VALUE) to ml_collections.
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command != "plan":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:
+        return int(e.code or 0)
+    from absl import logging as absl_logging
+
+    # Orbax logs routine notes (e.g. "directory is read only") as warnings; a CLI shows only errors.
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        if args.command == "plan":
+            return _plan(args, ["--config", args.config, *extra])
+        return args.run(args)
+    except USER_ERRORS + (CheckpointCorruptError,) as e:
+        sys.stdout.flush()
+        print(f"jaxckpt {args.command}: error: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    finally:
+        absl_logging.set_verbosity(verbosity)
