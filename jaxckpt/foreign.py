@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_dtypes  # Registers bfloat16/float8 with numpy, so BF16 tensors can be read.
 import numpy as np
 
-from jaxckpt import graft as graft_lib
+from jaxckpt.graft import GraftReport, graft
 from jaxckpt.types import Params
 
 RenameSpec = str | Mapping[str, str] | Sequence[tuple[str, str]] | None
@@ -227,7 +227,7 @@ def graft_foreign(
     skip: Sequence[str] = (),
     strict: bool = True,
     adapters: Any = None,
-) -> tuple[Params, graft_lib.GraftReport]:
+) -> tuple[Params, GraftReport]:
     r"""Grafts a safetensors file or PyTorch state dict into `target_params`.
 
     `read_foreign` followed by `jaxckpt.graft.graft`: only the tensors the graft loads are read.
@@ -256,7 +256,7 @@ def graft_foreign(
         >>> print(report)
     """
     source = read_foreign(path, rename=rename, layout=layout)
-    return graft_lib.graft(source, target_params, mapping=mapping, skip=skip, strict=strict,
+    return graft(source, target_params, mapping=mapping, skip=skip, strict=strict,
                            adapters=adapters)
 
 

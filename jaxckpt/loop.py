@@ -29,7 +29,7 @@ from jaxckpt.preemption import Preempted, StopRequest
 from jaxckpt.state import TrainState
 from jaxckpt.step import make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics
 from jaxckpt.task import Task, load_task
-from jaxckpt.workdir import WorkdirLock, log, setup_logging, write_json
+from jaxckpt.workdir import WorkdirLock, log, quiet_library_logs, setup_logging, write_json
 
 RUN_TYPES = ("train", "train_val", "val", "test", "predict")
 
@@ -54,6 +54,7 @@ def run(config: Any, workdir: str | Path) -> Any:
     if config.run_type not in RUN_TYPES:
         raise ValueError(f"config.run_type={config.run_type!r} is not one of {', '.join(RUN_TYPES)}.")
     workdir = Path(workdir).expanduser().absolute()
+    quiet_library_logs()
     primary = jax.process_index() == 0
     setup_logging(workdir, write=primary)
     lock = WorkdirLock(workdir).acquire() if primary else None
@@ -154,17 +155,23 @@ def _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_sta
     minimize = config.early_stop.minimize
     patience = config.early_stop.patience
 
+    # Train metrics are averaged over each logging window; a checkpoint in mid-window carries the
+    # window's per-step values so a resumed run logs exactly what an uninterrupted one would.
+    pending: list[dict[str, Any]] = list(loop_state.pop("pending_train", []))
+
     def save(step: int, metrics: dict[str, float] | None) -> None:
+        host_pending = jax.device_get(pending)
+        pending[:] = host_pending
+        _check_finite(_mean_of_steps(host_pending[-1:]) if host_pending else {"loss": 0.0}, step, manager)
         extra = {
             "config": config.to_dict(),
             "data_state": train_iter.get_state(),
-            "loop_state": loop_state,
+            "loop_state": {**loop_state, "pending_train": [{k: float(v) for k, v in m.items()} for m in host_pending]},
             "task_artifacts": dict(task.artifacts()),
         }
         manager.save(step, state, metrics=metrics, extra=extra)
 
     step = start_step
-    pending: list[dict[str, jax.Array]] = []
     last_log = time.perf_counter()
     bar = tqdm.tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True,
                     disable=not primary or not _is_terminal())
@@ -179,20 +186,21 @@ def _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_sta
                 pending.append(metrics)
                 bar.update(1)
                 at_end = step == num_steps
-                if step % config.train.log_every_steps == 0 or at_end or stop.requested:
+                if step % config.train.log_every_steps == 0 or at_end:
                     train_metrics = _mean_of_steps(pending)
-                    pending = []
+                    window = len(pending)
+                    pending.clear()
                     _check_finite(train_metrics, step, manager)
                     now = time.perf_counter()
-                    train_metrics["steps_per_sec"] = config.train.log_every_steps / max(now - last_log, 1e-9)
+                    speed = window / max(now - last_log, 1e-9)
                     last_log = now
                     if primary:
                         writers.write(step, "train", train_metrics)
                         bar.set_postfix(loss=f"{train_metrics['loss']:.4f}")
-                        if not bar.disable:
-                            pass
-                        else:
-                            log.info("step %d/%d train %s", step, num_steps, format_metrics(train_metrics))
+                        if bar.disable:
+                            eta = (num_steps - step) / max(speed, 1e-9)
+                            log.info("step %d/%d (%.1f step/s, ETA %.0fs) train %s", step, num_steps, speed,
+                                     eta, format_metrics(train_metrics))
                 val_metrics = None
                 if validate and (step % config.train.eval_every_steps == 0 or at_end):
                     val_metrics = _evaluate_split(task, state, eval_step, "val", config.eval.batch_size, mesh)
@@ -207,8 +215,6 @@ def _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_sta
                 stop_early = patience >= 0 and loop_state["bad_evals"] > patience
                 if (step % config.checkpoint.every_steps == 0 or at_end or improved or stop_early
                         or stop.requested):
-                    if stop.requested or stop_early or at_end:
-                        _check_finite(_mean_of_steps([metrics]), step, manager)
                     save(step, _prefixed(val_metrics, "val") if val_metrics else None)
                 if stop.requested:
                     manager.wait()
@@ -239,9 +245,9 @@ def _prefixed(metrics: dict[str, float], split: str) -> dict[str, float]:
     return {f"{split}/{k}": v for k, v in metrics.items()}
 
 
-def _mean_of_steps(per_step: list[dict[str, jax.Array]]) -> dict[str, float]:
+def _mean_of_steps(per_step: list[dict[str, Any]]) -> dict[str, float]:
     host = jax.device_get(per_step)
-    return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    return {k: float(np.mean(np.asarray([m[k] for m in host], np.float32))) for k in host[0]}
 
 
 def _check_finite(train_metrics: dict[str, float], step: int, manager: CheckpointManager) -> None:

@@ -17,7 +17,8 @@ import numpy as np
 from jaxckpt import treepath
 from jaxckpt.checkpoint import CheckpointManager
 from jaxckpt.errors import UserError
-from jaxckpt.pretrained import load_pretrained, resolve_checkpoint_path
+from jaxckpt.foreign import graft_foreign, is_foreign
+from jaxckpt.pretrained import load_params, resolve_checkpoint_path
 from jaxckpt.state import TrainState
 from jaxckpt.task import Task
 from jaxckpt.workdir import WorkdirError, log, set_aside, write_json
@@ -89,7 +90,7 @@ def decide_start(config: Any, workdir: Path, manager: CheckpointManager | None, 
             f"{workdir} already holds checkpoints {own} but checkpoint.resume=False. Starting over here "
             "would mix two runs: pass a new --workdir, or move its checkpoints/ away.")
     if ck.resume_file:
-        checkpoint_dir, step = resolve_checkpoint_path(ck.resume_file)
+        checkpoint_dir, step = resolve_checkpoint_path(resolve_ref(ck.resume_file))
         source = CheckpointManager(checkpoint_dir, read_only=True)
         if step is None:
             step = _pick_step(source, ck.resume_best, ck.resume_file, criteria)
@@ -112,7 +113,8 @@ def check_same_experiment(start: Start, abstract: TrainState, workdir: Path) -> 
     """Refuses to resume a workdir whose checkpoint holds a model of other shapes than the config builds."""
     if start.kind != "resume":
         return
-    saved = {p: tuple(m["shape"]) for p, m in start.manager.param_shapes(start.step).items()}
+    saved = {p[len("params/"):]: tuple(m.shape) for p, m in start.manager.metadata(start.step).items()
+             if p.startswith("params/")}
     built = {p: tuple(x.shape) for p, x in treepath.flatten(abstract.params).items()}
     if saved != built:
         differ = sorted(set(saved) ^ set(built)) + sorted(p for p in set(saved) & set(built) if saved[p] != built[p])
@@ -151,9 +153,50 @@ def load_start(start: Start, task: Task, config: Any, abstract: TrainState, tx: 
             log.info("resume_file was trained on other data settings: starting a fresh data iterator")
         return state, loop_state, data_state
     if start.kind == "pretrained":
-        params, report = load_pretrained(start.path, abstract.params, config.checkpoint)
+        fresh_params = fresh(task, config, tx, mesh).params
+        params, report = load_pretrained(start.path, fresh_params, config.checkpoint)
         log.info("graft report (%s):\n%s", start.path, report)
         if jax.process_index() == 0:
             write_json(workdir / "graft_report.json", report.to_dict())
         return fresh(task, config, tx, mesh, params=params), loop_state, None
     return fresh(task, config, tx, mesh), loop_state, None
+
+
+def resolve_ref(path: str) -> str:
+    """`zoo:NAME` -> that zoo entry's step directory; any other path unchanged."""
+    if path.startswith("zoo:"):
+        from jaxckpt import zoo  # the zoo is only needed when a config names it
+
+        return str(zoo.resolve(path))
+    return path
+
+
+def split_patterns(spec: str | Any) -> tuple[str, ...]:
+    """`"a,b"` -> `("a", "b")`; sequences pass through; "" -> `()`."""
+    if isinstance(spec, str):
+        return tuple(p.strip() for p in spec.split(",") if p.strip())
+    return tuple(spec or ())
+
+
+def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
+    """Weights-only load of `path` into `fresh_params` through `graft`, per the checkpoint config.
+
+    `path` may be a run directory, checkpoint directory, step directory, `zoo:NAME`, a `.safetensors`
+    file or a PyTorch state dict (`.pt`/`.pth`/`.bin`). Only the arrays the graft loads are read.
+
+    Returns:
+      `(params, GraftReport)`.
+    """
+    options = dict(mapping=ck.mapping or None, skip=split_patterns(ck.skip), strict=ck.strict,
+                   adapters=ck.adapters or None)
+    try:
+        if is_foreign(path):
+            if not Path(path).exists():
+                raise UserError(f"checkpoint.pretrained={path} does not exist.")
+            return graft_foreign(path, fresh_params, rename=ck.rename or None, **options)
+        return load_params(resolve_ref(path), fresh_params, **options)
+    except ValueError as e:
+        raise UserError(
+            f"{e}\nIn a config these are --config.checkpoint.strict=False, checkpoint.mapping='src:dst,...', "
+            "checkpoint.skip='regex,...' and checkpoint.adapters='regex:resize,...'; "
+            f"`python -m jaxckpt plan {path} --config ...` shows the plan without training.") from e

@@ -73,10 +73,17 @@ class WorkdirLock:
         self.release()
 
 
+def quiet_library_logs() -> None:
+    """Keeps only warnings from JAX, Orbax and tfds, which log every save phase and backend probe at INFO."""
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
 def setup_logging(workdir: str | os.PathLike | None, *, write: bool = True) -> logging.Logger:
     """Sends the `jaxckpt` logger to stderr and (when `write`) to `WORKDIR/train.log`."""
     log.setLevel(logging.INFO)
     log.propagate = False
+    quiet_library_logs()
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
