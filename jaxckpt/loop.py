@@ -186,6 +186,7 @@ def _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_sta
                 pending.append(metrics)
                 bar.update(1)
                 at_end = step == num_steps
+                stopping = stop.requested  # read once: a signal may land at any moment
                 if step % config.train.log_every_steps == 0 or at_end:
                     train_metrics = _mean_of_steps(pending)
                     window = len(pending)
@@ -214,9 +215,9 @@ def _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_sta
                     improved = False
                 stop_early = patience >= 0 and loop_state["bad_evals"] > patience
                 if (step % config.checkpoint.every_steps == 0 or at_end or improved or stop_early
-                        or stop.requested):
+                        or stopping):
                     save(step, _prefixed(val_metrics, "val") if val_metrics else None)
-                if stop.requested:
+                if stopping:
                     manager.wait()
                     log.warning("stop requested by signal %d: saved step %d", stop.signum, step)
                     raise Preempted(step, stop.signum)

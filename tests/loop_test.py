@@ -1,0 +1,239 @@
+"""End-to-end runs of the config-driven loop (in process, 4 faked CPU devices)."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+import jaxckpt
+from jaxckpt import zoo
+from jaxckpt.checkpoint import CheckpointManager
+from jaxckpt.errors import UserError
+from jaxckpt.workdir import WorkdirError
+from tests.runs import read_jsonl, tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory, data_dir):
+    """One finished 40-step train_val run that other tests read from (never write to)."""
+    workdir = tmp_path_factory.mktemp("pretrained")
+    jaxckpt.run(tiny_config(data_dir), workdir)
+    return workdir
+
+
+def _params(workdir, step=None):
+    """Params of a step (default: latest), read with plain Orbax as a user without jaxckpt would."""
+    return _plain_orbax_state(workdir, step)["params"]
+
+
+def _plain_orbax_state(workdir, step=None):
+    import orbax.checkpoint as ocp
+
+    checkpoints = workdir / "checkpoints"
+    step = step or max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    path = checkpoints / str(step) / "state"
+    ckptr = ocp.PyTreeCheckpointer()
+    tree = ckptr.metadata(path).item_metadata.tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+
+def test_train_val_writes_the_run_directory(pretrained_run):
+    files = {p.name for p in pretrained_run.iterdir()}
+    assert {"config.json", "checkpoints", "metrics.jsonl", "curves.png", "tensorboard", "train.log"} <= files
+    points = read_jsonl(pretrained_run / "metrics.jsonl")
+    assert [(p["step"], p["split"]) for p in points] == [
+        (10, "train"), (20, "train"), (20, "val"), (30, "train"), (40, "train"), (40, "val")]
+    assert all(math.isfinite(p["loss"]) for p in points)
+    assert points[-1]["num_examples"] == 216
+    assert json.loads((pretrained_run / "config.json").read_text())["train"]["num_steps"] == 40
+    assert (pretrained_run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "fresh start from random initialisation" in (pretrained_run / "train.log").read_text()
+
+
+def test_rerun_resumes_from_latest_without_duplicated_points(tmp_path, data_dir, pretrained_run):
+    workdir = tmp_path / "run"
+    jaxckpt.run(tiny_config(data_dir, **{"train.num_steps": 20}), workdir)
+    state = jaxckpt.run(tiny_config(data_dir), workdir)  # same run, now to 40 steps
+    assert int(state.step) == 40
+    assert "resuming from this workdir's latest checkpoint, step 20" in (workdir / "train.log").read_text()
+    steps = [(p["step"], p["split"]) for p in read_jsonl(workdir / "metrics.jsonl")]
+    assert len(steps) == len(set(steps)) == 6
+    # Resuming continued the same run: identical to the uninterrupted one.
+    for a, b in zip(jax.tree.leaves(_params(workdir)), jax.tree.leaves(_params(pretrained_run))):
+        np.testing.assert_array_equal(a, b)
+    assert read_jsonl(workdir / "metrics.jsonl") == read_jsonl(pretrained_run / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("stop_at", [7, 20, 33])
+def test_preempted_run_resumes_bitwise(tmp_path, data_dir, pretrained_run, monkeypatch, stop_at):
+    """A signal at any step (mid-window, at a save, between evals): saving, rerun, same final state."""
+    from jaxckpt import preemption
+
+    workdir = tmp_path / "run"
+    calls = {"n": 0}
+    original = preemption.StopRequest.requested
+
+    def requested(self):
+        calls["n"] += 1
+        if self.signum is None and calls["n"] == stop_at:
+            self.signum = 15
+        return original.fget(self)
+
+    monkeypatch.setattr(preemption.StopRequest, "requested", property(requested))
+    with pytest.raises(jaxckpt.Preempted) as excinfo:
+        jaxckpt.run(tiny_config(data_dir), workdir)
+    assert excinfo.value.step == stop_at
+    monkeypatch.undo()
+    with CheckpointManager(workdir / "checkpoints", read_only=True) as manager:
+        assert manager.latest_step() == stop_at
+    jaxckpt.run(tiny_config(data_dir), workdir)
+    for a, b in zip(jax.tree.leaves(_params(workdir)), jax.tree.leaves(_params(pretrained_run))):
+        np.testing.assert_array_equal(a, b)
+    assert read_jsonl(workdir / "metrics.jsonl") == read_jsonl(pretrained_run / "metrics.jsonl")
+
+
+def test_eir_partial_loading_after_changing_fusion(tmp_path, data_dir, pretrained_run):
+    changed = dict(**{"checkpoint.pretrained": str(pretrained_run), "model.fusion_dims": (8,)})
+    with pytest.raises(UserError, match="fusion/Dense_0/kernel") as excinfo:
+        jaxckpt.run(tiny_config(data_dir, **changed), tmp_path / "strict")
+    assert "checkpoint.strict=False" in str(excinfo.value)
+    workdir = tmp_path / "partial"
+    jaxckpt.run(tiny_config(data_dir, **changed, **{"checkpoint.strict": False, "train.num_steps": 20}), workdir)
+    report = json.loads((workdir / "graft_report.json").read_text())
+    assert {e["path"] for e in report["loaded"]} == {"encoder/Dense_0/kernel", "encoder/Dense_0/bias", "head/bias"}
+    assert {e["path"] for e in report["mismatched"]} == {
+        "fusion/Dense_0/kernel", "fusion/Dense_0/bias", "head/kernel"}
+
+
+def test_mmf_zoo_finetune_onto_parity_with_mapping(tmp_path, data_dir, pretrained_run, monkeypatch):
+    monkeypatch.setenv("JAXCKPT_ZOO", str(tmp_path / "zoo"))
+    zoo.publish(pretrained_run, "digits-mlp", step="best")
+    workdir = tmp_path / "parity"
+    config = tiny_config(data_dir, **{"checkpoint.pretrained": "zoo:digits-mlp", "checkpoint.mapping": "encoder:encoder",
+                                      "data.target": "parity", "train.num_steps": 20})
+    state = jaxckpt.run(config, workdir)
+    report = json.loads((workdir / "graft_report.json").read_text())
+    assert report["counts"]["loaded"] == 2 and report["counts"]["untouched"] == 4
+    assert state.params["head"]["kernel"].shape == (16, 2)
+    # The loaded encoder started from the zoo weights: step-0 encoder equals the pretrained one.
+    assert "checkpoint.pretrained=zoo:digits-mlp" in (workdir / "train.log").read_text()
+
+
+def test_own_checkpoint_wins_over_pretrained_and_resume_file(tmp_path, data_dir, pretrained_run):
+    workdir = tmp_path / "run"
+    jaxckpt.run(tiny_config(data_dir, **{"train.num_steps": 20}), workdir)
+    config = tiny_config(data_dir, **{"checkpoint.pretrained": str(pretrained_run),
+                                      "checkpoint.resume_file": str(pretrained_run)})
+    jaxckpt.run(config, workdir)
+    log = (workdir / "train.log").read_text()
+    assert "resuming from this workdir's latest checkpoint, step 20 (checkpoint.resume_file/pretrained are ignored" in log
+    assert not (workdir / "graft_report.json").exists()
+
+
+def test_resume_file_continues_the_full_state(tmp_path, data_dir, pretrained_run):
+    config = tiny_config(data_dir, **{"checkpoint.resume_file": str(pretrained_run / "checkpoints" / "20")})
+    state = jaxckpt.run(config, tmp_path / "run")
+    assert int(state.step) == 40
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(_params(pretrained_run, 40))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_val_and_test_runs_match_the_logged_metrics(tmp_path, data_dir, pretrained_run):
+    workdir = tmp_path / "eval"
+    result = jaxckpt.run(tiny_config(data_dir, **{"run_type": "val", "checkpoint.resume_file": str(pretrained_run)}),
+                         workdir)
+    logged = [p for p in read_jsonl(pretrained_run / "metrics.jsonl") if p["split"] == "val" and p["step"] == 40][0]
+    saved = json.loads((workdir / "eval_val_40.json").read_text())
+    assert saved == result
+    assert saved["num_examples"] == 216
+    assert saved["loss"] == pytest.approx(logged["loss"], rel=1e-6)
+    assert saved["accuracy"] == pytest.approx(logged["accuracy"], rel=1e-6)
+    test = jaxckpt.run(tiny_config(data_dir, **{"run_type": "test", "checkpoint.resume_file": str(pretrained_run)}),
+                       workdir)
+    assert test["split"] == "test" and test["num_examples"] == 359
+
+
+def test_predict_writes_one_row_per_test_example(tmp_path, data_dir, pretrained_run):
+    path = jaxckpt.run(tiny_config(data_dir, **{"run_type": "predict", "checkpoint.resume_file": str(pretrained_run)}),
+                       tmp_path / "pred")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "id,prediction," + ",".join(f"prob_{c}" for c in range(10))
+    rows = [line.split(",") for line in lines[1:]]
+    assert len(rows) == 359 and len({r[0] for r in rows}) == 359
+    probs = np.asarray([[float(x) for x in r[2:]] for r in rows])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+    assert all(r[1] == str(int(np.argmax(p))) for r, p in zip(rows, probs))
+
+
+def test_val_without_a_model_is_a_clear_error(tmp_path, data_dir):
+    with pytest.raises(UserError, match="nothing to val"):
+        jaxckpt.run(tiny_config(data_dir, run_type="val"), tmp_path / "empty")
+
+
+def test_resume_best_sets_newer_checkpoints_aside(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    config = tiny_config(data_dir, **{"checkpoint.max_to_keep": -1, "early_stop.criteria": "val/accuracy",
+                                      "early_stop.minimize": False})
+    jaxckpt.run(config, workdir)
+    with CheckpointManager(workdir / "checkpoints", read_only=True, best_metric="val/accuracy",
+                           best_mode="max") as manager:
+        best = manager.best_step()
+    config = tiny_config(data_dir, **{"checkpoint.max_to_keep": -1, "checkpoint.resume_best": True,
+                                      "early_stop.criteria": "val/accuracy", "early_stop.minimize": False,
+                                      "train.num_steps": 60})
+    jaxckpt.run(config, workdir)
+    assert f"resuming from this workdir's best checkpoint, step {best}" in (workdir / "train.log").read_text()
+    if best < 40:
+        moved = list((workdir / "superseded").glob("*/40"))
+        assert moved, "the newer step 40 must be set aside, not deleted"
+
+
+def test_max_to_keep_all_and_one(tmp_path, data_dir):
+    jaxckpt.run(tiny_config(data_dir, **{"checkpoint.max_to_keep": -1, "checkpoint.every_steps": 10}), tmp_path / "all")
+    assert sorted(int(p.name) for p in (tmp_path / "all" / "checkpoints").iterdir() if p.name.isdigit()) == [10, 20, 30, 40]
+    jaxckpt.run(tiny_config(data_dir, **{"checkpoint.max_to_keep": 1, "checkpoint.keep_best": 0,
+                                         "checkpoint.every_steps": 10}), tmp_path / "one")
+    assert sorted(int(p.name) for p in (tmp_path / "one" / "checkpoints").iterdir() if p.name.isdigit()) == [40]
+
+
+def test_early_stop_with_patience(tmp_path, data_dir):
+    config = tiny_config(data_dir, **{"train.num_steps": 200, "train.eval_every_steps": 10,
+                                      "optimizer.learning_rate": 0.0, "early_stop.patience": 1})
+    state = jaxckpt.run(config, tmp_path / "run")
+    # lr=0: the first eval is the best and never improves; stop after patience+1 more evaluations.
+    assert int(state.step) == 30
+    assert "early stop at step 30" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+    config = tiny_config(data_dir, **{"optimizer.name": "sgd", "optimizer.learning_rate": 1e30,
+                                      "checkpoint.every_steps": 1, "train.log_every_steps": 1})
+    with pytest.raises(jaxckpt.NonFiniteLossError, match="last good checkpoint"):
+        jaxckpt.run(config, tmp_path / "run")
+    with CheckpointManager(tmp_path / "run" / "checkpoints", read_only=True) as manager:
+        steps = manager.all_steps()
+    assert steps, "the good steps before the blow-up were saved"
+    for step in steps:
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(tmp_path / "run", step)))
+
+
+def test_workdir_of_another_experiment_is_refused(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    jaxckpt.run(tiny_config(data_dir, **{"train.num_steps": 20}), workdir)
+    with pytest.raises(WorkdirError, match="holds a different experiment"):
+        jaxckpt.run(tiny_config(data_dir, **{"model.fusion_dims": (8,)}), workdir)
+
+
+def test_resume_false_refuses_to_mix_runs(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    jaxckpt.run(tiny_config(data_dir, **{"train.num_steps": 20}), workdir)
+    with pytest.raises(WorkdirError, match="resume=False"):
+        jaxckpt.run(tiny_config(data_dir, **{"checkpoint.resume": False}), workdir)
