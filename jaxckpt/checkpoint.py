@@ -1,0 +1,572 @@
+"""`CheckpointManager`: Orbax checkpoints with one retention policy, integrity checks and clear errors.
+
+Each saved step is one directory, readable by plain Orbax:
+
+    DIRECTORY/
+      <step>/
+        state/              Orbax PyTree item: the state as nested dicts
+                            ({"step", "params", "opt_state", "rng", ...}; params at state["params"])
+        extra/metadata      JSON item: the caller's `extra` (config, data-iterator position, ...)
+        jaxckpt/metadata    JSON item: versions, save time, crc32 of every array (integrity check)
+        metrics/metrics     Orbax's JSON metrics item (what the best-k rule ranks by)
+        _CHECKPOINT_METADATA
+      corrupt/<step>/       steps found corrupt, moved aside by a fallback restore (never deleted)
+
+Reading a step with plain Orbax, without jaxckpt, on any number of devices:
+
+    import jax, numpy as np, orbax.checkpoint as ocp
+    path = "WORKDIR/checkpoints/100/state"
+    ckptr = ocp.PyTreeCheckpointer()
+    tree = ckptr.metadata(path).item_metadata.tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    state = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    params = state["params"]
+
+One process writes a directory through one `CheckpointManager` at a time: opening one removes the
+leftovers of a save that was killed mid-way, which would break a save in flight elsewhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import json
+import os
+import pathlib
+import shutil
+import time
+import warnings
+from typing import Any, Mapping
+
+import flax.serialization
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from jaxckpt import treepath
+from jaxckpt.retention import RetentionPolicy
+from jaxckpt.stepdir import (
+    CORRUPT_DIR,
+    EXTRA_ITEM,
+    INFO_ITEM,
+    STATE_ITEM,
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    CheckpointSaveError,
+    checksums,
+    library_version,
+    mismatched_checksums,
+    read_json_item,
+    read_state_metadata,
+    state_tree_metadata,
+)
+from jaxckpt.types import PyTree
+
+_TMP_MARK = ".orbax-checkpoint-tmp"
+_SETTLE_SECONDS = 10.0
+
+def _is_disk_full(exc: BaseException) -> bool:
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return False
+
+
+def _json_ready(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    value = dict(value or {})
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"{what} must be JSON-serialisable (str, numbers, bools, lists, dicts): {e}. Convert arrays "
+            "with .tolist() or float() before saving."
+        ) from e
+    return value
+
+
+def _metrics_ready(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    out = {}
+    for name, value in (metrics or {}).items():
+        try:
+            out[str(name)] = float(np.asarray(value))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"metrics[{name!r}] must be a scalar number, got {type(value).__name__}: {e}") from e
+    return out
+
+
+def _restore_target(leaf: Any) -> Any:
+    """Abstract leaf telling Orbax where to put a restored array (the target's sharding)."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        if leaf.sharding is None:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+        return leaf
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    return leaf
+
+
+class CheckpointManager:
+    """Saves and restores train states under one directory, keeping the right checkpoints.
+
+    Retention: the latest `max_to_keep` steps, plus the best `keep_best` by `metrics[best_metric]`,
+    plus every `keep_every_steps`-th step (see `jaxckpt.retention.RetentionPolicy`). The best is
+    recomputed from the metrics saved on disk, so it survives a restart.
+
+    Example:
+      >>> mngr = CheckpointManager(workdir / "checkpoints", best_metric="val_loss")
+      >>> mngr.save(100, state, metrics={"val_loss": 0.3}, extra={"config": cfg})
+      >>> state = mngr.restore(abstract_state, step="best")
+      >>> mngr.close()
+    """
+
+    def __init__(
+        self,
+        directory: os.PathLike | str,
+        *,
+        max_to_keep: int | None = 3,
+        keep_best: int = 1,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        keep_every_steps: int | None = None,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        """Opens (and creates) a checkpoint directory; leftovers of a killed save are removed.
+
+        Args:
+          directory: where step directories live, e.g. `WORKDIR/checkpoints`.
+          max_to_keep: keep this many of the latest steps; -1 or None keeps all.
+          keep_best: also keep this many of the best steps by `best_metric`.
+          best_metric: the metric name that ranks steps; None: no best rule, no `step="best"`.
+          best_mode: "min" (lower is better) or "max".
+          keep_every_steps: also keep every step divisible by this.
+          async_save: write in the background; `save` returns once arrays are copied to the host.
+          read_only: only read (e.g. another run's checkpoints): nothing is created, cleaned,
+            saved, deleted or moved, and the directory must exist.
+
+        Raises:
+          ValueError: for an inconsistent retention setting (e.g. `max_to_keep=0`).
+          CheckpointNotFoundError: if `read_only` and the directory does not exist.
+        """
+        self._policy = RetentionPolicy(max_to_keep, keep_best, best_metric, best_mode, keep_every_steps)
+        self._directory = pathlib.Path(directory).expanduser().absolute()
+        self._async = async_save
+        self._read_only = read_only
+        if read_only and not self._directory.is_dir():
+            raise CheckpointNotFoundError(
+                f"Checkpoint directory {self._directory} does not exist; expected a directory holding "
+                "<step>/ folders (e.g. WORKDIR/checkpoints)."
+            )
+        if not read_only:
+            self._remove_unfinished_saves()
+        self._pending: int | None = None
+        self._metrics: dict[int, dict[str, Any] | None] = {}
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=self._policy,
+            # A best_fn makes Orbax write each step's metrics item; ranking itself is the policy's.
+            best_fn=lambda metrics: 0.0,
+            best_mode=best_mode,
+            cleanup_tmp_directories=False,  # done by _remove_unfinished_saves, before Orbax looks
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+        )
+        handlers = {
+            STATE_ITEM: ocp.StandardCheckpointHandler(),
+            EXTRA_ITEM: ocp.JsonCheckpointHandler(),
+            INFO_ITEM: ocp.JsonCheckpointHandler(),
+        }
+        self._mngr = ocp.CheckpointManager(self._directory, options=options, item_handlers=handlers)
+
+    def _remove_unfinished_saves(self) -> None:
+        """Deletes what a killed save left behind; Orbax never lists these as steps."""
+        if jax.process_index() != 0 or not self._directory.is_dir():
+            return
+        for leftover in self._directory.glob(f"*{_TMP_MARK}*"):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+
+    @property
+    def directory(self) -> pathlib.Path:
+        """The directory holding the step directories."""
+        return self._directory
+
+    @property
+    def policy(self) -> RetentionPolicy:
+        """The retention policy in force."""
+        return self._policy
+
+    def step_dir(self, step: int) -> pathlib.Path:
+        """The directory of one step (whether or not it exists)."""
+        return self._directory / str(int(step))
+
+    # Saving.
+
+    def save(
+        self,
+        step: int,
+        state: PyTree,
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Saves `state` as step `step`, with metrics for retention and JSON extras.
+
+        Waits for the previous background save first, so its failure is raised here.
+
+        Args:
+          step: the step number (a new one: steps are never overwritten).
+          state: a pytree (e.g. a `TrainState`); its pytree fields are saved as nested dicts.
+          metrics: scalar metrics of this state, e.g. `{"val_loss": 0.3}`; ranks the best-k rule.
+          extra: JSON-serialisable dict saved beside the state (config, data-iterator position, ...).
+
+        Raises:
+          ValueError: if `step` is already saved in the directory.
+          TypeError: if `extra` is not JSON-serialisable or a metric is not a scalar.
+          CheckpointSaveError: if this save, or the previous background one, failed.
+        """
+        step = int(step)
+        if self._read_only:
+            raise ValueError(f"This CheckpointManager for {self._directory} is read-only; open it with read_only=False to save.")
+        self.wait()
+        if step in self._mngr.all_steps():
+            raise ValueError(
+                f"Step {step} is already saved at {self.step_dir(step)}; checkpoints are never "
+                "overwritten. Save under a new step number, or move that directory away first."
+            )
+        tree = flax.serialization.to_state_dict(state)
+        metrics = _metrics_ready(metrics)
+        info = {
+            "format": 1,
+            "jaxckpt_version": library_version(),
+            "jax_version": jax.__version__,
+            "orbax_version": ocp.__version__,
+            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "checksum": {"algorithm": "crc32", "leaves": checksums(treepath.flatten(tree))},
+        }
+        args = ocp.args.Composite(
+            **{
+                STATE_ITEM: ocp.args.StandardSave(tree),
+                EXTRA_ITEM: ocp.args.JsonSave(_json_ready(extra, "extra")),
+                INFO_ITEM: ocp.args.JsonSave(info),
+            }
+        )
+        self._pending = step
+        try:
+            self._mngr.save(step, args=args, metrics=metrics, force=True)
+        except Exception as e:
+            self._pending = None
+            raise self._save_failed(step, e) from e
+        self._metrics[step] = metrics
+        if not self._async:
+            self.wait()
+
+    def wait(self) -> None:
+        """Blocks until the background save (if any) is committed and old steps are deleted.
+
+        Raises:
+          CheckpointSaveError: if the background save failed; its partial directory is removed.
+        """
+        step, self._pending = self._pending, None
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(step, e) from e
+
+    def _save_failed(self, step: int | None, exc: BaseException) -> CheckpointSaveError:
+        """Cleans up after a failed save and builds the error to raise."""
+        if step is not None:
+            self._remove_failed_save(step)
+            self._metrics.pop(step, None)
+        self._mngr.reload()
+        kept = self._mngr.all_steps()
+        where = f"step {step} to {self.step_dir(step)}" if step is not None else f"to {self._directory}"
+        if _is_disk_full(exc):
+            reason = "the disk is full (No space left on device). Free space on that disk or save to another directory"
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+        return CheckpointSaveError(
+            f"Saving {where} failed: {reason}. Earlier checkpoints {sorted(kept)} in {self._directory} are intact."
+        )
+
+    def _remove_failed_save(self, step: int) -> None:
+        """Removes a failed save's partial directory once the writes still in flight have stopped.
+
+        Orbax raises at the first failed item while other items' writes may still be landing (and
+        recreating directories), so we remove until the directory stays gone for a few polls.
+        """
+        if jax.process_index() != 0:
+            return
+        quiet, deadline = 0, time.monotonic() + _SETTLE_SECONDS
+        while quiet < 3 and time.monotonic() < deadline:
+            leftovers = list(self._directory.glob(f"{step}{_TMP_MARK}*"))
+            for leftover in leftovers:
+                shutil.rmtree(leftover, ignore_errors=True)
+            quiet = 0 if leftovers else quiet + 1
+            time.sleep(0.05)
+
+    # Finding steps.
+
+    def reload(self) -> None:
+        """Re-reads the directory, after step directories were moved or removed by hand."""
+        self.wait()
+        self._metrics.clear()
+        self._mngr.reload()
+
+    def all_steps(self) -> list[int]:
+        """Saved steps, oldest first (a save in flight counts as saved)."""
+        return sorted(self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The most recent saved step, or None."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The best step by `metrics[best_metric]` among saved steps; None if no step has a finite one."""
+        ranked = self._policy.ranked_best(self._metrics_by_step())
+        return ranked[0] if ranked else None
+
+    def metrics(self, step: int | str = "latest") -> dict[str, float]:
+        """The metrics saved with a step ({} if it was saved without), without loading arrays."""
+        step = self._resolve_step(step)
+        return dict(self._metrics_by_step().get(step) or {})
+
+    def restore_extra(self, step: int | str = "latest") -> dict[str, Any]:
+        """The `extra` dict saved with a step ({} if none), without loading arrays."""
+        step = self._resolve_step(step)
+        return read_json_item(self.step_dir(step), EXTRA_ITEM) or {}
+
+    def info(self, step: int | str = "latest") -> dict[str, Any]:
+        """The library's record for a step: versions, save time and checksums."""
+        step = self._resolve_step(step)
+        return read_json_item(self.step_dir(step), INFO_ITEM) or {}
+
+    def metadata(self, step: int | str = "latest") -> dict[str, jax.ShapeDtypeStruct]:
+        """Paths, shapes and dtypes of a step's state without loading arrays.
+
+        Returns:
+          `{"params/dense/kernel": jax.ShapeDtypeStruct(...), "step": ..., ...}`.
+        """
+        step = self._resolve_step(step)
+        return read_state_metadata(self.step_dir(step))
+
+    def _metrics_by_step(self) -> dict[int, dict[str, Any] | None]:
+        self.wait()
+        for step in self._mngr.all_steps():
+            if step not in self._metrics:
+                self._metrics[step] = read_json_item(self.step_dir(step), "metrics")
+        return {step: self._metrics[step] for step in self._mngr.all_steps()}
+
+    def _resolve_step(self, step: int | str) -> int:
+        """Turns "latest" / "best" / an int into a saved step, or says why there is none."""
+        self.wait()
+        steps = self.all_steps()
+        aside = self._directory / CORRUPT_DIR
+        note = f" (corrupt steps were moved to {aside})" if aside.exists() else ""
+        if step == "latest":
+            if not steps:
+                raise CheckpointNotFoundError(
+                    f"No checkpoint in {self._directory}: it holds no step directories{note}. Save one "
+                    "first, or point to the directory that holds the <step>/ folders."
+                )
+            return steps[-1]
+        if step == "best":
+            metric = self._policy.best_metric
+            if metric is None:
+                raise ValueError(
+                    f"step='best' needs a metric to rank by, but the CheckpointManager for {self._directory} "
+                    "has best_metric=None. Pass best_metric='<name>' (and best_mode), or use step='latest'."
+                )
+            best = self.best_step()
+            if best is None:
+                raise CheckpointNotFoundError(
+                    f"No step in {self._directory} has a finite metrics[{metric!r}] (saved steps: {steps}"
+                    f"{note}). Save with metrics={{{metric!r}: value}}, or use step='latest'."
+                )
+            return best
+        if isinstance(step, (int, np.integer)) and not isinstance(step, bool):
+            if int(step) not in steps:
+                raise CheckpointNotFoundError(
+                    f"Step {int(step)} is not in {self._directory}; saved steps: {steps}{note}."
+                )
+            return int(step)
+        raise ValueError(f"step must be 'latest', 'best' or an int, got {step!r}.")
+
+    # Restoring.
+
+    def restore(
+        self,
+        target: PyTree,
+        step: int | str = "latest",
+        *,
+        fallback: bool = False,
+        verify: bool = True,
+    ) -> PyTree:
+        """Restores a saved state shaped like `target`, onto the target's shardings.
+
+        Args:
+          target: a tree like the saved state (e.g. `jax.eval_shape` of the state builder); leaves
+            are arrays or `jax.ShapeDtypeStruct`s whose `.sharding` says where each array goes, so
+            a state saved on one device topology loads onto another.
+          step: "latest", "best" or a step number.
+          fallback: for "latest"/"best", if the step is corrupt, warn, move it to
+            `DIRECTORY/corrupt/<step>` and try the next one.
+          verify: compare the restored arrays with the checksums recorded at save time.
+
+        Returns:
+          The restored tree, with the structure (and static fields) of `target`.
+
+        Raises:
+          CheckpointNotFoundError: if there is no such step (the message lists the saved ones).
+          CheckpointCorruptError: if the step is unreadable or fails its checksums (and no fallback).
+          ValueError: if the target's paths or shapes differ from the saved ones.
+        """
+        first = self._resolve_step(step)
+        if not fallback or not isinstance(step, str):
+            return self._restore_step(target, first, verify)
+        if step == "best":
+            candidates = self._policy.ranked_best(self._metrics_by_step())
+        else:
+            candidates = self.all_steps()[::-1]
+        errors = []
+        for candidate in candidates[candidates.index(first) :]:
+            try:
+                return self._restore_step(target, candidate, verify)
+            except CheckpointCorruptError as e:
+                errors.append(str(e))
+                moved = "" if self._read_only else f" Moved it to {self.quarantine(candidate)}."
+                warnings.warn(f"{e}{moved} Falling back to the previous intact step.")
+        raise CheckpointCorruptError(
+            f"No intact {step!r} step left in {self._directory}; every candidate was corrupt:\n"
+            + "\n".join(errors),
+            self._directory,
+        )
+
+    def _restore_step(self, target: PyTree, step: int, verify: bool) -> PyTree:
+        step_dir = self.step_dir(step)
+        tree = flax.serialization.to_state_dict(target)
+        _check_structure(treepath.flatten(tree), read_state_metadata(step_dir), step_dir)
+        abstract = jax.tree.map(_restore_target, tree)
+        try:
+            restored = self._mngr.restore(
+                step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
+            )[STATE_ITEM]
+        except Exception as e:
+            raise CheckpointCorruptError(
+                f"Cannot read the arrays of step {step} from {step_dir}: {type(e).__name__}: {e}",
+                step_dir,
+            ) from e
+        if verify:
+            self._verify_flat(step, treepath.flatten(restored))
+        return flax.serialization.from_state_dict(target, restored)
+
+    def _verify_flat(self, step: int, flat: Mapping[str, Any]) -> None:
+        record = (read_json_item(self.step_dir(step), INFO_ITEM) or {}).get("checksum", {})
+        bad = mismatched_checksums(record.get("leaves", {}), flat)
+        if bad:
+            raise CheckpointCorruptError(
+                f"Step {step} at {self.step_dir(step)} is corrupt: {len(bad)} array(s) differ from the "
+                f"checksums recorded at save time ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}). "
+                "Restore an earlier step, or restore with fallback=True.",
+                self.step_dir(step),
+            )
+
+    def verify(self, step: int | str = "latest") -> None:
+        """Reads every array of a step (as numpy) and checks it against its saved checksum.
+
+        Raises:
+          CheckpointCorruptError: naming the step directory, if it is unreadable or altered.
+        """
+        step = self._resolve_step(step)
+        step_dir = self.step_dir(step)
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), state_tree_metadata(step_dir))
+        try:
+            restored = ocp.PyTreeCheckpointHandler().restore(
+                epath.Path(step_dir / STATE_ITEM), args=ocp.args.PyTreeRestore(restore_args=as_numpy)
+            )
+        except Exception as e:
+            raise CheckpointCorruptError(
+                f"Cannot read the arrays of step {step} from {step_dir}: {type(e).__name__}: {e}", step_dir
+            ) from e
+        self._verify_flat(step, treepath.flatten(restored))
+
+    def latest_intact_step(self) -> int | None:
+        """The newest step that passes `verify`; corrupt newer steps are moved aside with a warning."""
+        for step in reversed(self.all_steps()):
+            try:
+                self.verify(step)
+                return step
+            except CheckpointCorruptError as e:
+                moved = "" if self._read_only else f" Moved it to {self.quarantine(step)}."
+                warnings.warn(f"{e}{moved}")
+        return None
+
+    def quarantine(self, step: int) -> pathlib.Path:
+        """Moves a step directory to `DIRECTORY/corrupt/<step>` (never deletes it); returns the new path."""
+        if self._read_only:
+            raise ValueError(f"This CheckpointManager for {self._directory} is read-only; it moves nothing.")
+        self.wait()
+        aside = self._directory / CORRUPT_DIR
+        aside.mkdir(exist_ok=True)
+        dest, n = aside / str(step), 1
+        while dest.exists():
+            dest, n = aside / f"{step}.{n}", n + 1
+        shutil.move(self.step_dir(step), dest)
+        self._metrics.pop(step, None)
+        self._mngr.reload()
+        return dest
+
+    # Lifetime.
+
+    def close(self) -> None:
+        """Waits for the background save, then releases Orbax's threads.
+
+        Raises:
+          CheckpointSaveError: if the last background save failed.
+        """
+        try:
+            self.wait()
+        finally:
+            self._mngr.close()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _check_structure(
+    target: Mapping[str, Any], saved: Mapping[str, jax.ShapeDtypeStruct], step_dir: pathlib.Path
+) -> None:
+    """Raises one error listing every path/shape difference between a restore target and a step."""
+    missing = sorted(set(target) - set(saved))
+    unexpected = sorted(set(saved) - set(target))
+    shapes = [
+        f"{p}: saved {saved[p].shape}, target {tuple(np.shape(target[p]))}"
+        for p in sorted(set(target) & set(saved))
+        if tuple(np.shape(target[p])) != tuple(saved[p].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    lines = [f"The restore target does not match the state saved in {step_dir}:"]
+    for title, items in (
+        ("in the target but not saved", missing),
+        ("saved but not in the target", unexpected),
+        ("shape differs", shapes),
+    ):
+        if items:
+            lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:10]) + (", ..." if len(items) > 10 else ""))
+    lines.append(
+        "Build the target the same way as the saved state (same model and optimizer), or load the "
+        "weights alone with jaxckpt.pretrained.load_params."
+    )
+    raise ValueError("\n".join(lines))
