@@ -1,0 +1,232 @@
+"""Weights-only loading: graft a checkpoint's params into a new model, reading only what is used.
+
+`load_params` reads the step's metadata, plans the graft on abstract leaves (`graft.plan`), then
+restores with Orbax's partial restore only the arrays the plan loads, each straight onto the
+sharding of the target leaf it fills. Optimizer state and unused params are never read.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from jaxckpt.graft import GraftReport, graft, plan
+from jaxckpt import treepath
+from jaxckpt.retention import RetentionPolicy
+from jaxckpt.stepdir import (
+    STATE_ITEM,
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    read_json_item,
+    read_state_metadata,
+)
+from jaxckpt.types import Params
+
+PARAMS_KEY = "params"
+_EXPECTED = (
+    "a run directory (holding checkpoints/), a checkpoint directory (holding <step>/ folders) "
+    "or a step directory (holding state/)"
+)
+
+
+def _is_step_dir(path: pathlib.Path) -> bool:
+    return (path / STATE_ITEM).is_dir()
+
+
+def _steps_in(checkpoint_dir: pathlib.Path) -> list[int]:
+    """Committed steps: integer-named folders with a state item (unfinished saves have other names)."""
+    if not checkpoint_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit() and _is_step_dir(p))
+
+
+def resolve_checkpoint_path(path: os.PathLike | str) -> tuple[pathlib.Path, int | None]:
+    """Finds the checkpoint directory (and step, if the path names one) behind a user's path.
+
+    Args:
+      path: a run directory (`WORKDIR`, holding `checkpoints/`), a checkpoint directory (holding
+        `<step>/` folders) or one step directory (`.../checkpoints/<step>`, holding `state/`).
+
+    Returns:
+      `(checkpoint_dir, step)`: `step` is the step the path names, or None when the caller picks
+      (latest or best).
+
+    Raises:
+      CheckpointNotFoundError: if the path does not exist or holds no checkpoint.
+
+    Example:
+      >>> resolve_checkpoint_path("runs/digits")
+      (PosixPath('/abs/runs/digits/checkpoints'), None)
+      >>> resolve_checkpoint_path("runs/digits/checkpoints/300")
+      (PosixPath('/abs/runs/digits/checkpoints'), 300)
+    """
+    path = pathlib.Path(path).expanduser().absolute()
+    if not path.exists():
+        raise CheckpointNotFoundError(f"Checkpoint path {path} does not exist; expected {_EXPECTED}.")
+    if _is_step_dir(path):
+        if not path.name.isdigit():
+            raise CheckpointNotFoundError(
+                f"{path} looks like a step directory (it holds state/) but its name is not a step "
+                "number; rename it to its step (e.g. .../checkpoints/300)."
+            )
+        return path.parent, int(path.name)
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", None
+    if _steps_in(path):
+        return path, None
+    found = sorted(p.name for p in path.iterdir())[:10] if path.is_dir() else []
+    raise CheckpointNotFoundError(f"{path} holds no checkpoint; expected {_EXPECTED}. It holds: {found or 'nothing'}.")
+
+
+def resolve_step_dir(
+    path: os.PathLike | str,
+    step: int | str | None = None,
+    *,
+    best_metric: str | None = None,
+    best_mode: str = "min",
+) -> pathlib.Path:
+    """The step directory to read for `path` and `step`.
+
+    Args:
+      path: as for `resolve_checkpoint_path`.
+      step: None or "latest" (the newest step, unless `path` names one), "best", or a step number.
+      best_metric: the metric that ranks steps for `step="best"`.
+      best_mode: "min" or "max" for `step="best"`.
+
+    Returns:
+      The step directory (holding `state/`).
+
+    Raises:
+      CheckpointNotFoundError: if there is no such step; the message lists the steps there are.
+      ValueError: for `step="best"` without `best_metric`, or a step conflicting with the path.
+    """
+    checkpoint_dir, named = resolve_checkpoint_path(path)
+    steps = _steps_in(checkpoint_dir)
+    if named is not None:
+        if step not in (None, "latest", named):
+            raise ValueError(f"{path} names step {named}, but step={step!r} was asked; pass one or the other.")
+        return checkpoint_dir / str(named)
+    if not steps:
+        raise CheckpointNotFoundError(f"{checkpoint_dir} holds no saved step (no <step>/ folder with state/).")
+    if step is None or step == "latest":
+        return checkpoint_dir / str(steps[-1])
+    if step == "best":
+        if best_metric is None:
+            raise ValueError("step='best' needs best_metric='<metric name>' (and best_mode) to rank steps.")
+        policy = RetentionPolicy(best_metric=best_metric, best_mode=best_mode)
+        ranked = policy.ranked_best({s: read_json_item(checkpoint_dir / str(s), "metrics") for s in steps})
+        if not ranked:
+            raise CheckpointNotFoundError(
+                f"No step in {checkpoint_dir} has a finite metrics[{best_metric!r}] (steps: {steps}); "
+                "use step='latest' or a step number."
+            )
+        return checkpoint_dir / str(ranked[0])
+    if int(step) not in steps:
+        raise CheckpointNotFoundError(f"Step {step} is not in {checkpoint_dir}; saved steps: {steps}.")
+    return checkpoint_dir / str(int(step))
+
+
+def _sharding_of(leaf: Any) -> jax.sharding.Sharding | None:
+    return getattr(leaf, "sharding", None) if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)) else None
+
+
+def _read_arrays(
+    step_dir: pathlib.Path, wanted: Mapping[str, tuple[jax.ShapeDtypeStruct, jax.sharding.Sharding | None]]
+) -> dict[str, Any]:
+    """Partial Orbax restore of the `wanted` state paths only, each onto its sharding (or as numpy)."""
+    if not wanted:
+        return {}
+    items, args = {}, {}
+    for path, (saved, sharding) in wanted.items():
+        items[path] = jax.ShapeDtypeStruct(saved.shape, saved.dtype, sharding=sharding)
+        if sharding is None:
+            args[path] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=saved.dtype)
+        else:
+            args[path] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=saved.shape, dtype=saved.dtype)
+    try:
+        restored = ocp.PyTreeCheckpointHandler().restore(
+            epath.Path(step_dir / STATE_ITEM),
+            args=ocp.args.PyTreeRestore(
+                item=treepath.unflatten_dict(items),
+                restore_args=treepath.unflatten_dict(args),
+                partial_restore=True,
+            ),
+        )
+    except Exception as e:
+        raise CheckpointCorruptError(
+            f"Cannot read params from {step_dir}: {type(e).__name__}: {e}. Load another step.", step_dir
+        ) from e
+    flat = treepath.flatten(restored)
+    return {path: flat[path] for path in wanted}
+
+
+def load_params(
+    path: os.PathLike | str,
+    target_params: Params,
+    *,
+    mapping: str | Mapping[str, str] | None = None,
+    skip: Sequence[str] = (),
+    strict: bool = True,
+    step: int | str | None = None,
+    adapters: str | Mapping[str, Any] | None = None,
+    best_metric: str | None = None,
+    best_mode: str = "min",
+) -> tuple[Params, GraftReport]:
+    """Grafts a checkpoint's params into `target_params`, reading only the arrays it loads.
+
+    Args:
+      path: a run directory, checkpoint directory or step directory (see `resolve_checkpoint_path`).
+      target_params: the new model's params: fresh arrays (unloaded leaves keep them), or
+        `jax.ShapeDtypeStruct`s with shardings (loaded leaves come back as arrays on those
+        shardings; the others stay abstract for the caller to initialise).
+      mapping: source prefix -> target prefix, as for `graft` (None: the whole tree onto itself).
+      skip: regexes of target paths to keep fresh.
+      strict: raise (before reading any array) if a leaf is missing, mismatched or unused.
+      step: None/"latest", "best" (with `best_metric`) or a step number.
+      adapters: shape adapters, as for `graft`.
+      best_metric: the metric ranking steps for `step="best"`.
+      best_mode: "min" or "max" for `step="best"`.
+
+    Returns:
+      `(params, report)`: params shaped like `target_params`, and the `GraftReport`.
+
+    Raises:
+      CheckpointNotFoundError: if the path or step holds no checkpoint.
+      CheckpointCorruptError: if the needed arrays cannot be read.
+      ValueError: in strict mode, one error listing every problem leaf; for rules matching nothing.
+
+    Example:
+      >>> params, report = load_params("runs/pretrain", fresh_params, mapping={"encoder": "encoder"},
+      ...                              strict=False)
+      >>> print(report)
+    """
+    step_dir = resolve_step_dir(path, step, best_metric=best_metric, best_mode=best_mode)
+    saved = read_state_metadata(step_dir)
+    # jaxckpt steps hold the whole train state; a params-only tree is used as it is.
+    prefix = PARAMS_KEY + "/" if any(p.startswith(PARAMS_KEY + "/") for p in saved) else ""
+    source = {p[len(prefix) :]: sds for p, sds in saved.items() if p.startswith(prefix)}
+    report = plan(source, target_params, mapping=mapping, skip=skip, adapters=adapters)
+    if strict:
+        report.check()
+    targets = treepath.flatten(target_params)
+    wanted = {}
+    for entry in report.loaded + report.adapted:
+        same_shape = tuple(source[entry.source].shape) == tuple(np.shape(targets[entry.path]))
+        wanted[prefix + entry.source] = (source[entry.source], _sharding_of(targets[entry.path]) if same_shape else None)
+    arrays = _read_arrays(step_dir, wanted)
+    source.update({p[len(prefix) :]: a for p, a in arrays.items()})
+    params, report = graft(source, target_params, mapping=mapping, skip=skip, strict=strict, adapters=adapters)
+    abstract_loaded = [e for e in report.loaded if isinstance(targets[e.path], jax.ShapeDtypeStruct)]
+    if abstract_loaded:
+        # graft leaves abstract targets abstract; hand back what was read, in the target's dtype.
+        flat = treepath.flatten(params)
+        for entry in abstract_loaded:
+            flat[entry.path] = source[entry.source].astype(targets[entry.path].dtype)
+        params = treepath.unflatten(flat, target_params)
+    return params, report
