@@ -1,0 +1,381 @@
+"""Tests for jaxckpt.checkpoint, jaxckpt.retention and jaxckpt.stepdir."""
+
+import errno
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxckpt import checkpoint as ckpt
+from jaxckpt.checkpoint import (
+    CheckpointCorruptError,
+    CheckpointManager,
+    CheckpointNotFoundError,
+    CheckpointSaveError,
+)
+from jaxckpt.retention import RetentionPolicy
+from jaxckpt.state import TrainState
+
+P = jax.sharding.PartitionSpec
+NAN, INF = float("nan"), float("inf")
+
+
+def _state(seed=0, step=0):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    params = {"enc": {"kernel": jax.random.normal(k1, (8, 4)), "bias": jnp.arange(4.0)},
+              "head": {"kernel": jax.random.normal(k2, (4, 2))}}
+    state = TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-2), rng=jax.random.PRNGKey(seed))
+    state = state.apply_gradients(grads=jax.tree.map(jnp.ones_like, params))
+    return state.replace(step=jnp.asarray(step, jnp.int32))
+
+
+def _abstract(state, sharding=None):
+    def leaf(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.tree.map(leaf, jax.eval_shape(lambda: state))
+
+
+def _assert_same(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _save_all(mngr, steps_metrics):
+    state = _state()
+    for step, metrics in steps_metrics:
+        mngr.save(step, state, metrics=metrics)
+    mngr.wait()
+
+
+# Retention policy (pure).
+
+@pytest.mark.parametrize("mode, values, best", [
+    ("min", {1: 0.5, 2: 0.1, 3: 0.9}, 2),
+    ("max", {1: 0.5, 2: 0.1, 3: 0.9}, 3),
+    ("min", {1: NAN, 2: 0.7, 3: -INF, 4: INF}, 2),
+    ("max", {1: NAN, 2: 0.7, 3: INF}, 2),
+])
+def test_policy_ranks_only_finite_metrics(mode, values, best):
+    policy = RetentionPolicy(best_metric="m", best_mode=mode)
+    assert policy.ranked_best({s: {"m": v} for s, v in values.items()})[0] == best
+
+
+def test_policy_keeps_latest_best_and_every():
+    policy = RetentionPolicy(max_to_keep=2, keep_best=1, best_metric="m", keep_every_steps=4)
+    metrics = {1: {"m": 0.1}, 2: {"m": 0.5}, 3: None, 4: {"m": 0.9}, 5: {"m": NAN}, 6: {}, 7: {"m": 0.8}}
+    assert policy.steps_to_keep(metrics) == {1, 4, 6, 7}
+    assert policy.ranked_best(metrics) == [1, 2, 7, 4]
+
+
+def test_policy_without_metrics_keeps_latest_only():
+    policy = RetentionPolicy(max_to_keep=1, keep_best=2, best_metric="m")
+    assert policy.steps_to_keep({1: None, 2: {}, 3: {"other": 1.0}}) == {3}
+
+
+@pytest.mark.parametrize("max_to_keep", [-1, None])
+def test_policy_keep_all(max_to_keep):
+    policy = RetentionPolicy(max_to_keep=max_to_keep, best_metric="m")
+    assert policy.steps_to_keep({s: None for s in range(5)}) == set(range(5))
+
+
+@pytest.mark.parametrize("kwargs", [{"max_to_keep": 0}, {"keep_best": -1}, {"best_mode": "lowest"},
+                                    {"keep_every_steps": 0}])
+def test_policy_rejects_bad_settings(kwargs):
+    with pytest.raises(ValueError):
+        RetentionPolicy(**kwargs)
+
+
+# Saving, restoring, retention on disk.
+
+def test_roundtrip_with_extra_metrics_and_metadata(tmp_path):
+    state = _state(step=5)
+    with CheckpointManager(tmp_path, best_metric="loss") as mngr:
+        mngr.save(5, state, metrics={"loss": jnp.float32(0.25)}, extra={"config": {"lr": 0.1}, "data": [1, 2]})
+        restored = mngr.restore(_abstract(state))
+        assert isinstance(restored, TrainState) and restored.tx is state.tx  # static fields from the target
+        _assert_same(restored, state)
+        assert mngr.restore_extra(5) == {"config": {"lr": 0.1}, "data": [1, 2]}
+        assert mngr.metrics(5) == {"loss": 0.25}
+        assert mngr.info(5)["checksum"]["algorithm"] == "crc32"
+        assert "jaxckpt_version" in mngr.info(5)
+        meta = mngr.metadata(5)
+        assert meta["params/enc/kernel"].shape == (8, 4) and meta["step"].dtype == np.int32
+        assert "opt_state/0/mu/head/kernel" in meta
+    items = sorted(os.listdir(tmp_path / "5"))
+    assert {"state", "extra", "jaxckpt", "metrics"} <= set(items)
+
+
+def test_restore_concrete_target_and_static_fields_kept(tmp_path):
+    state = _state(seed=1)
+    with CheckpointManager(tmp_path, async_save=False) as mngr:
+        mngr.save(1, state)
+        target = _state(seed=2).replace(tx=optax.sgd(0.1))
+        restored = mngr.restore(target)
+    _assert_same(restored.params, state.params)
+    assert restored.tx is target.tx
+
+
+@pytest.mark.parametrize("mode, losses, best", [("min", [0.5, 0.1, 0.9, 0.8, 0.7], 2),
+                                                 ("max", [0.5, 0.1, 0.9, 0.8, 0.7], 3)])
+def test_best_survives_and_latest_kept_across_restart(tmp_path, mode, losses, best):
+    kwargs = dict(max_to_keep=2, keep_best=1, best_metric="loss", best_mode=mode)
+    with CheckpointManager(tmp_path, **kwargs) as mngr:
+        _save_all(mngr, [(s, {"loss": v}) for s, v in enumerate(losses[:3], start=1)])
+        assert mngr.best_step() == best
+    with CheckpointManager(tmp_path, **kwargs) as mngr:  # a restart knows the best from disk
+        assert mngr.best_step() == best
+        _save_all(mngr, [(s, {"loss": v}) for s, v in enumerate(losses[3:], start=4)])
+        assert mngr.all_steps() == sorted({best, 4, 5})
+        assert mngr.latest_step() == 5 and mngr.best_step() == best
+    assert sorted(int(d) for d in os.listdir(tmp_path) if d.isdigit()) == sorted({best, 4, 5})
+
+
+def test_nan_inf_and_missing_metrics_are_never_best(tmp_path):
+    with CheckpointManager(tmp_path, max_to_keep=1, keep_best=1, best_metric="loss") as mngr:
+        _save_all(mngr, [(1, {"loss": NAN}), (2, None), (3, {"loss": -INF})])
+        assert mngr.best_step() is None
+        with pytest.raises(CheckpointNotFoundError, match="finite metrics"):
+            mngr.restore(_abstract(_state()), step="best")
+        _save_all(mngr, [(4, {"loss": 0.3}), (5, {"loss": NAN})])
+        assert mngr.all_steps() == [4, 5] and mngr.best_step() == 4
+
+
+def test_latest_kept_when_best_is_older(tmp_path):
+    with CheckpointManager(tmp_path, max_to_keep=1, keep_best=1, best_metric="acc", best_mode="max") as mngr:
+        _save_all(mngr, [(1, {"acc": 0.9}), (2, {"acc": 0.1}), (3, {"acc": 0.2})])
+        assert mngr.all_steps() == [1, 3]
+
+
+def test_keep_all_and_keep_every(tmp_path):
+    with CheckpointManager(tmp_path / "all", max_to_keep=-1) as mngr:
+        _save_all(mngr, [(s, None) for s in range(1, 6)])
+        assert mngr.all_steps() == [1, 2, 3, 4, 5]
+    with CheckpointManager(tmp_path / "every", max_to_keep=1, keep_every_steps=2) as mngr:
+        _save_all(mngr, [(s, None) for s in range(1, 6)])
+        assert mngr.all_steps() == [2, 4, 5]
+
+
+def test_async_save_returns_before_commit(tmp_path):
+    with CheckpointManager(tmp_path) as mngr:
+        mngr.save(1, _state())
+        mngr.wait()
+        assert (tmp_path / "1" / "state").is_dir()
+        assert not list(tmp_path.glob("*orbax-checkpoint-tmp*"))
+
+
+# Topology changes.
+
+@pytest.mark.parametrize("n_devices", [2, 1])
+def test_restore_onto_other_mesh(tmp_path, n_devices):
+    assert jax.device_count() >= 4, "conftest fakes 4 CPU devices"
+    mesh4 = jax.make_mesh((4,), ("d",))
+    state = _state()
+    state = state.replace(params=jax.tree.map(
+        lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh4, P("d"))), state.params))
+    with CheckpointManager(tmp_path) as mngr:
+        mngr.save(1, state)
+        mesh = jax.make_mesh((n_devices,), ("d",), devices=jax.devices()[:n_devices])
+        sharding = jax.sharding.NamedSharding(mesh, P("d"))
+        target = _abstract(state, jax.sharding.NamedSharding(mesh, P()))
+        target = target.replace(params=jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target.params))
+        restored = mngr.restore(target)
+    kernel = restored.params["enc"]["kernel"]
+    assert kernel.sharding == sharding and len(kernel.sharding.device_set) == n_devices
+    _assert_same(restored, state)
+
+
+def test_plain_orbax_reads_state_without_jaxckpt(tmp_path):
+    mesh4 = jax.make_mesh((4,), ("d",))
+    state = _state()
+    state = state.replace(params=jax.tree.map(
+        lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh4, P("d"))), state.params))
+    with CheckpointManager(tmp_path) as mngr:
+        mngr.save(7, state, extra={"note": "hi"})
+    # The module docstring's snippet, run on one device in a process that never imports jaxckpt.
+    snippet = ckpt.__doc__.split("any number of devices:\n")[1].split("\n\n")[0]
+    script = textwrap.dedent(snippet).replace("WORKDIR/checkpoints/100", str(tmp_path / "7")) + textwrap.dedent("""
+        import json, sys
+        assert "jaxckpt" not in sys.modules
+        extra = json.loads(open(path.replace("/state", "/extra/metadata")).read())
+        print(json.dumps({"kernel": params["enc"]["kernel"].tolist(), "extra": extra}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    np.testing.assert_array_equal(np.asarray(result["kernel"]), np.asarray(state.params["enc"]["kernel"]))
+    assert result["extra"] == {"note": "hi"}
+
+
+# Failure safety.
+
+def test_leftover_tmp_directories_are_cleaned_on_open(tmp_path):
+    with CheckpointManager(tmp_path) as mngr:
+        mngr.save(1, _state())
+    leftover = tmp_path / "2.orbax-checkpoint-tmp-1234" / "state"
+    leftover.mkdir(parents=True)
+    (leftover / "junk").write_text("half written")
+    with CheckpointManager(tmp_path) as mngr:
+        assert mngr.all_steps() == [1]
+        assert not (tmp_path / "2.orbax-checkpoint-tmp-1234").exists()
+
+
+def _fail_json_writes(monkeypatch, exc):
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    async def fail(self, x, directory):
+        raise exc
+    monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", fail)
+
+
+def test_disk_full_in_background_save_is_clear_and_keeps_earlier(tmp_path, monkeypatch):
+    mngr = CheckpointManager(tmp_path, best_metric="loss")
+    mngr.save(1, _state(), metrics={"loss": 1.0})
+    mngr.wait()
+    _fail_json_writes(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    mngr.save(2, _state(), metrics={"loss": 0.5})  # async: returns, fails in the background
+    with pytest.raises(CheckpointSaveError, match=r"disk is full") as info:
+        mngr.wait()
+    assert str(tmp_path / "2") in str(info.value) and "[1]" in str(info.value)
+    monkeypatch.undo()
+    assert mngr.all_steps() == [1] and sorted(os.listdir(tmp_path)) == ["1"]
+    mngr.close()
+    with CheckpointManager(tmp_path, best_metric="loss") as mngr:
+        mngr.save(2, _state(seed=3), metrics={"loss": 0.5})  # the failed step can be saved again
+        _assert_same(mngr.restore(_abstract(_state()), step=2), _state(seed=3))
+        assert mngr.all_steps() == [1, 2] and mngr.best_step() == 2
+
+
+def test_background_error_surfaces_on_next_save(tmp_path, monkeypatch):
+    mngr = CheckpointManager(tmp_path)
+    _fail_json_writes(monkeypatch, RuntimeError("boom"))
+    mngr.save(1, _state())
+    with pytest.raises(CheckpointSaveError, match="step 1.*boom"):
+        mngr.save(2, _state())
+    monkeypatch.undo()
+    mngr.save(2, _state())
+    mngr.close()
+    assert mngr.all_steps() == [2]
+
+
+def _data_files(step_dir):
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    return sorted(files, key=lambda p: p.stat().st_size)
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_step_raises_naming_directory(tmp_path, damage):
+    state = _state()
+    with CheckpointManager(tmp_path) as mngr:
+        mngr.save(1, state)
+        mngr.wait()
+        big = _data_files(tmp_path / "1")[-1]
+        if damage == "flip":
+            _flip_byte(big)
+        else:
+            big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+        with pytest.raises(CheckpointCorruptError, match=str(tmp_path / "1")):
+            mngr.restore(_abstract(state), step=1)
+        with pytest.raises(CheckpointCorruptError):
+            mngr.verify(1)
+
+
+def test_checksum_catches_silently_changed_values(tmp_path, monkeypatch):
+    state = _state()
+    with CheckpointManager(tmp_path) as mngr:
+        mngr.save(1, state)
+        mngr.wait()
+        info_file = tmp_path / "1" / "jaxckpt" / "metadata"
+        info = json.loads(info_file.read_text())
+        info["checksum"]["leaves"]["params/enc/bias"][0] ^= 1  # as if the bytes on disk had changed
+        info_file.write_text(json.dumps(info))
+        with pytest.raises(CheckpointCorruptError, match="params/enc/bias"):
+            mngr.restore(_abstract(state))
+        restored = mngr.restore(_abstract(state), verify=False)
+    _assert_same(restored, state)
+
+
+def test_fallback_moves_corrupt_aside_and_restores_previous(tmp_path):
+    first, second = _state(seed=1), _state(seed=2)
+    with CheckpointManager(tmp_path, max_to_keep=3) as mngr:
+        mngr.save(1, first)
+        mngr.save(2, second)
+        mngr.wait()
+        _flip_byte(_data_files(tmp_path / "2")[-1])
+        with pytest.warns(UserWarning, match="corrupt"):
+            restored = mngr.restore(_abstract(first), fallback=True)
+        _assert_same(restored, first)
+        assert mngr.all_steps() == [1]
+        assert (tmp_path / "corrupt" / "2" / "state").is_dir()
+        mngr.save(2, second)  # the step number is free again
+        mngr.wait()
+        _flip_byte(_data_files(tmp_path / "2")[-1])
+        with pytest.warns(UserWarning):
+            assert mngr.latest_intact_step() == 1
+        assert (tmp_path / "corrupt" / "2.1").is_dir()
+
+
+# Errors for users.
+
+def test_errors_name_directory_and_what_exists(tmp_path):
+    with CheckpointManager(tmp_path) as mngr:
+        with pytest.raises(CheckpointNotFoundError, match="holds no step directories"):
+            mngr.restore(_abstract(_state()))
+        with pytest.raises(ValueError, match="best_metric=None"):
+            mngr.restore(_abstract(_state()), step="best")
+        mngr.save(3, _state())
+        with pytest.raises(CheckpointNotFoundError, match=r"Step 4 is not in .*saved steps: \[3\]"):
+            mngr.restore(_abstract(_state()), step=4)
+        with pytest.raises(ValueError, match="already saved"):
+            mngr.save(3, _state())
+        with pytest.raises(TypeError, match="JSON"):
+            mngr.save(4, _state(), extra={"array": np.ones(2)})
+
+
+def test_structure_mismatch_lists_paths(tmp_path):
+    with CheckpointManager(tmp_path) as mngr:
+        mngr.save(1, _state())
+        other = _abstract(_state()).replace(params={"enc": {"kernel": jax.ShapeDtypeStruct((8, 5), jnp.float32)}})
+        with pytest.raises(ValueError, match=r"(?s)saved but not in the target.*params/head/kernel.*"
+                                             r"shape differs.*params/enc/kernel: saved \(8, 4\)"):
+            mngr.restore(other)
+
+
+def test_read_only_manager(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+        CheckpointManager(tmp_path / "missing", read_only=True)
+    with CheckpointManager(tmp_path, best_metric="loss") as mngr:
+        _save_all(mngr, [(1, {"loss": 0.2}), (2, {"loss": 0.4})])
+    leftover = tmp_path / "3.orbax-checkpoint-tmp"
+    leftover.mkdir()
+    with CheckpointManager(tmp_path, best_metric="loss", read_only=True) as mngr:
+        assert mngr.best_step() == 1 and mngr.latest_step() == 2
+        with pytest.raises(ValueError, match="read-only"):
+            mngr.save(3, _state())
+    assert leftover.exists()  # a reader never cleans up after a writer
+
+
+def test_checksums_cover_every_array_and_detect_change():
+    flat = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": jnp.ones(3, jnp.bfloat16)}
+    sums = ckpt.checksums(flat)
+    assert sums["a"][1:] == ["float32", [2, 3]] and sums["b"][1] == "bfloat16"
+    changed = dict(flat, a=flat["a"] + 1)
+    assert ckpt.mismatched_checksums(sums, changed) == ["a"]
+    assert ckpt.mismatched_checksums(sums, flat) == []
+    assert math.isfinite(sums["a"][0])
