@@ -82,8 +82,8 @@ def load_task(config: Any, artifacts: Mapping[str, Any] | None = None) -> Task:
         module = importlib.import_module(name)
     except ImportError as e:
         raise ValueError(
-                f"config.task={name!r} could not be imported ({e}). Name a module that defines "
-                "build(config) -> Task, and run from the repository root so it is importable."
+            f"config.task={name!r} could not be imported ({e}). Name a module that defines "
+            "build(config) -> Task, and run from the repository root so it is importable."
         ) from e
     build = getattr(module, "build", None)
     if build is None:

@@ -7,6 +7,7 @@ import tensorflow_datasets as tfds
 
 import jaxckpt
 from experiments.configs import imdb
+from tests.runs import override
 
 
 def _config(data_dir, **overrides):
@@ -25,13 +26,7 @@ def _config(data_dir, **overrides):
     config.checkpoint.every_steps = 4
     config.checkpoint.async_save = False
     config.eval.batch_size = 16
-    for key, value in overrides.items():
-        *sections, field = key.split(".")
-        node = config
-        for section in sections:
-            node = node[section]
-        node[field] = value
-    return config
+    return override(config, **overrides)
 
 
 @pytest.fixture

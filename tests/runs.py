@@ -26,6 +26,11 @@ def tiny_config(data_dir: str | os.PathLike, **overrides):
     config.eval.batch_size = 128
     config.model.encoder_dims = (32,)
     config.model.fusion_dims = (16,)
+    return override(config, **overrides)
+
+
+def override(config, **overrides):
+    """Sets dotted keys (`**{"train.num_steps": 3}`), as `--config.train.num_steps=3` would."""
     for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")
