@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxckpt.graft import GraftReport, graft, plan
-from jaxckpt import treepath
+from jaxckpt import treepath, zoo
 from jaxckpt.retention import RetentionPolicy
 from jaxckpt.stepdir import (
     STATE_ITEM,
@@ -51,7 +51,8 @@ def resolve_checkpoint_path(path: os.PathLike | str) -> tuple[pathlib.Path, int 
 
     Args:
       path: a run directory (`WORKDIR`, holding `checkpoints/`), a checkpoint directory (holding
-        `<step>/` folders) or one step directory (`.../checkpoints/<step>`, holding `state/`).
+        `<step>/` folders), one step directory (`.../checkpoints/<step>`, holding `state/`), or
+        `zoo:NAME` (that zoo entry's step).
 
     Returns:
       `(checkpoint_dir, step)`: `step` is the step the path names, or None when the caller picks
@@ -66,7 +67,7 @@ def resolve_checkpoint_path(path: os.PathLike | str) -> tuple[pathlib.Path, int 
       >>> resolve_checkpoint_path("runs/digits/checkpoints/300")
       (PosixPath('/abs/runs/digits/checkpoints'), 300)
     """
-    path = pathlib.Path(path).expanduser().absolute()
+    path = zoo.resolve(path).expanduser().absolute()
     if not path.exists():
         raise CheckpointNotFoundError(f"Checkpoint path {path} does not exist; expected {_EXPECTED}.")
     if _is_step_dir(path):
