@@ -4,6 +4,9 @@ r"""Weights from outside JAX: safetensors files and PyTorch state dicts, grafted
 dict that `jaxckpt.graft.graft` accepts as its source. Nothing is read up front: each value is a
 `LazyTensor` that knows its (converted) shape and dtype from the file header and reads its bytes
 only when the graft loads it, so skipped, mismatched or unused tensors never leave the disk.
+`write_safetensors(params, path)` goes the other way: it writes a params tree under the names and
+in the layout that `read_foreign` maps back to the same tree, so a Flax model can be handed to
+PyTorch code (or stand in for a PyTorch-trained model) and be read back strictly.
 
 Names: a source key such as `"encoder.layers.0.weight"` becomes a tree path either through a
 `rename` rule (a regex that must match the whole key, and a target path with `\1` group
@@ -18,7 +21,9 @@ PyTorch's layout to Flax's when read: Linear `(out, in)` -> Dense `(in, out)`, C
 -> `(*spatial, I, O)` (OIHW -> HWIO). Other names (`embedding`, `bias`, `scale`) are unchanged, so an
 `nn.Embedding` weight needs a rule naming it `.../embedding`. `ConvTranspose` weights, which PyTorch
 stores as `(I, O, *spatial)`, are not recognised: rename them to a name other than `kernel` and
-convert them with a graft adapter. `layout="flax"` only turns `.` into `/`.
+convert them with a graft adapter. `layout="flax"` only turns `.` into `/`. A file written by
+`write_safetensors` records its layout in the safetensors header, and reading it with `layout=None`
+(the default) uses that layout; any other file is read with `"torch"`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_dtypes  # Registers bfloat16/float8 with numpy, so BF16 tensors can be read.
 import numpy as np
 
+from jaxckpt import treepath
 from jaxckpt.graft import GraftReport, graft
 from jaxckpt.types import Params
 
@@ -39,6 +45,8 @@ RenameSpec = str | Mapping[str, str] | Sequence[tuple[str, str]] | None
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 _LAYOUTS = ("torch", "flax")
+LAYOUT_KEY = "jaxckpt_layout"
+"""Safetensors header metadata key in which `write_safetensors` records the layout it wrote."""
 
 _SAFETENSORS_DTYPES = {
     "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
@@ -133,7 +141,7 @@ def parse_rename(spec: RenameSpec) -> tuple[tuple[str, str], ...]:
 
 
 def read_foreign(path: str | os.PathLike, *, rename: RenameSpec = None,
-                 layout: str = "torch") -> dict[str, LazyTensor]:
+                 layout: str | None = None) -> dict[str, LazyTensor]:
     r"""Opens a safetensors file or PyTorch state dict as a flat, lazy `{tree_path: tensor}` dict.
 
     Args:
@@ -141,8 +149,9 @@ def read_foreign(path: str | os.PathLike, *, rename: RenameSpec = None,
             a checkpoint dict with a `"state_dict"` entry is unwrapped).
         rename: rules mapping source keys to tree paths (see `parse_rename`); keys no rule
             matches follow the default rule (module docstring).
-        layout: `"torch"` (transpose `kernel`s to Flax layout, rename `weight`) or `"flax"`
-            (names only: `.` -> `/`).
+        layout: `"torch"` (transpose `kernel`s to Flax layout, rename `weight`), `"flax"`
+            (names only: `.` -> `/`), or None: the layout recorded in the file by
+            `write_safetensors`, else `"torch"`.
 
     Returns:
         `{"encoder/Dense_0/kernel": LazyTensor, ...}`, ready as the source of `graft`.
@@ -159,13 +168,14 @@ def read_foreign(path: str | os.PathLike, *, rename: RenameSpec = None,
         >>> params, report = graft(flat, fresh_params)
     """
     path = os.fspath(path)
-    if layout not in _LAYOUTS:
+    if layout is not None and layout not in _LAYOUTS:
         raise ValueError(f"layout={layout!r} is unknown; use one of {_LAYOUTS}.")
     if not os.path.exists(path):
         raise FileNotFoundError(f"No weights file at {path!r}.")
     rules = parse_rename(rename)
+    header: Mapping[str, str] = {}
     if path.endswith(SAFETENSORS_SUFFIXES):
-        tensors = _open_safetensors(path)
+        tensors, header = _open_safetensors(path)
     elif path.endswith(TORCH_SUFFIXES):
         tensors = _open_torch(path)
     else:
@@ -173,6 +183,11 @@ def read_foreign(path: str | os.PathLike, *, rename: RenameSpec = None,
             f"{path!r}: unknown weights format; expected a file ending in "
             f"{SAFETENSORS_SUFFIXES + TORCH_SUFFIXES}."
         )
+    if layout is None:
+        layout = header.get(LAYOUT_KEY, "torch")
+        if layout not in _LAYOUTS:
+            raise ValueError(f"{path!r}: its header says {LAYOUT_KEY}={layout!r}, which is not one of "
+                             f"{_LAYOUTS}; pass layout= explicitly.")
     base = os.path.basename(path)
     compiled = [(re.compile(p), t) for p, t in rules]
     used = [False] * len(rules)
@@ -222,7 +237,7 @@ def graft_foreign(
     target_params: Params,
     *,
     rename: RenameSpec = None,
-    layout: str = "torch",
+    layout: str | None = None,
     mapping: str | Mapping[str, str] | None = None,
     skip: Sequence[str] = (),
     strict: bool = True,
@@ -237,7 +252,7 @@ def graft_foreign(
         target_params: the freshly initialised params (arrays or `jax.ShapeDtypeStruct`s for a
             plan that reads nothing).
         rename: source key -> tree path rules (see `parse_rename`).
-        layout: `"torch"` or `"flax"` (see `read_foreign`).
+        layout: `"torch"`, `"flax"` or None for the file's own (see `read_foreign`).
         mapping: source prefix -> target prefix, as in `graft`.
         skip: regexes of target paths to keep fresh, as in `graft`.
         strict: raise on any missing, mismatched or unused leaf, as in `graft`.
@@ -256,8 +271,7 @@ def graft_foreign(
         >>> print(report)
     """
     source = read_foreign(path, rename=rename, layout=layout)
-    return graft(source, target_params, mapping=mapping, skip=skip, strict=strict,
-                           adapters=adapters)
+    return graft(source, target_params, mapping=mapping, skip=skip, strict=strict, adapters=adapters)
 
 
 def is_foreign(path: str | os.PathLike) -> bool:
@@ -268,6 +282,89 @@ def is_foreign(path: str | os.PathLike) -> bool:
         (True, False)
     """
     return os.fspath(path).endswith(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)
+
+
+def write_safetensors(params: Params, path: str | os.PathLike, *, layout: str = "torch") -> dict[str, str]:
+    """Writes a params tree to a `.safetensors` file that `read_foreign` maps back to the same tree.
+
+    With `layout="torch"`, a leaf `a/b/kernel` is written as `a.b.weight` in PyTorch's layout
+    (Dense `(in, out)` -> Linear `(out, in)`, Conv HWIO -> OIHW), a 1-D `a/b/scale` as `a.b.weight`,
+    and any other leaf as `a.b.<name>` unchanged. With `layout="flax"` names only swap `/` for `.`.
+    The layout is recorded in the file's header, so `read_foreign(path)` (and
+    `checkpoint.pretrained=path`) reads it back without options. The file is written to a temporary
+    name and renamed, so an interrupted export never leaves a truncated file at `path`.
+
+    Args:
+        params: the parameter tree (nested dicts of arrays; jax arrays are copied to the host).
+        path: the file to write; it must end in `.safetensors`. An existing file is replaced.
+        layout: `"torch"` or `"flax"`.
+
+    Returns:
+        `{tree_path: tensor_name}` for every leaf, in tree order.
+
+    Raises:
+        ValueError: for an unknown layout, a path not ending in `.safetensors`, an empty tree, or a
+            leaf whose name would not read back as the same path (a name containing `.`, or with
+            `layout="torch"` a leaf named `weight`): the message names the leaf; `layout="flax"`
+            avoids the second case.
+        ImportError: if safetensors is not installed.
+
+    Example:
+        >>> write_safetensors({"head": {"kernel": np.ones((16, 10)), "bias": np.zeros(10)}}, "m.safetensors")
+        {'head/bias': 'head.bias', 'head/kernel': 'head.weight'}
+        >>> read_foreign("m.safetensors")["head/kernel"].shape   # transposed back
+        (16, 10)
+    """
+    path = os.fspath(path)
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout={layout!r} is unknown; use one of {_LAYOUTS}.")
+    if not path.endswith(SAFETENSORS_SUFFIXES):
+        raise ValueError(f"{path!r}: a safetensors file must end in '.safetensors'.")
+    try:
+        from safetensors.numpy import save_file
+    except ImportError:
+        raise ImportError(f"Writing {path!r} needs the safetensors package: pip install jaxckpt[safetensors].") from None
+    flat = treepath.flatten(params)
+    if not flat:
+        raise ValueError(f"{path!r}: the params tree has no leaf; there is nothing to write.")
+    tensors, names = {}, {}
+    for tree_path, leaf in flat.items():
+        array = np.asarray(leaf)
+        name, perm = _export_name(tree_path, array.ndim, layout)
+        # Export is only useful if reading it back gives the same tree; refuse names that would not.
+        if "." in tree_path or _default_name(name, array.ndim, layout) != tree_path:
+            raise ValueError(
+                f"{path!r}: leaf {tree_path!r} {array.shape} would be written as {name!r}, which reads "
+                f"back as {_default_name(name, array.ndim, layout)!r} with layout={layout!r}. "
+                + ("Names must not contain '.'; rename the module." if "." in tree_path else
+                   "Export with layout='flax', which keeps every name as it is.")
+            )
+        tensors[name] = np.ascontiguousarray(array if perm is None else np.transpose(array, perm))
+        names[tree_path] = name
+    header = {"format": "pt" if layout == "torch" else "flax", LAYOUT_KEY: layout}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    partial = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.partial")
+    try:
+        save_file(tensors, partial, metadata=header)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return names
+
+
+def _export_name(tree_path: str, ndim: int, layout: str) -> tuple[str, tuple[int, ...] | None]:
+    """The tensor name of `tree_path` and the permutation from Flax to the file's layout."""
+    names = tree_path.split("/")
+    perm = None
+    if layout == "torch":
+        if names[-1] == "kernel" and ndim >= 2:
+            names[-1] = "weight"
+            perm = tuple(int(i) for i in np.argsort(_to_flax_perm(ndim)))
+        elif names[-1] == "scale" and ndim == 1:
+            names[-1] = "weight"
+    return ".".join(names), perm
 
 
 def _default_name(key: str, ndim: int, layout: str) -> str:
@@ -288,7 +385,7 @@ def _to_flax_perm(ndim: int) -> tuple[int, ...] | None:
 _Entry = tuple[Callable[[], np.ndarray], tuple[int, ...], Any]
 
 
-def _open_safetensors(path: str) -> dict[str, _Entry]:
+def _open_safetensors(path: str) -> tuple[dict[str, _Entry], Mapping[str, str]]:
     try:
         import safetensors
     except ImportError:
@@ -297,6 +394,7 @@ def _open_safetensors(path: str) -> dict[str, _Entry]:
         ) from None
     entries = {}
     with safetensors.safe_open(path, framework="numpy") as f:
+        header = f.metadata() or {}
         for key in f.keys():
             view = f.get_slice(key)
             dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
@@ -304,7 +402,7 @@ def _open_safetensors(path: str) -> dict[str, _Entry]:
                 raise ValueError(f"{path!r}: tensor {key!r} has dtype {view.get_dtype()}, which numpy "
                                  "cannot hold; convert it before saving.")
             entries[key] = (_safetensors_reader(safetensors, path, key), tuple(view.get_shape()), dtype)
-    return entries
+    return entries, header
 
 
 def _safetensors_reader(safetensors: Any, path: str, key: str) -> Callable[[], np.ndarray]:

@@ -229,3 +229,101 @@ def test_torch_state_dict_graft_reproduces_torch_logits(tmp_path):
     x = _inputs()
     logits = _Model().apply({"params": params}, x)
     np.testing.assert_allclose(np.asarray(logits), _torch_forward(state, x), rtol=1e-5, atol=1e-5)
+
+
+def _flax_forward_in_torch_terms(tensors, x):
+    """The exported `_Model` run as PyTorch would run it: Linear(x) = x @ weight.T + bias."""
+    def linear(name, h):
+        return h @ tensors[f"{name}.weight"].T + tensors[f"{name}.bias"]
+    h = np.maximum(linear("encoder.Dense_0", x), 0)
+    h = np.maximum(linear("encoder.Dense_1", h), 0)
+    h = np.maximum(linear("fusion.Dense_0", h), 0)
+    return linear("head.Dense_0", h)
+
+
+def test_write_safetensors_in_torch_layout_runs_as_pytorch_and_reads_back(tmp_path):
+    params, _ = _fresh(seed=3)
+    path = tmp_path / "export.safetensors"
+    names = foreign.write_safetensors(params, path)
+    assert names["encoder/Dense_0/kernel"] == "encoder.Dense_0.weight"
+    assert names["head/Dense_0/bias"] == "head.Dense_0.bias"
+    with safetensors.safe_open(str(path), framework="numpy") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        assert f.metadata() == {"format": "pt", foreign.LAYOUT_KEY: "torch"}
+    assert tensors["encoder.Dense_0.weight"].shape == (HIDDEN, 64)  # Linear's (out, in)
+    x = _inputs()
+    logits = np.asarray(_Model().apply({"params": params}, x))
+    np.testing.assert_allclose(_flax_forward_in_torch_terms(tensors, x), logits, rtol=1e-5, atol=1e-5)
+    # The default rule maps every tensor back onto the same leaf: a strict graft loads them all.
+    grafted, report = foreign.graft_foreign(path, _fresh(seed=4)[0])
+    assert report.counts["loaded"] == 8 and report.ok
+    for a, b in zip(jax.tree.leaves(grafted), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_write_safetensors_round_trips_conv_norm_embedding_and_bf16(tmp_path):
+    rng = np.random.default_rng(0)
+    params = {"conv": {"kernel": rng.normal(size=(3, 2, 4, 8)).astype(np.float32)},  # HWIO
+              "norm": {"scale": np.ones(8, ml_dtypes.bfloat16), "bias": np.zeros(8, np.float32)},
+              "emb": {"embedding": rng.normal(size=(5, 8)).astype(np.float32)},
+              "step_size": np.float32(0.5)}
+    for layout in ("torch", "flax"):
+        path = tmp_path / f"{layout}.safetensors"
+        foreign.write_safetensors(params, path, layout=layout)
+        flat = foreign.read_foreign(path)  # the layout comes from the file's header
+        expected = treepath.flatten(params)
+        assert set(flat) == set(expected)
+        for key, value in expected.items():
+            assert flat[key].dtype == np.asarray(value).dtype
+            np.testing.assert_array_equal(np.asarray(flat[key]), np.asarray(value))
+    with safetensors.safe_open(str(tmp_path / "torch.safetensors"), framework="numpy") as f:
+        assert f.get_slice("conv.weight").get_shape() == [8, 4, 3, 2]  # OIHW
+        assert "norm.weight" in f.keys() and "emb.embedding" in f.keys()
+    with safetensors.safe_open(str(tmp_path / "flax.safetensors"), framework="numpy") as f:
+        assert f.get_slice("conv.kernel").get_shape() == [3, 2, 4, 8]
+        assert f.metadata()[foreign.LAYOUT_KEY] == "flax"
+
+
+@pytest.mark.parametrize("params, layout, message", [
+    ({"a": {"weight": np.ones((2, 2))}}, "torch", r"'a/weight'.*reads back as 'a/kernel'.*layout='flax'"),
+    ({"a": {"weight": np.ones(3)}}, "torch", r"'a/weight' \(3,\).*reads back as 'a/scale'"),
+    ({"a.b": {"bias": np.ones(3)}}, "flax", r"'a.b/bias'.*must not contain '.'"),
+    ({}, "torch", "no leaf"),
+    ({"a": np.ones(2)}, "tf", "layout='tf' is unknown"),
+])
+def test_write_safetensors_refuses_what_would_not_read_back(tmp_path, params, layout, message):
+    with pytest.raises(ValueError, match=message):
+        foreign.write_safetensors(params, tmp_path / "x.safetensors", layout=layout)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_write_safetensors_needs_the_suffix_and_replaces_atomically(tmp_path):
+    with pytest.raises(ValueError, match="must end in '.safetensors'"):
+        foreign.write_safetensors({"a": np.ones(2)}, tmp_path / "x.st")
+    path = tmp_path / "sub" / "x.safetensors"
+    foreign.write_safetensors({"a": np.ones(2, np.float32)}, path)
+    foreign.write_safetensors({"b": np.zeros(3, np.float32)}, path)
+    assert list(foreign.read_foreign(path)) == ["b"]
+    assert [p.name for p in path.parent.iterdir()] == ["x.safetensors"]
+
+
+def test_an_explicit_layout_overrides_the_header_and_a_bad_header_is_named(tmp_path):
+    path = tmp_path / "f.safetensors"
+    foreign.write_safetensors({"d": {"kernel": np.ones((2, 3), np.float32)}}, path, layout="flax")
+    assert foreign.read_foreign(path)["d/kernel"].shape == (2, 3)
+    assert foreign.read_foreign(path, layout="torch")["d/kernel"].shape == (3, 2)
+    save_file({"d.kernel": np.ones((2, 3), np.float32)}, str(path), metadata={foreign.LAYOUT_KEY: "jax"})
+    with pytest.raises(ValueError, match="jaxckpt_layout='jax'"):
+        foreign.read_foreign(path)
+
+
+def test_exported_torch_layout_survives_a_pytorch_state_dict(tmp_path):
+    torch = pytest.importorskip("torch")
+    params, _ = _fresh(seed=5)
+    foreign.write_safetensors(params, tmp_path / "m.safetensors")
+    with safetensors.safe_open(str(tmp_path / "m.safetensors"), framework="numpy") as f:
+        torch.save({k: torch.from_numpy(f.get_tensor(k).copy()) for k in f.keys()}, tmp_path / "m.pt")
+    grafted, report = foreign.graft_foreign(tmp_path / "m.pt", _fresh(seed=6)[0])
+    assert report.ok and report.counts["loaded"] == 8
+    for a, b in zip(jax.tree.leaves(grafted), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
