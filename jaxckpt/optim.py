@@ -6,7 +6,8 @@ selects everything under `encoder/`, `".*/bias"` every bias, `"head"` not `"lm_h
 prefix switches one pattern to glob syntax (`"glob:encoder/**"`). Each leaf gets one label:
 
 * `"frozen"` if any `freeze` pattern matches it. Freezing wins over every multiplier.
-* otherwise `"x<m>"` for the *first* `lr_multipliers` rule that matches it (`"x0.1"`);
+* otherwise `"x<m>"` for the *first* `lr_multipliers` rule that matches it (`"x0.1"`); a multiplier
+  of 0 is the same as freezing (`"frozen"`: no update and no optimizer moments), and 1 is `"train"`;
 * otherwise `"train"`.
 
 The labels drive `optax.multi_transform`: frozen leaves get `optax.set_to_zero()`, so their updates
@@ -326,16 +327,16 @@ def make_optimizer(config: Any, params: Params, *, num_steps: int) -> optax.Grad
             return sgd
         return optax.chain(optax.add_decayed_weights(weight_decay, decay_mask), sgd)
 
+    multipliers = _field(config, "lr_multipliers", "")
     parts = []
     if clip > 0:
-        if freeze:
+        labels = trainable_labels(params, freeze, multipliers)
+        if FROZEN in jax.tree.leaves(labels):
             # Frozen gradients must not count towards the global norm that scales the others.
-            frozen_mask = jax.tree.map(lambda label: label == FROZEN, trainable_labels(params, freeze))
+            frozen_mask = jax.tree.map(lambda label: label == FROZEN, labels)
             parts.append(optax.masked(optax.set_to_zero(), frozen_mask))
         parts.append(optax.clip_by_global_norm(clip))
-    parts.append(
-        freeze_and_scale(base, params, freeze=freeze, lr_multipliers=_field(config, "lr_multipliers", ""))
-    )
+    parts.append(freeze_and_scale(base, params, freeze=freeze, lr_multipliers=multipliers))
     return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
 
@@ -359,6 +360,9 @@ def _mult_label(multiplier: float) -> str:
     # A multiplier of exactly 1 is the base rate: share the "train" group (and its state).
     if multiplier == 1.0:
         return TRAIN
+    # 0 never moves the leaf: freeze it rather than keep optimizer moments that cannot matter.
+    if multiplier == 0.0:
+        return FROZEN
     text = f"{multiplier:g}"
     # The label is parsed back into the multiplier: keep every digit when `:g` would round.
     return f"x{text if float(text) == multiplier else repr(multiplier)}"

@@ -244,3 +244,24 @@ def test_frozen_opt_state_round_trips_through_orbax(tmp_path):
     actual, _ = tx.update(grads, restored, params)
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_zero_multiplier_freezes():
+    params = _params()
+    assert optim.describe_trainable(params, lr_multipliers="encoder:0,head:2")["encoder/Dense_1/bias"] == "frozen"
+    tx = optim.freeze_and_scale(optax.adam(1e-3), params, lr_multipliers="encoder:0")
+    full = optax.adam(1e-3).init(params)
+    encoder_bytes = sum(x.nbytes for x in jax.tree.leaves(params["encoder"]))
+    assert _state_bytes(full) - _state_bytes(tx.init(params)) == 2 * encoder_bytes
+    # With clipping, the frozen group's gradients must not shrink the others' updates either.
+    config = _config(name="sgd", learning_rate=1.0, grad_clip_norm=1e9, lr_multipliers="encoder:0")
+    new, _ = _run(optim.make_optimizer(config, params, num_steps=10), params, steps=1)
+    for a, b in zip(jax.tree.leaves(new["encoder"]), jax.tree.leaves(params["encoder"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    clipped = _config(name="sgd", learning_rate=1.0, grad_clip_norm=1.0, lr_multipliers="encoder:0")
+    new, _ = _run(optim.make_optimizer(clipped, params, num_steps=10), params, steps=1)
+    trainable = {k: v for k, v in _grads(params, seed=0).items() if k != "encoder"}
+    norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(trainable)))
+    moved = params["head"]["Dense_0"]["kernel"] - new["head"]["Dense_0"]["kernel"]
+    np.testing.assert_allclose(np.asarray(moved), np.asarray(trainable["head"]["Dense_0"]["kernel"]) / norm,
+                               rtol=1e-5, atol=1e-6)
