@@ -1,15 +1,18 @@
-"""`python -m jaxckpt inspect|plan|zoo ...`: look at checkpoints and plan grafts without training.
+"""`python -m jaxckpt inspect|plan|export|zoo ...`: look at checkpoints and plan grafts without training.
 
     python -m jaxckpt inspect runs/digits                 # steps, metrics, config, param table
     python -m jaxckpt inspect zoo:digits-mlp --all        # every state leaf, optimizer included
     python -m jaxckpt plan runs/digits --config experiments/configs/digits.py \
-        --config.data.target=parity --config.checkpoint.skip=head
+        --config.data.target=parity --config.checkpoint.skip=head --config.optimizer.freeze=encoder
+    python -m jaxckpt export runs/digits /tmp/digits.safetensors --best   # params, PyTorch names
     python -m jaxckpt zoo publish runs/digits digits-mlp --best
     python -m jaxckpt zoo list
 
-Everything here reads metadata only: no array is loaded and no run or zoo entry is written (except
-by `zoo publish`); `plan` builds the config's task (which may prepare its dataset) but only
-evaluates the shapes of its params. Exit codes: 0 success; 2 a user error (a bad path, an unknown zoo name or config
+Everything here except `export` reads metadata only: no array is loaded and no run or zoo entry is
+written (except by `zoo publish`); `plan` builds the config's task (which may prepare its dataset)
+but only evaluates the shapes of its params. `export` reads the params of one step (never the
+optimizer state) and writes them to a safetensors file. `inspect` and `plan` say which params a
+run's `optimizer.freeze` / `optimizer.lr_multipliers` freeze or scale. Exit codes: 0 success; 2 a user error (a bad path, an unknown zoo name or config
 key, a rule matching nothing, a plan strict mode would refuse), printed as one message on stderr;
 anything else is a bug and keeps its traceback.
 """
@@ -33,8 +36,9 @@ from jaxckpt.stepdir import CheckpointCorruptError
 # Config fields worth a line in `inspect`; absent ones are left out (model.* is shown whole).
 _CONFIG_SUMMARY = (
         "task", "run_type", "seed", "train.num_steps", "train.batch_size", "optimizer.name",
-        "optimizer.learning_rate", "optimizer.schedule", "early_stop.criteria", "checkpoint.pretrained",
-        "checkpoint.mapping", "checkpoint.skip",
+        "optimizer.learning_rate", "optimizer.schedule", "optimizer.freeze", "optimizer.lr_multipliers",
+        "early_stop.criteria", "checkpoint.pretrained", "checkpoint.mapping", "checkpoint.skip",
+        "checkpoint.adapters", "checkpoint.rename",
 )
 
 
@@ -87,20 +91,57 @@ def _parse_step(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"--step must be a step number, 'latest' or 'best'; got {text!r}") from None
 
 
+def _saved_config(path: pathlib.Path) -> tuple[pathlib.Path, int | None, dict[str, Any] | None]:
+    """`(checkpoint_dir, named_step, config)`: the run's `config.json`, else the one saved in the step."""
+    from jaxckpt.pretrained import resolve_checkpoint_path, resolve_step_dir
+    from jaxckpt.stepdir import EXTRA_ITEM, read_json_item
+
+    checkpoint_dir, named_step = resolve_checkpoint_path(path)
+    config = _read_json(checkpoint_dir.parent / "config.json")
+    if config is None:
+        config = (read_json_item(resolve_step_dir(path), EXTRA_ITEM) or {}).get("config")
+    return checkpoint_dir, named_step, config
+
+
+def _training_spec(optimizer: Any) -> tuple[str, str]:
+    """`(freeze, lr_multipliers)` of an optimizer config (ConfigDict or dict); "" when absent."""
+    if optimizer is None:
+        return "", ""
+    get = optimizer.get if isinstance(optimizer, Mapping) else lambda k, d: getattr(optimizer, k, d)
+    return get("freeze", "") or "", get("lr_multipliers", "") or ""
+
+
+def _describe_training(params: Any, freeze: Any, multipliers: Any) -> dict[str, str]:
+    """`describe_trainable` as a user error when a pattern matches no param."""
+    from jaxckpt.optim import describe_trainable
+
+    try:
+        return describe_trainable(params, freeze or None, multipliers or None)
+    except ValueError as e:
+        raise UserError(f"optimizer.freeze={freeze!r} / optimizer.lr_multipliers={multipliers!r}: {e}") from e
+
+
+def _training_summary(labels: Mapping[str, str], sizes: Mapping[str, int]) -> str:
+    """One line per label: how many leaves and values are frozen, scaled or trained."""
+    totals: dict[str, tuple[int, int]] = {}
+    for path, label in labels.items():
+        leaves, values = totals.get(label, (0, 0))
+        totals[label] = (leaves + 1, values + sizes[path])
+    meaning = {"frozen": "no update, no optimizer moments", "train": "the base learning rate"}
+    return "\n".join(f"  {label:<8} {leaves} {'leaf' if leaves == 1 else 'leaves'}, {values:,} values: "
+                     f"{meaning.get(label, f'learning rate times {label[1:]}')}"
+                     for label, (leaves, values) in sorted(totals.items()))
+
+
 # inspect
 
 
 def _inspect(args: argparse.Namespace) -> int:
     # Imported per command: `zoo list` should not pay for Orbax and JAX start-up.
     from jaxckpt.checkpoint import CheckpointManager
-    from jaxckpt.pretrained import resolve_checkpoint_path, resolve_step_dir
-    from jaxckpt.stepdir import EXTRA_ITEM, INFO_ITEM, read_json_item, read_state_metadata
+    from jaxckpt.stepdir import INFO_ITEM, read_json_item, read_state_metadata
 
-    path = zoo.resolve(args.path)
-    checkpoint_dir, named_step = resolve_checkpoint_path(path)
-    config = _read_json(checkpoint_dir.parent / "config.json")
-    if config is None:
-        config = (read_json_item(resolve_step_dir(path), EXTRA_ITEM) or {}).get("config")
+    checkpoint_dir, named_step, config = _saved_config(zoo.resolve(args.path))
     best_metric, best_mode = zoo.best_rule(config)
     manager = CheckpointManager(checkpoint_dir, read_only=True, best_metric=best_metric, best_mode=best_mode)
     try:
@@ -147,14 +188,43 @@ def _inspect(args: argparse.Namespace) -> int:
         keys += sorted(k for k in flat if k.startswith("model."))
         out += ["", "config:"] + [f"  {k} = {flat[k]!r}" for k in keys]
 
+    flat = read_state_metadata(checkpoint_dir / str(step))
+    labels, training = _saved_training(flat, (config or {}).get("optimizer"))
     out += ["", f"state of step {step} (from metadata; no array is read):"]
-    out.append(_state_table(read_state_metadata(checkpoint_dir / str(step)), show_all=args.all))
+    out.append(_state_table(flat, show_all=args.all, labels=labels))
+    if training:
+        out += ["", training]
     print("\n".join(out))
     return 0
 
 
-def _state_table(flat: Mapping[str, Any], *, show_all: bool) -> str:
-    """Rows of path/shape/dtype/bytes for params (or everything), and totals per top-level group."""
+def _saved_training(flat: Mapping[str, Any], optimizer: Any) -> tuple[dict[str, str], str]:
+    """Labels `{"params/...": "frozen" | "x10" | "train"}` from a run's saved optimizer config, and a summary.
+
+    A run's saved patterns matched its own params when it trained, so a failure here means the step
+    is not that run's (a zoo entry, a moved step): say so instead of failing the whole inspection.
+    """
+    from jaxckpt.treepath import unflatten_dict
+
+    freeze, multipliers = _training_spec(optimizer)
+    if not (freeze or multipliers):
+        return {}, ""
+    prefix = "params/"
+    params = {p[len(prefix):]: leaf for p, leaf in flat.items() if p.startswith(prefix)}
+    heading = f"optimizer (saved config): freeze={freeze!r} lr_multipliers={multipliers!r}"
+    try:
+        described = _describe_training(unflatten_dict(params), freeze, multipliers)
+    except UserError as e:
+        return {}, f"{heading}\n  not applicable to these params: {e}"
+    sizes = {p: math.prod(leaf.shape) for p, leaf in params.items()}
+    return {prefix + p: label for p, label in described.items()}, heading + "\n" + _training_summary(described, sizes)
+
+
+def _state_table(flat: Mapping[str, Any], *, show_all: bool, labels: Mapping[str, str] | None = None) -> str:
+    """Rows of path/shape/dtype/bytes for params (or everything), and totals per top-level group.
+
+    With `labels` (`{path: "frozen" | "x10" | "train"}`), a `training` column shows each label.
+    """
     rows, groups = [], {}
     has_params = any(p.startswith("params/") for p in flat)
     for path, leaf in sorted(flat.items()):
@@ -164,8 +234,10 @@ def _state_table(flat: Mapping[str, Any], *, show_all: bool) -> str:
         count, total, arrays = groups.get(group, (0, 0, 0))
         groups[group] = (count + size, total + nbytes, arrays + 1)
         if show_all or group == "params" or not has_params:
-            rows.append([path, str(tuple(leaf.shape)), leaf.dtype.name, f"{size:,}", _human_bytes(nbytes)])
-    text = _table(rows, ["path", "shape", "dtype", "values", "bytes"], right=(3, 4))
+            row = [path, str(tuple(leaf.shape)), leaf.dtype.name, f"{size:,}", _human_bytes(nbytes)]
+            rows.append(row + [labels.get(path, "")] if labels else row)
+    header = ["path", "shape", "dtype", "values", "bytes"] + (["training"] if labels else [])
+    text = _table(rows, header, right=(3, 4))
     summary = [[g, f"{a:,}", f"{c:,}", _human_bytes(b)] for g, (c, b, a) in groups.items()]
     all_count = sum(c for c, _, _ in groups.values())
     all_bytes = sum(b for _, b, _ in groups.values())
@@ -259,11 +331,15 @@ def _plan(args: argparse.Namespace, config_args: Sequence[str]) -> int:
     target = jax.eval_shape(task.init_params, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
     options = dict(mapping=ck.mapping or None, skip=_split(ck.skip), adapters=ck.adapters or None)
     report = plan_graft(source_leaves, target, **options)
+    freeze, multipliers = _training_spec(config.get("optimizer"))
+    labels = _describe_training(target, freeze, multipliers) if freeze or multipliers else {}
 
     print(f"plan: graft {described}\n      into the params of {config.task}")
     print(f"      mapping={ck.mapping or 'whole tree'} skip={ck.skip or 'none'} "
           f"adapters={ck.adapters or 'none'} strict={ck.strict}")
     print(report)
+    if labels:
+        print("\n" + _training_table(report, target, labels, freeze, multipliers))
     if report.ok:
         print("\nresult: the graft would succeed.")
         return 0
@@ -278,6 +354,63 @@ def _plan(args: argparse.Namespace, config_args: Sequence[str]) -> int:
             "fresh, or narrow the graft with --config.checkpoint.mapping='src:dst,...' and "
             "--config.checkpoint.skip='regex,...'."
     )
+
+
+def _training_table(report: Any, target: Any, labels: Mapping[str, str], freeze: str, multipliers: str) -> str:
+    """Each target leaf with where the graft takes it from and how the optimizer treats it."""
+    from jaxckpt.treepath import flatten
+
+    buckets = {}
+    for bucket in ("loaded", "adapted", "mismatched", "missing", "skipped", "untouched"):
+        buckets.update({entry.path: bucket for entry in getattr(report, bucket)})
+    shapes = {p: leaf.shape for p, leaf in flatten(target).items()}
+    rows = [[p, str(tuple(shapes[p])), buckets.get(p, ""), label] for p, label in labels.items()]
+    lines = [f"training: optimizer.freeze={freeze!r} optimizer.lr_multipliers={multipliers!r}",
+             _table(rows, ["path", "shape", "graft", "training"]),
+             _training_summary(labels, {p: math.prod(shape) for p, shape in shapes.items()})]
+    # Freezing a leaf the graft leaves fresh trains around random weights: almost always a mistake.
+    fresh_frozen = [p for p, label in labels.items() if label == "frozen" and buckets.get(p) not in ("loaded", "adapted")]
+    if fresh_frozen:
+        lines.append(f"warning: frozen but not loaded, so trained around its random initialisation: "
+                     f"{', '.join(fresh_frozen)}")
+    return "\n".join(lines)
+
+
+# export
+
+
+def _export(args: argparse.Namespace) -> int:
+    from jaxckpt.foreign import SAFETENSORS_SUFFIXES, write_safetensors
+    from jaxckpt.pretrained import PARAMS_KEY, load_params, resolve_step_dir
+    from jaxckpt.stepdir import read_state_metadata
+    from jaxckpt.treepath import flatten, unflatten_dict
+
+    if not args.out.endswith(SAFETENSORS_SUFFIXES):
+        raise UserError(f"OUT={args.out!r} must end in .safetensors (e.g. model.safetensors).")
+    path = zoo.resolve(args.source)
+    best_metric, best_mode = None, "min"
+    if args.best:
+        _, _, config = _saved_config(path)
+        best_metric, best_mode = zoo.best_rule(config)
+        if best_metric is None:
+            raise UserError(f"--best: {args.source} has no early_stop.criteria in its config to rank steps; "
+                            "pass --step N instead.")
+    step_dir = resolve_step_dir(path, "best" if args.best else args.step,
+                                best_metric=best_metric, best_mode=best_mode)
+    saved = read_state_metadata(step_dir)
+    prefix = PARAMS_KEY + "/" if any(p.startswith(PARAMS_KEY + "/") for p in saved) else ""
+    abstract = unflatten_dict({p[len(prefix):]: leaf for p, leaf in saved.items() if p.startswith(prefix)})
+    # A strict graft onto the step's own shapes: Orbax reads the params and nothing else.
+    params, _ = load_params(step_dir, abstract)
+    names = write_safetensors(params, args.out, layout=args.layout)
+    leaves = flatten(params)
+    nbytes = sum(leaf.nbytes for leaf in leaves.values())
+    print(f"exported the params of step {step_dir.name} ({args.source}) to {args.out}: {len(names)} tensors, "
+          f"{_human_bytes(nbytes)}, {args.layout} layout")
+    rows = [[name, param, str(tuple(leaves[param].shape))] for param, name in names.items()]
+    print(_table(rows, ["tensor", "from param", "param shape"]))
+    print(f"\nload it into a model with --config.checkpoint.pretrained={args.out}")
+    return 0
 
 
 # zoo
@@ -313,7 +446,7 @@ def _zoo_list(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-            prog="jaxckpt", description="Inspect jaxckpt checkpoints, plan grafts, manage the zoo.")
+            prog="jaxckpt", description="Inspect jaxckpt checkpoints, plan grafts, export params, manage the zoo.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect = commands.add_parser("inspect", help="steps, metrics, config and param table of a checkpoint")
@@ -332,6 +465,20 @@ def _parser() -> argparse.ArgumentParser:
                       help="run dir, step dir, zoo:NAME, .safetensors or .pt (default: checkpoint.pretrained)")
     plan.add_argument("--config", required=True, metavar="FILE",
                       help="experiment config file with get_config(); override fields with --config.KEY=VALUE")
+
+    export = commands.add_parser(
+            "export", help="write one step's params to a .safetensors file (PyTorch names and layout)",
+            description="Reads only the params of one step (not the optimizer state) and writes them to "
+            "OUT. With --layout torch, Dense/Conv kernels are written as PyTorch 'weight's in (out, in) / "
+            "OIHW layout; --config.checkpoint.pretrained=OUT reads them back into the same model.")
+    export.add_argument("source", help="run dir, checkpoints dir, step dir, or zoo:NAME")
+    export.add_argument("out", help="the file to write, ending in .safetensors (replaced if it exists)")
+    export.add_argument("--layout", choices=("torch", "flax"), default="torch",
+                        help="torch: PyTorch names and layout (default); flax: names and arrays as they are")
+    step = export.add_mutually_exclusive_group()
+    step.add_argument("--step", type=int, default=None, help="export this step (default: the latest)")
+    step.add_argument("--best", action="store_true", help="export the best step by early_stop.criteria")
+    export.set_defaults(run=_export)
 
     zoo_parser = commands.add_parser("zoo", help="named, self-contained checkpoints")
     zoo_commands = zoo_parser.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")

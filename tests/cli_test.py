@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxckpt import cli
+from jaxckpt import cli, foreign
 from jaxckpt.checkpoint import CheckpointManager
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -51,6 +51,9 @@ def get_config():
     config.checkpoint.skip = ""
     config.checkpoint.adapters = ""
     config.checkpoint.rename = ""
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.freeze = ""
+    config.optimizer.lr_multipliers = ""
     return config
 '''
 
@@ -197,3 +200,84 @@ def test_subprocess_bad_path_exits_2_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"{tmp_path / 'no_run'} does not exist" in result.stderr
+
+
+def test_plan_shows_frozen_and_scaled_leaves_and_warns_about_fresh_frozen_ones(setup, capsys):
+    run, config_path = setup
+    args = ["plan", str(run), "--config", str(config_path), "--config.optimizer.freeze=encoder"]
+    assert cli.main(args + ["--config.optimizer.lr_multipliers=head:10"]) == 0
+    out = capsys.readouterr().out
+    assert "training: optimizer.freeze='encoder' optimizer.lr_multipliers='head:10'" in out
+    rows = {line.split()[0]: line.split()[-2:] for line in out.splitlines() if line.startswith(("encoder/", "head/"))}
+    assert rows == {"encoder/kernel": ["loaded", "frozen"], "head/kernel": ["loaded", "x10"]}
+    assert "frozen   1 leaf, 12 values: no update, no optimizer moments" in out
+    assert "warning" not in out
+    assert cli.main(args + ["--config.checkpoint.skip=encoder"]) == 0
+    assert "warning: frozen but not loaded, so trained around its random initialisation: encoder/kernel" in \
+        capsys.readouterr().out
+    assert cli.main(["plan", str(run), "--config", str(config_path)]) == 0
+    assert "training:" not in capsys.readouterr().out  # nothing frozen or scaled: no section
+    assert cli.main(args[:-1] + ["--config.optimizer.freeze=decoder"]) == 2
+    err = capsys.readouterr().err
+    assert "['decoder'] match no parameter path" in err and "encoder/kernel" in err
+
+
+def test_inspect_labels_params_from_the_saved_optimizer_config(setup, capsys):
+    run, _ = setup
+    config = json.loads((run / "config.json").read_text())
+    config["optimizer"] = {"freeze": "encoder", "lr_multipliers": "head:0.1"}
+    (run / "config.json").write_text(json.dumps(config))
+    assert cli.main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer.freeze = 'encoder'" in out
+    rows = {line.split()[0]: line.split()[-1] for line in out.splitlines() if line.startswith("params/")}
+    assert rows == {"params/encoder/kernel": "frozen", "params/head/kernel": "x0.1"}
+    assert "x0.1     1 leaf, 6 values: learning rate times 0.1" in out
+    # A saved pattern that does not fit these params (e.g. a step copied from elsewhere) is noted.
+    config["optimizer"] = {"freeze": "decoder"}
+    (run / "config.json").write_text(json.dumps(config))
+    assert cli.main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "not applicable to these params" in out and "'decoder'" in out and "frozen" not in out
+
+
+def test_export_writes_only_params_of_the_chosen_step(setup, capsys, tmp_path):
+    run, _ = setup
+    out = tmp_path / "out" / "model.safetensors"
+    assert cli.main(["export", str(run), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "params of step 30" in printed and "2 tensors" in printed and "torch layout" in printed
+    assert f"--config.checkpoint.pretrained={out}" in printed
+    with __import__("safetensors").safe_open(str(out), framework="numpy") as f:
+        assert sorted(f.keys()) == ["encoder.weight", "head.weight"]  # no optimizer state
+        assert f.get_tensor("encoder.weight").shape == (3, 4)
+    np.testing.assert_array_equal(np.asarray(foreign.read_foreign(out)["encoder/kernel"]), np.full((4, 3), 30))
+    for flags, value in ((["--step", "10"], 10), (["--best"], 20)):
+        assert cli.main(["export", str(run), str(out), "--layout", "flax", *flags]) == 0
+        flat = foreign.read_foreign(out)
+        assert sorted(flat) == ["encoder/kernel", "head/kernel"]
+        np.testing.assert_array_equal(np.asarray(flat["encoder/kernel"]), np.full((4, 3), value))
+    assert cli.main(["zoo", "publish", str(run), "tiny", "--step", "10"]) == 0
+    assert cli.main(["export", "zoo:tiny", str(out)]) == 0
+    assert "params of step 10 (zoo:tiny)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["OUT.npz"], "must end in .safetensors"),
+    (["OUT.safetensors", "--step", "7"], "saved steps: [10, 20, 30]"),
+    (["OUT.safetensors", "--step", "10", "--best"], "not allowed with"),
+    (["OUT.safetensors", "--layout", "tf"], "invalid choice: 'tf'"),
+])
+def test_export_errors(setup, capsys, tmp_path, extra, message):
+    run, _ = setup
+    extra = [str(tmp_path / e) if e.startswith("OUT") else e for e in extra]
+    assert cli.main(["export", str(run), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("OUT*"))
+
+
+def test_export_best_without_a_criteria_says_to_pass_a_step(setup, capsys, tmp_path):
+    run, _ = setup
+    (run / "config.json").write_text(json.dumps({"task": "x", "early_stop": {"criteria": ""}}))
+    assert cli.main(["export", str(run), str(tmp_path / "m.safetensors"), "--best"]) == 2
+    assert "pass --step N instead" in capsys.readouterr().err
