@@ -312,6 +312,14 @@ def make_optimizer(config: Any, params: Params, *, num_steps: int) -> optax.Grad
         )
     clip = float(_field(config, "grad_clip_norm", 0.0))
     freeze = parse_freeze(_field(config, "freeze", ""))
+    multipliers = _field(config, "lr_multipliers", "")
+    try:
+        labels = trainable_labels(params, freeze, multipliers)
+    except ValueError as e:
+        # Name the config fields, so a command-line user knows which flag to fix.
+        raise ValueError(
+            f"optimizer.freeze={','.join(freeze)!r} optimizer.lr_multipliers={multipliers!r}: {e}"
+        ) from None
     decay_mask = jax.tree.map(lambda p: len(p.shape) >= 2, params)
 
     def base(multiplier: float) -> optax.GradientTransformation:
@@ -327,10 +335,8 @@ def make_optimizer(config: Any, params: Params, *, num_steps: int) -> optax.Grad
             return sgd
         return optax.chain(optax.add_decayed_weights(weight_decay, decay_mask), sgd)
 
-    multipliers = _field(config, "lr_multipliers", "")
     parts = []
     if clip > 0:
-        labels = trainable_labels(params, freeze, multipliers)
         if FROZEN in jax.tree.leaves(labels):
             # Frozen gradients must not count towards the global norm that scales the others.
             frozen_mask = jax.tree.map(lambda label: label == FROZEN, labels)
