@@ -12,9 +12,11 @@ Everything here except `export` reads metadata only: no array is loaded and no r
 written (except by `zoo publish`); `plan` builds the config's task (which may prepare its dataset)
 but only evaluates the shapes of its params. `export` reads the params of one step (never the
 optimizer state) and writes them to a safetensors file. `inspect` and `plan` say which params a
-run's `optimizer.freeze` / `optimizer.lr_multipliers` freeze or scale. Exit codes: 0 success; 2 a user error (a bad path, an unknown zoo name or config
-key, a rule matching nothing, a plan strict mode would refuse), printed as one message on stderr;
-anything else is a bug and keeps its traceback.
+run's `optimizer.freeze` / `optimizer.lr_multipliers` freeze or scale.
+
+Exit codes: 0 success; 2 a user error (a bad path, an unknown zoo name or config key, a rule
+matching nothing, a plan strict mode would refuse), printed as one message on stderr; anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -217,7 +219,8 @@ def _saved_training(flat: Mapping[str, Any], optimizer: Any) -> tuple[dict[str, 
     except UserError as e:
         return {}, f"{heading}\n  not applicable to these params: {e}"
     sizes = {p: math.prod(leaf.shape) for p, leaf in params.items()}
-    return {prefix + p: label for p, label in described.items()}, heading + "\n" + _training_summary(described, sizes)
+    summary = heading + "\n" + _training_summary(described, sizes)
+    return {prefix + p: label for p, label in described.items()}, summary
 
 
 def _state_table(flat: Mapping[str, Any], *, show_all: bool, labels: Mapping[str, str] | None = None) -> str:
@@ -369,7 +372,8 @@ def _training_table(report: Any, target: Any, labels: Mapping[str, str], freeze:
              _table(rows, ["path", "shape", "graft", "training"]),
              _training_summary(labels, {p: math.prod(shape) for p, shape in shapes.items()})]
     # Freezing a leaf the graft leaves fresh trains around random weights: almost always a mistake.
-    fresh_frozen = [p for p, label in labels.items() if label == "frozen" and buckets.get(p) not in ("loaded", "adapted")]
+    fresh_frozen = [p for p, label in labels.items()
+                    if label == "frozen" and buckets.get(p) not in ("loaded", "adapted")]
     if fresh_frozen:
         lines.append(f"warning: frozen but not loaded, so trained around its random initialisation: "
                      f"{', '.join(fresh_frozen)}")

@@ -323,7 +323,9 @@ def write_safetensors(params: Params, path: str | os.PathLike, *, layout: str = 
     try:
         from safetensors.numpy import save_file
     except ImportError:
-        raise ImportError(f"Writing {path!r} needs the safetensors package: pip install jaxckpt[safetensors].") from None
+        raise ImportError(
+            f"Writing {path!r} needs the safetensors package: pip install jaxckpt[safetensors]."
+        ) from None
     flat = treepath.flatten(params)
     if not flat:
         raise ValueError(f"{path!r}: the params tree has no leaf; there is nothing to write.")

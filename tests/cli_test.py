@@ -208,7 +208,8 @@ def test_plan_shows_frozen_and_scaled_leaves_and_warns_about_fresh_frozen_ones(s
     assert cli.main(args + ["--config.optimizer.lr_multipliers=head:10"]) == 0
     out = capsys.readouterr().out
     assert "training: optimizer.freeze='encoder' optimizer.lr_multipliers='head:10'" in out
-    rows = {line.split()[0]: line.split()[-2:] for line in out.splitlines() if line.startswith(("encoder/", "head/"))}
+    rows = {line.split()[0]: line.split()[-2:]
+            for line in out.splitlines() if line.startswith(("encoder/", "head/"))}
     assert rows == {"encoder/kernel": ["loaded", "frozen"], "head/kernel": ["loaded", "x10"]}
     assert "frozen   1 leaf, 12 values: no update, no optimizer moments" in out
     assert "warning" not in out
