@@ -314,6 +314,7 @@ def _source_metadata(source: str, ck: Any) -> tuple[dict[str, Any], str]:
 def _plan(args: argparse.Namespace, config_args: Sequence[str]) -> int:
     import jax
 
+    from jaxckpt.foreign import is_foreign
     # `jaxckpt.graft` the name is the function once the package re-exports it: import from the module.
     from jaxckpt.graft import plan as plan_graft
     from jaxckpt.task import load_task
@@ -356,6 +357,8 @@ def _plan(args: argparse.Namespace, config_args: Sequence[str]) -> int:
             f"{report.problems()}\nTo proceed, pass --config.checkpoint.strict=False to keep those leaves "
             "fresh, or narrow the graft with --config.checkpoint.mapping='src:dst,...' and "
             "--config.checkpoint.skip='regex,...'."
+            + (" A weights file's tensor names map to param paths with "
+               "--config.checkpoint.rename='regex=>path;...'." if is_foreign(str(source)) else "")
     )
 
 

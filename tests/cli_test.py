@@ -282,3 +282,16 @@ def test_export_best_without_a_criteria_says_to_pass_a_step(setup, capsys, tmp_p
     (run / "config.json").write_text(json.dumps({"task": "x", "early_stop": {"criteria": ""}}))
     assert cli.main(["export", str(run), str(tmp_path / "m.safetensors"), "--best"]) == 2
     assert "pass --step N instead" in capsys.readouterr().err
+
+
+def test_plan_of_a_weights_file_with_other_names_points_to_rename(setup, capsys, tmp_path):
+    _, config_path = setup
+    path = tmp_path / "torch.safetensors"
+    foreign.write_safetensors({"enc": {"kernel": np.ones((4, 3), np.float32)},
+                               "head": {"kernel": np.ones((3, 2), np.float32)}}, path)
+    args = ["plan", str(path), "--config", str(config_path)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "enc/kernel" in err and "--config.checkpoint.rename=" in err
+    assert cli.main(args + [r"--config.checkpoint.rename=enc\.weight=>encoder/kernel"]) == 0
+    assert "loaded 2" in capsys.readouterr().out
