@@ -95,13 +95,16 @@ def read_json_item(step_dir: os.PathLike | str, item: str) -> dict[str, Any] | N
 def checksums(flat: Mapping[str, Any]) -> dict[str, list]:
     """crc32 of each array's bytes, keyed by path: `{path: [crc32, dtype, shape]}`.
 
-    Arrays not fully addressable from this process (multi-host shards) are skipped: checking them
-    would need a cross-host gather, which costs more than the save.
+    Arrays not fully addressable from this process are checked through a local copy when they are
+    replicated (every process holds the whole value), and skipped when sharded over hosts: checking
+    those would need a cross-host gather, which costs more than the save.
     """
     out = {}
     for path, leaf in flat.items():
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            continue
+            if not leaf.sharding.is_fully_replicated:
+                continue
+            leaf = leaf.addressable_data(0)
         data = np.ascontiguousarray(np.asarray(leaf))
         out[path] = [zlib.crc32(data.reshape(-1).view(np.uint8)), data.dtype.name, list(data.shape)]
     return out
