@@ -180,7 +180,10 @@ class CheckpointManager:
             read_only=read_only,
         )
         handlers = {
-            STATE_ITEM: ocp.StandardCheckpointHandler(),
+            # No zstd: trained float weights shrink by <10% under it, while compressing costs more
+            # than the disk write (a 1 GiB save ran at 0.25x np.save with it, ~0.9x without).
+            # The files stay plain Orbax (zarr records "compressor": null); readers need no option.
+            STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=False),
             EXTRA_ITEM: ocp.JsonCheckpointHandler(),
             INFO_ITEM: ocp.JsonCheckpointHandler(),
         }
@@ -253,7 +256,7 @@ class CheckpointManager:
         }
         args = ocp.args.Composite(
             **{
-                STATE_ITEM: ocp.args.StandardSave(tree),
+                STATE_ITEM: ocp.args.PyTreeSave(tree),
                 EXTRA_ITEM: ocp.args.JsonSave(_json_ready(extra, "extra")),
                 INFO_ITEM: ocp.args.JsonSave(info),
             }
@@ -456,8 +459,10 @@ class CheckpointManager:
         _check_structure(treepath.flatten(tree), read_state_metadata(step_dir), step_dir)
         abstract = jax.tree.map(_restore_target, tree)
         try:
+            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
             restored = self._mngr.restore(
-                step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
+                step,
+                args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeRestore(abstract, restore_args=restore_args)}),
             )[STATE_ITEM]
         except Exception as e:
             raise CheckpointCorruptError(
