@@ -7,6 +7,7 @@ Exit codes: 0 done; 2 a user error (the message says what to fix); 75 stopped by
 after saving a checkpoint (rerun the same command to continue); 1 an unexpected failure.
 """
 
+import ast
 import sys
 from pathlib import Path
 
@@ -28,6 +29,19 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in a m
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, but a misspelt --config.KEY is one line (exit 2), not ml_collections' traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError) as e:
+        message = str(e.args[0] if e.args else e)
+        if isinstance(e, (AttributeError, KeyError)) and message[:1] in "'\"":
+            message = "unknown config key " + ast.literal_eval(message)  # ml_collections quotes a KeyError
+        message = " ".join(message.split())
+        print(f"jaxckpt: error: bad command line: {message} (see --helpfull)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -37,4 +51,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

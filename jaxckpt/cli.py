@@ -31,7 +31,7 @@ import sys
 from typing import Any, Mapping, Sequence
 
 from jaxckpt import zoo
-from jaxckpt.errors import USER_ERROR_EXIT_CODE, USER_ERRORS, UserError
+from jaxckpt.errors import USER_ERROR_EXIT_CODE, USER_ERRORS, UserError, quiet_late_loop_callbacks
 from jaxckpt.metrics import format_metrics
 from jaxckpt.stepdir import CheckpointCorruptError
 
@@ -526,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     from absl import logging as absl_logging
 
+    quiet_late_loop_callbacks()
     # Orbax logs routine notes (e.g. "directory is read only") as warnings; a CLI shows only errors.
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)

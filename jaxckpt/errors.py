@@ -18,12 +18,32 @@ class UserError(RuntimeError):
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, OSError)
 
 
+def _drop_late_loop_callbacks(unraisable: Any) -> None:
+    """`sys.unraisablehook` that drops one known-harmless message and passes the rest on.
+
+    When one array read of an Orbax restore fails (a corrupt file), Orbax closes its event loop
+    while the other reads are still in flight; each of those then raises "Event loop is closed"
+    from a tensorstore callback, which Python prints as an ignored exception with a traceback.
+    The failure itself is reported by the caller, so these add nothing but noise.
+    """
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def quiet_late_loop_callbacks() -> None:
+    """Installs `_drop_late_loop_callbacks` for this process; for command-line entry points only."""
+    sys.unraisablehook = _drop_late_loop_callbacks
+
+
 def exit_code_of(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     """Calls `fn`; returns 0, or prints a user error to stderr (no traceback) and returns its code.
 
     `Preempted` returns `PREEMPTED_EXIT_CODE`; exceptions outside `USER_ERRORS` propagate with their
     traceback, because they are bugs to report rather than inputs to fix.
     """
+    quiet_late_loop_callbacks()
     try:
         fn(*args, **kwargs)
     except Preempted as e:

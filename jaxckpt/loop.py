@@ -28,6 +28,7 @@ from jaxckpt.optim import make_optimizer
 from jaxckpt.preemption import Preempted, StopRequest
 from jaxckpt.state import TrainState
 from jaxckpt.step import make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics
+from jaxckpt.stepdir import CheckpointSaveError
 from jaxckpt.task import Task, load_task
 from jaxckpt.workdir import WorkdirLock, log, quiet_library_logs, setup_logging, write_json
 
@@ -36,6 +37,10 @@ RUN_TYPES = ("train", "train_val", "val", "test", "predict")
 
 class NonFiniteLossError(UserError):
     """The training loss became NaN or inf; the last good checkpoint is kept and never marked best."""
+
+
+class SaveFailedError(UserError, CheckpointSaveError):
+    """A checkpoint save failed during a run (e.g. the disk is full); earlier checkpoints are intact."""
 
 
 def run(config: Any, workdir: str | Path) -> Any:
@@ -50,20 +55,28 @@ def run(config: Any, workdir: str | Path) -> Any:
 
     Raises:
       ValueError: for an unknown `run_type` or other bad configuration.
+      WorkdirError: if another process holds the workdir.
+      SaveFailedError: if a checkpoint save failed (e.g. disk full); earlier checkpoints are intact.
+      Preempted: after saving, when SIGTERM/SIGINT asked a train run to stop.
     """
     if config.run_type not in RUN_TYPES:
         raise ValueError(f"config.run_type={config.run_type!r} is not one of {', '.join(RUN_TYPES)}.")
     workdir = Path(workdir).expanduser().absolute()
     quiet_library_logs()
     primary = jax.process_index() == 0
-    setup_logging(workdir, write=primary)
+    # Lock before touching anything: a refused second run must not write into the first one's log.
     lock = WorkdirLock(workdir).acquire() if primary else None
     try:
+        setup_logging(workdir, write=primary)
         if config.run_type in ("train", "train_val"):
             return train_and_evaluate(config, workdir)
         if config.run_type == "predict":
             return predict(config, workdir)
         return evaluate(config, workdir, split="val" if config.run_type == "val" else "test")
+    except CheckpointSaveError as e:
+        if isinstance(e, UserError):
+            raise
+        raise SaveFailedError(str(e)) from e
     finally:
         if lock is not None:
             lock.release()
@@ -252,9 +265,11 @@ def _mean_of_steps(per_step: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _check_finite(train_metrics: dict[str, float], step: int, manager: CheckpointManager) -> None:
-    if not math.isfinite(train_metrics["loss"]):
+    # A finite loss with an overflowing gradient still leaves NaN params behind: check both.
+    bad = {k: train_metrics[k] for k in ("loss", "grad_norm") if not math.isfinite(train_metrics.get(k, 0.0))}
+    if bad:
         raise NonFiniteLossError(
-            f"training loss is {train_metrics['loss']} at step {step}. Stopped without saving; the last "
+            f"training {format_metrics(bad)} at step {step}. Stopped without saving; the last "
             f"good checkpoint is step {manager.latest_step()}. Lower optimizer.learning_rate or set "
             "optimizer.grad_clip_norm, then rerun (it resumes from that checkpoint).")
 

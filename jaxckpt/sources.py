@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxckpt import treepath
 from jaxckpt.checkpoint import CheckpointManager
@@ -20,8 +20,13 @@ from jaxckpt.errors import UserError
 from jaxckpt.foreign import graft_foreign, is_foreign
 from jaxckpt.pretrained import load_params, resolve_checkpoint_path
 from jaxckpt.state import TrainState
+from jaxckpt.stepdir import CheckpointCorruptError
 from jaxckpt.task import Task
 from jaxckpt.workdir import WorkdirError, log, set_aside, write_json
+
+
+class CorruptCheckpointsError(UserError):
+    """The checkpoint to start from is unreadable or fails its checksums; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +65,46 @@ def _pick_step(manager: CheckpointManager, best: bool, where: str, criteria: str
     return manager.latest_step()
 
 
+def _intact_step(manager: CheckpointManager, best: bool, where: Path, criteria: str) -> int | None:
+    """The step to resume from, after checking its arrays; corrupt candidates are moved aside.
+
+    Each candidate (latest, or best) is read in full and compared with the crc32 checksums saved
+    with it. A corrupt one is logged as a warning and moved to `checkpoints/corrupt/<step>` (never
+    deleted), and the next candidate is tried, so a run killed while its disk was failing resumes
+    from the newest step that is still whole.
+
+    Returns:
+      The step, or None if every step was corrupt (all moved aside).
+    """
+    while manager.all_steps():
+        step = _pick_step(manager, best, where, criteria)
+        try:
+            manager.verify(step)
+            return step
+        except CheckpointCorruptError as e:
+            moved = _quarantine(manager, step)
+            log.warning("checkpoint step %d is corrupt and was moved to %s (not deleted); falling back to "
+                        "the previous intact step. %s", step, moved, e)
+    return None
+
+
+def _quarantine(manager: CheckpointManager, step: int) -> Path:
+    """Moves a corrupt step aside on process 0; the other processes wait for the move, then re-list."""
+    if jax.process_count() == 1:
+        return manager.quarantine(step)
+    moved = manager.quarantine(step) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices(f"jaxckpt quarantine {step}")
+    if moved is None:
+        manager.reload()
+    return moved or manager.directory / "corrupt" / str(step)
+
+
 def decide_start(config: Any, workdir: Path, manager: CheckpointManager | None, *, training: bool) -> Start:
-    """Applies the precedence rules; reads no arrays.
+    """Applies the precedence rules and checks the chosen checkpoint's arrays against their checksums.
+
+    Resuming from this workdir falls back past corrupt steps (each moved to `checkpoints/corrupt/`
+    with a warning); a corrupt `checkpoint.resume_file` is an error. Checking reads the step once
+    (about the cost of a restore), so `load_start` restores it without checking again.
 
     Args:
       config: the experiment config.
@@ -73,14 +116,19 @@ def decide_start(config: Any, workdir: Path, manager: CheckpointManager | None, 
       The `Start`.
 
     Raises:
-      UserError: if val/test/predict have no model, or `resume=False` would mix a new run with the
-        checkpoints already in the workdir.
+      UserError: if val/test/predict have no model, `resume=False` would mix a new run with the
+        checkpoints already in the workdir, or the checkpoint to start from is corrupt.
     """
     ck = config.checkpoint
     criteria = config.early_stop.criteria
     own = manager.all_steps() if manager is not None else []
     if own and ck.resume:
-        step = _pick_step(manager, ck.resume_best, workdir, criteria)
+        step = _intact_step(manager, ck.resume_best, workdir, criteria)
+        if step is None:
+            raise CorruptCheckpointsError(
+                f"every checkpoint in {manager.directory} ({own}) is corrupt; they were moved to "
+                f"{manager.directory / 'corrupt'} (not deleted). Rerun to start over in this workdir, or "
+                "restore them from a backup.")
         which = "best" if ck.resume_best else "latest"
         others = " (checkpoint.resume_file/pretrained are ignored on resume)" if ck.resume_file or ck.pretrained else ""
         return Start("resume", f"resuming from this workdir's {which} checkpoint, step {step}{others}",
@@ -94,6 +142,12 @@ def decide_start(config: Any, workdir: Path, manager: CheckpointManager | None, 
         source = CheckpointManager(checkpoint_dir, read_only=True)
         if step is None:
             step = _pick_step(source, ck.resume_best, ck.resume_file, criteria)
+        try:
+            source.verify(step)
+        except CheckpointCorruptError as e:
+            raise CorruptCheckpointsError(
+                f"checkpoint.resume_file={ck.resume_file}: {e} Point checkpoint.resume_file at another "
+                f"step directory (steps there: {source.all_steps()}).") from None
         return Start("resume_file", f"loading the full state of step {step} from checkpoint.resume_file="
                      f"{ck.resume_file}", manager=source, step=step, extra=source.restore_extra(step),
                      path=ck.resume_file)
@@ -136,7 +190,8 @@ def load_start(start: Start, task: Task, config: Any, abstract: TrainState, tx: 
     log.info("start: %s", start.reason)
     loop_state = {"best_value": None, "best_step": None, "bad_evals": 0}
     if start.kind in ("resume", "resume_file"):
-        state = start.manager.restore(abstract, step=start.step).replace(tx=tx)
+        # decide_start verified this step's checksums already.
+        state = start.manager.restore(abstract, step=start.step, verify=False).replace(tx=tx)
         extra = start.extra or {}
         data_state = extra.get("data_state")
         if start.kind == "resume":
@@ -144,7 +199,9 @@ def load_start(start: Start, task: Task, config: Any, abstract: TrainState, tx: 
             newer = [s for s in start.manager.all_steps() if s > start.step]
             if newer and config.run_type in ("train", "train_val"):
                 start.manager.wait()
-                moved = set_aside(Path(start.manager.directory), newer, workdir)
+                moved = set_aside(Path(start.manager.directory), newer, workdir) if jax.process_index() == 0 else None
+                if jax.process_count() > 1:  # the others must not list the steps process 0 is moving
+                    multihost_utils.sync_global_devices("jaxckpt set_aside")
                 start.manager.reload()
                 log.warning("continuing from best step %d: newer steps %s moved to %s (not deleted)",
                             start.step, newer, moved)

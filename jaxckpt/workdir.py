@@ -73,10 +73,29 @@ class WorkdirLock:
         self.release()
 
 
+class _NoBackgroundTracebacks(logging.Filter):
+    """Drops the traceback from Orbax's error logs and asyncio's "never retrieved" reports.
+
+    Orbax logs a failed background write (e.g. a full disk) with its traceback, and asyncio reports
+    the sibling writes it abandoned, then Orbax raises the same error to us. We report that error
+    in one message naming the step and the fix; a second, longer account of it on stderr only
+    buries ours. The messages themselves (with the error text) are kept.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and (record.name == "asyncio" or f"{os.sep}orbax{os.sep}" in record.pathname):
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def quiet_library_logs() -> None:
     """Keeps only warnings from JAX, Orbax and tfds, which log every save phase and backend probe at INFO."""
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoBackgroundTracebacks) for f in logger.filters):
+            logger.addFilter(_NoBackgroundTracebacks())
 
 
 def setup_logging(workdir: str | os.PathLike | None, *, write: bool = True) -> logging.Logger:
