@@ -14,6 +14,14 @@ class UserError(RuntimeError):
     """A failure the user resolves by changing an input; the message names the culprit and the fix."""
 
 
+class MissingDependencyError(UserError, ImportError):
+    """An optional package that an input needs (torch for a `.pt` file) is not installed.
+
+    A `UserError`, so command-line entry points print its message and exit 2 instead of a traceback;
+    also an `ImportError`, so `except ImportError` around optional features still catches it.
+    """
+
+
 # Errors a user can cause with a bad path, config or input; their messages say what to do.
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, OSError)
 

@@ -36,6 +36,7 @@ import ml_dtypes  # Registers bfloat16/float8 with numpy, so BF16 tensors can be
 import numpy as np
 
 from jaxckpt import treepath
+from jaxckpt.errors import MissingDependencyError
 from jaxckpt.graft import GraftReport, graft
 from jaxckpt.types import Params
 
@@ -158,8 +159,8 @@ def read_foreign(path: str | os.PathLike, *, rename: RenameSpec = None,
 
     Raises:
         FileNotFoundError: if `path` does not exist.
-        ImportError: for a PyTorch file when torch is not installed, or a safetensors file when
-            safetensors is not.
+        MissingDependencyError: (an `ImportError` and a `jaxckpt.errors.UserError`) for a PyTorch
+            file when torch is not installed, or a safetensors file when safetensors is not.
         ValueError: for an unknown suffix or layout, a rename rule that matches no key, or two
             keys renamed to the same path.
 
@@ -263,7 +264,7 @@ def graft_foreign(
 
     Raises:
         ValueError: as `read_foreign` and `graft`.
-        ImportError: as `read_foreign`.
+        MissingDependencyError: as `read_foreign`.
 
     Example:
         >>> params, report = graft_foreign("mlp.pt", task.init_params(rng),
@@ -307,7 +308,7 @@ def write_safetensors(params: Params, path: str | os.PathLike, *, layout: str = 
             leaf whose name would not read back as the same path (a name containing `.`, or with
             `layout="torch"` a leaf named `weight`): the message names the leaf; `layout="flax"`
             avoids the second case.
-        ImportError: if safetensors is not installed.
+        MissingDependencyError: (an `ImportError`) if safetensors is not installed.
 
     Example:
         >>> write_safetensors({"head": {"kernel": np.ones((16, 10)), "bias": np.zeros(10)}}, "m.safetensors")
@@ -323,7 +324,7 @@ def write_safetensors(params: Params, path: str | os.PathLike, *, layout: str = 
     try:
         from safetensors.numpy import save_file
     except ImportError:
-        raise ImportError(
+        raise MissingDependencyError(
             f"Writing {path!r} needs the safetensors package: pip install jaxckpt[safetensors]."
         ) from None
     flat = treepath.flatten(params)
@@ -391,7 +392,7 @@ def _open_safetensors(path: str) -> tuple[dict[str, _Entry], Mapping[str, str]]:
     try:
         import safetensors
     except ImportError:
-        raise ImportError(
+        raise MissingDependencyError(
             f"Reading {path!r} needs the safetensors package: pip install jaxckpt[safetensors]."
         ) from None
     entries = {}
@@ -419,9 +420,11 @@ def _open_torch(path: str) -> dict[str, _Entry]:
     try:
         import torch
     except ImportError:
-        raise ImportError(
-            f"Reading the PyTorch file {path!r} needs torch: pip install jaxckpt[torch] "
-            "(or convert it to .safetensors, which needs no torch)."
+        raise MissingDependencyError(
+            f"Reading the PyTorch file {path!r} needs torch, which is not installed: pip install torch. "
+            "Or convert the file to .safetensors where torch is installed, which then loads without it: "
+            "python -c \"import torch, safetensors.torch as st; "
+            f"st.save_file(torch.load('{path}'), '{os.path.splitext(path)[0]}.safetensors')\"."
         ) from None
     try:
         # mmap keeps tensor storages on disk until a tensor is converted.

@@ -12,6 +12,7 @@ import safetensors
 from safetensors.numpy import save_file
 
 from jaxckpt import foreign, treepath
+from jaxckpt.errors import USER_ERROR_EXIT_CODE, UserError, exit_code_of
 from jaxckpt.graft import graft
 
 HIDDEN = 16
@@ -212,11 +213,29 @@ def test_strict_graft_reports_unused_source_tensors(tmp_path):
         foreign.graft_foreign(tmp_path / "mlp.safetensors", _fresh()[0], rename=_RULES)
 
 
-def test_torch_file_without_torch_says_how_to_install(tmp_path, monkeypatch):
-    (tmp_path / "w.pt").write_bytes(b"")
+def test_torch_file_without_torch_is_a_user_error_saying_how_to_install(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"")
     monkeypatch.setitem(sys.modules, "torch", None)  # Makes `import torch` fail.
-    with pytest.raises(ImportError, match=r"pip install jaxckpt\[torch\]"):
-        foreign.read_foreign(tmp_path / "w.pt")
+    with pytest.raises(UserError, match=r"needs torch, which is not installed: pip install torch\.") as excinfo:
+        foreign.read_foreign(path)
+    assert isinstance(excinfo.value, ImportError)  # `except ImportError` callers still catch it
+    assert f"'{tmp_path / 'w.safetensors'}'" in str(excinfo.value)  # the conversion names the new file
+    # Entry points (`python -m jaxckpt plan`, run.py) print it on one line and exit 2, without a traceback.
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # exit_code_of replaces it
+    assert exit_code_of(foreign.graft_foreign, path, {}) == USER_ERROR_EXIT_CODE
+    err = capsys.readouterr().err
+    assert err.startswith("jaxckpt: error: Reading the PyTorch file") and "Traceback" not in err
+
+
+def test_safetensors_file_without_safetensors_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"pip install jaxckpt\[safetensors\]"):
+        foreign.read_foreign(tmp_path / "w.safetensors")
+    with pytest.raises(UserError, match=r"Writing .*pip install jaxckpt\[safetensors\]"):
+        foreign.write_safetensors({"a": np.ones(2)}, tmp_path / "x.safetensors")
 
 
 def test_torch_state_dict_graft_reproduces_torch_logits(tmp_path):
