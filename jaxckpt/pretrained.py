@@ -184,8 +184,9 @@ def load_params(
     Args:
       path: a run directory, checkpoint directory or step directory (see `resolve_checkpoint_path`).
       target_params: the new model's params: fresh arrays (unloaded leaves keep them), or
-        `jax.ShapeDtypeStruct`s with shardings (loaded leaves come back as arrays on those
-        shardings; the others stay abstract for the caller to initialise).
+        `jax.ShapeDtypeStruct`s (loaded leaves come back as `jax.Array`s on their shardings, or
+        on the default device when they have none; the others stay abstract for the caller to
+        initialise). Leaves an adapter reshapes must be arrays.
       mapping: source prefix -> target prefix, as for `graft` (None: the whole tree onto itself).
       skip: regexes of target paths to keep fresh.
       strict: raise (before reading any array) if a leaf is missing, mismatched or unused.
@@ -200,7 +201,8 @@ def load_params(
     Raises:
       CheckpointNotFoundError: if the path or step holds no checkpoint.
       CheckpointCorruptError: if the needed arrays cannot be read.
-      ValueError: in strict mode, one error listing every problem leaf; for rules matching nothing.
+      ValueError: in strict mode, one error listing every problem leaf; for rules matching nothing;
+        for an adapter onto an abstract target leaf. All are raised before any array is read.
 
     Example:
       >>> params, report = load_params("runs/pretrain", fresh_params, mapping={"encoder": "encoder"},
@@ -216,6 +218,7 @@ def load_params(
     if strict:
         report.check()
     targets = treepath.flatten(target_params)
+    _check_no_abstract_adapted(report, targets)
     wanted = {}
     for entry in report.loaded + report.adapted:
         same_shape = tuple(source[entry.source].shape) == tuple(np.shape(targets[entry.path]))
@@ -225,9 +228,24 @@ def load_params(
     params, report = graft(source, target_params, mapping=mapping, skip=skip, strict=strict, adapters=adapters)
     abstract_loaded = [e for e in report.loaded if isinstance(targets[e.path], jax.ShapeDtypeStruct)]
     if abstract_loaded:
-        # graft leaves abstract targets abstract; hand back what was read, in the target's dtype.
+        # graft leaves abstract targets abstract; hand back what was read as arrays in the target's
+        # dtype, on its sharding (or the default device when it has none).
         flat = treepath.flatten(params)
         for entry in abstract_loaded:
-            flat[entry.path] = source[entry.source].astype(targets[entry.path].dtype)
+            target = targets[entry.path]
+            flat[entry.path] = jax.device_put(source[entry.source].astype(target.dtype), _sharding_of(target))
         params = treepath.unflatten(flat, target_params)
     return params, report
+
+
+def _check_no_abstract_adapted(report: GraftReport, targets: Mapping[str, Any]) -> None:
+    """Refuses adapters onto abstract targets: an adapter may fill from the fresh value they lack."""
+    abstract = [e.path for e in report.adapted if isinstance(targets[e.path], jax.ShapeDtypeStruct)]
+    if abstract:
+        raise ValueError(
+            f"adapters reshape {abstract}, but their target leaves are jax.ShapeDtypeStructs: an adapter "
+            "fills what the source does not cover from the target's freshly initialised value (resize "
+            "keeps it outside the copied block; a callable receives it), which an abstract leaf does "
+            "not have. Pass initialised arrays for these leaves in target_params, or drop the adapter "
+            "rule for them (they are then reported mismatched and stay abstract)."
+        )

@@ -130,3 +130,30 @@ def test_abstract_sharded_target_gets_arrays_on_its_sharding(run_dir):
                                rtol=1e-2)
     assert isinstance(params["head"]["kernel"], jax.ShapeDtypeStruct)  # not loaded: the caller inits it
     assert [e.path for e in report.mismatched] == ["head/kernel"]
+
+
+def test_abstract_target_without_sharding_gets_jax_arrays(run_dir):
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _params(0))
+    params, report = load_params(run_dir, target, step=10)
+    assert report.ok and report.counts["loaded"] == 3
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(_params(10))):
+        assert isinstance(got, jax.Array), type(got)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_adapter_onto_abstract_target_fails_before_reading(run_dir, monkeypatch):
+    def no_reads(*args, **kwargs):
+        raise AssertionError("no array may be read when an adapter has no fresh value to fill from")
+    monkeypatch.setattr(pretrained, "_read_arrays", no_reads)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _params(0, head=7))
+    with pytest.raises(ValueError, match=r"adapters reshape \['head/kernel'\].*Pass initialised arrays"):
+        load_params(run_dir, target, adapters={"head": "resize"})
+
+
+def test_adapter_onto_concrete_target_resizes(run_dir):
+    target = jax.tree.map(jnp.zeros_like, _params(0, head=7))
+    params, report = load_params(run_dir, target, adapters={"head": "resize"}, step=10)
+    assert [e.path for e in report.adapted] == ["head/kernel"]
+    head = np.asarray(params["head"]["kernel"])
+    np.testing.assert_array_equal(head[:, :3], np.asarray(_params(10)["head"]["kernel"]))
+    assert not head[:, 3:].any()
