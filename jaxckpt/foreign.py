@@ -16,10 +16,13 @@ references) or, when no rule matches, through the default rule:
 * with `layout="torch"`, a final `weight` becomes `kernel` for tensors of 2 or more dimensions
   (Linear, Conv) and `scale` for 1-D ones (LayerNorm, BatchNorm); `bias` stays `bias`.
 
-Layout: with `layout="torch"`, every tensor whose final path name is `kernel` is transposed from
-PyTorch's layout to Flax's when read: Linear `(out, in)` -> Dense `(in, out)`, Conv `(O, I, *spatial)`
--> `(*spatial, I, O)` (OIHW -> HWIO). Other names (`embedding`, `bias`, `scale`) are unchanged, so an
-`nn.Embedding` weight needs a rule naming it `.../embedding`. `ConvTranspose` weights, which PyTorch
+Layout: with `layout="torch"`, a tensor is transposed from PyTorch's layout to Flax's when read if
+its source key ends in `weight` (PyTorch's name) and its tree path ends in `kernel` (by the default
+rule or a rename rule): Linear `(out, in)` -> Dense `(in, out)`, Conv `(O, I, *spatial)` ->
+`(*spatial, I, O)` (OIHW -> HWIO). A key that already ends in `kernel` (`"dense.kernel"`) is Flax's
+name, so its tensor is taken to be in Flax's layout and read as it is; this matters for square
+kernels, whose shape cannot tell the two layouts apart. Other names (`embedding`, `bias`, `scale`)
+are unchanged, so an `nn.Embedding` weight needs a rule naming it `.../embedding`. `ConvTranspose` weights, which PyTorch
 stores as `(I, O, *spatial)`, are not recognised: rename them to a name other than `kernel` and
 convert them with a graft adapter. `layout="flax"` only turns `.` into `/`. A file written by
 `write_safetensors` records its layout in the safetensors header, and reading it with `layout=None`
@@ -150,8 +153,8 @@ def read_foreign(path: str | os.PathLike, *, rename: RenameSpec = None,
             a checkpoint dict with a `"state_dict"` entry is unwrapped).
         rename: rules mapping source keys to tree paths (see `parse_rename`); keys no rule
             matches follow the default rule (module docstring).
-        layout: `"torch"` (transpose `kernel`s to Flax layout, rename `weight`), `"flax"`
-            (names only: `.` -> `/`), or None: the layout recorded in the file by
+        layout: `"torch"` (rename `weight`, transpose a `...weight` read as a `kernel` to Flax
+            layout), `"flax"` (names only: `.` -> `/`), or None: the layout recorded in the file by
             `write_safetensors`, else `"torch"`.
 
     Returns:
@@ -212,8 +215,9 @@ def read_foreign(path: str | os.PathLike, *, rename: RenameSpec = None,
                 f"{path!r}: keys {origin[target]!r} and {key!r} both become {target!r}; "
                 "fix the rename rules so each key gets its own path."
             )
-        is_kernel = target.rsplit("/", 1)[-1] == "kernel"
-        perm = _to_flax_perm(len(shape)) if layout == "torch" and is_kernel else None
+        # Only PyTorch's own name says the tensor is in PyTorch's layout: a Flax-named `kernel` is not.
+        from_torch = key.rsplit(".", 1)[-1] == "weight" and target.rsplit("/", 1)[-1] == "kernel"
+        perm = _to_flax_perm(len(shape)) if layout == "torch" and from_torch else None
         flat[target] = LazyTensor(read, shape, dtype, f"{base}:{key}", perm)
         origin[target] = key
     unused = [i for i, hit in enumerate(used) if not hit]

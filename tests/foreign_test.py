@@ -174,6 +174,20 @@ def test_flax_layout_only_renames_and_bf16_reads(tmp_path):
     assert flat["enc/w"].dtype == ml_dtypes.bfloat16 and np.asarray(flat["enc/w"]).dtype == ml_dtypes.bfloat16
 
 
+def test_only_a_pytorch_named_weight_is_transposed_even_when_square(tmp_path):
+    square = np.arange(9, dtype=np.float32).reshape(3, 3)  # its shape cannot tell the layouts apart
+    path = tmp_path / "sq.safetensors"
+    save_file({"flax_named.kernel": square, "torch_named.weight": square, "lin.weight": square,
+               "renamed.kernel": square}, str(path))
+    flat = foreign.read_foreign(path, rename={r"lin\.weight": "lin/kernel", r"renamed\.kernel": "r/kernel"})
+    np.testing.assert_array_equal(np.asarray(flat["flax_named/kernel"]), square)  # Flax name: Flax layout
+    np.testing.assert_array_equal(np.asarray(flat["torch_named/kernel"]), square.T)
+    np.testing.assert_array_equal(np.asarray(flat["lin/kernel"]), square.T)  # a rule keeps the key's layout
+    np.testing.assert_array_equal(np.asarray(flat["r/kernel"]), square)
+    assert flat["torch_named/kernel"].source.endswith("(transposed)")
+    assert not flat["flax_named/kernel"].source.endswith("(transposed)")
+
+
 def test_one_d_weight_becomes_scale(tmp_path):
     save_file({"norm.weight": np.ones(4, np.float32)}, str(tmp_path / "n.safetensors"))
     assert list(foreign.read_foreign(tmp_path / "n.safetensors")) == ["norm/scale"]
@@ -328,8 +342,8 @@ def test_write_safetensors_needs_the_suffix_and_replaces_atomically(tmp_path):
 
 def test_an_explicit_layout_overrides_the_header_and_a_bad_header_is_named(tmp_path):
     path = tmp_path / "f.safetensors"
-    foreign.write_safetensors({"d": {"kernel": np.ones((2, 3), np.float32)}}, path, layout="flax")
-    assert foreign.read_foreign(path)["d/kernel"].shape == (2, 3)
+    foreign.write_safetensors({"d": {"weight": np.ones((2, 3), np.float32)}}, path, layout="flax")
+    assert foreign.read_foreign(path)["d/weight"].shape == (2, 3)
     assert foreign.read_foreign(path, layout="torch")["d/kernel"].shape == (3, 2)
     save_file({"d.kernel": np.ones((2, 3), np.float32)}, str(path), metadata={foreign.LAYOUT_KEY: "jax"})
     with pytest.raises(ValueError, match="jaxckpt_layout='jax'"):
