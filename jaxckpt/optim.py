@@ -10,6 +10,11 @@ prefix switches one pattern to glob syntax (`"glob:encoder/**"`). Each leaf gets
   of 0 is the same as freezing (`"frozen"`: no update and no optimizer moments), and 1 is `"train"`;
 * otherwise `"train"`.
 
+Every rule must label some leaf. A pattern that matches no path is an error, and so is a rule whose
+every match an earlier rule already labels (`freeze="encoder"` with `lr_multipliers="encoder:0.1"`,
+or `lr_multipliers=".*:2,head:5"`): it would silently do nothing, so the error names it and the
+rule that shadows it.
+
 The labels drive `optax.multi_transform`: frozen leaves get `optax.set_to_zero()`, so their updates
 are exactly zero (parameters stay bitwise unchanged) and the optimizer keeps no moments for them.
 A multiplier group runs its own copy of the optimizer followed by `optax.scale(m)`. For the
@@ -144,12 +149,15 @@ def trainable_labels(
 
     Raises:
         ValueError: if a pattern matches no parameter path (the error names the pattern and lists
-            the available paths), or a specification is malformed.
+            the available paths), a rule labels no leaf because earlier rules already label all it
+            matches (the error names both), or a specification is malformed.
     """
     freeze_patterns = parse_freeze(freeze)
     mult_rules = parse_lr_multipliers(lr_multipliers)
     rules = [(p, FROZEN) for p in freeze_patterns] + [(p, _mult_label(m)) for p, m in mult_rules]
-    return _label_tree(params, rules, TRAIN)
+    names = [f"freeze {p!r}" for p in freeze_patterns]
+    names += [f"lr_multipliers '{p}:{m:g}'" for p, m in mult_rules]
+    return _label_tree(params, rules, TRAIN, names, num_freeze=len(freeze_patterns))
 
 
 def describe_trainable(
@@ -201,7 +209,8 @@ def freeze_and_scale(
         whose state holds no moments for them.
 
     Raises:
-        ValueError: if a pattern matches no parameter path, or a specification is malformed.
+        ValueError: if a pattern matches no parameter path, a rule is shadowed by earlier ones (see
+            `trainable_labels`), or a specification is malformed.
 
     Example:
         >>> tx = freeze_and_scale(optax.adam(1e-3), params, freeze="encoder", lr_multipliers="head:10")
@@ -294,7 +303,8 @@ def make_optimizer(config: Any, params: Params, *, num_steps: int) -> optax.Grad
 
     Raises:
         ValueError: for an unknown optimizer or schedule, `weight_decay` with plain `adam`, or a
-            freeze / multiplier pattern that matches no parameter.
+            freeze / multiplier rule that labels no parameter (it matches none, or earlier rules
+            label all it matches).
 
     Example:
         >>> tx = make_optimizer(config.optimizer, params, num_steps=config.num_steps)
@@ -391,15 +401,41 @@ def _check_regex(pattern: str, where: str) -> None:
         raise ValueError(f"{where}: {e}") from None
 
 
-def _label_tree(tree: Params, rules: list[tuple[str, str]], default: str) -> Params:
+def _label_tree(tree: Params, rules: list[tuple[str, str]], default: str, names: list[str], *,
+                num_freeze: int) -> Params:
+    """`treepath.label_tree` (first match wins), refusing rules that would label no leaf.
+
+    `names[i]` says how the user wrote `rules[i]` (`"freeze 'encoder'"`), for the errors; the first
+    `num_freeze` rules are freeze patterns, the rest multipliers.
+    """
     patterns = [pattern for pattern, _ in rules]
-    unmatched = treepath.unmatched_patterns(treepath.tree_paths(tree), patterns, syntax="regex")
+    paths = treepath.tree_paths(tree)
+    unmatched = treepath.unmatched_patterns(paths, patterns, syntax="regex")
     if unmatched:
-        paths = treepath.tree_paths(tree)
         shown = ", ".join(paths[:20]) + (", ..." if len(paths) > 20 else "")
         raise ValueError(
             f"freeze/lr_multipliers pattern(s) {unmatched} match no parameter path. Patterns are "
             f"regexes matching a whole path or a whole ancestor (e.g. 'encoder', '.*/bias'); "
             f"paths are: {shown}"
         )
+    matcher = treepath.PathMatcher(patterns, syntax="regex")
+    winner = {path: matcher.first(path) for path in paths}
+    labelling = set(winner.values())
+    problems = []
+    for i in (i for i in range(len(rules)) if i not in labelling):
+        matched = treepath.PathMatcher([patterns[i]], syntax="regex").filter(paths)
+        earlier = sorted({winner[path] for path in matched})
+        shown = ", ".join(matched[:5]) + (", ..." if len(matched) > 5 else "")
+        if i >= num_freeze and all(j < num_freeze for j in earlier):
+            fix = "freezing wins over every multiplier: drop this rule or narrow the freeze pattern"
+        elif i < num_freeze:
+            fix = "it adds nothing: drop it"
+        else:
+            fix = "the first matching rule wins: put this rule before the one shadowing it, or drop it"
+        problems.append(
+            f"{names[i]} labels no parameter: every path it matches ({shown}) is already labelled by "
+            f"the earlier {' and '.join(names[j] for j in earlier)}; {fix}."
+        )
+    if problems:
+        raise ValueError(" ".join(problems))
     return treepath.label_tree(tree, rules, default, syntax="regex")

@@ -132,6 +132,34 @@ def test_unmatched_patterns_are_errors_naming_the_pattern():
         optim.make_optimizer(_config(lr_multipliers="backbone:0.1"), params, num_steps=10)
 
 
+@pytest.mark.parametrize("freeze, multipliers, message", [
+    ("encoder", "encoder:0.1",
+     r"lr_multipliers 'encoder:0.1' labels no parameter: every path it matches \(encoder/Dense_0/bias, .*\) "
+     r"is already labelled by the earlier freeze 'encoder'; freezing wins over every multiplier"),
+    ("", ".*:2,head:5",
+     r"lr_multipliers 'head:5' labels no parameter: every path it matches \(head/Dense_0/bias, "
+     r"head/Dense_0/kernel\) is already labelled by the earlier lr_multipliers '.\*:2'; the first matching "
+     r"rule wins: put this rule before"),
+    ("encoder,encoder/Dense_1", "", r"freeze 'encoder/Dense_1' labels no parameter.*earlier freeze 'encoder'"),
+    ("encoder", "fusion|head:2,.*/bias:0.5",
+     r"lr_multipliers '.\*/bias:0.5' .*earlier freeze 'encoder' and lr_multipliers 'fusion\|head:2'"),
+])
+def test_a_rule_that_earlier_rules_shadow_is_an_error_naming_both(freeze, multipliers, message):
+    params = _params()
+    with pytest.raises(ValueError, match=message):
+        optim.describe_trainable(params, freeze, multipliers)
+    # The config path names the fields to fix, too.
+    with pytest.raises(ValueError, match=r"optimizer\.freeze=.*optimizer\.lr_multipliers=.*labels no parameter"):
+        optim.make_optimizer(_config(freeze=freeze, lr_multipliers=multipliers), params, num_steps=10)
+
+
+def test_partly_shadowed_rules_are_fine():
+    # Each rule still labels something: 'encoder|head' labels encoder/Dense_1 and head, '.*:2' fusion.
+    described = optim.describe_trainable(_params(), freeze="encoder/Dense_0",
+                                         lr_multipliers="encoder|head:0.1,.*:2")
+    assert described["encoder/Dense_1/kernel"] == "x0.1" and described["fusion/Dense_0/bias"] == "x2"
+
+
 @pytest.mark.parametrize("spec, message", [
     ("a:b:c", "'c' is not a number"),
     ("head:fast", "'fast' is not a number"),
