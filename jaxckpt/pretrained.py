@@ -1,21 +1,25 @@
 """Weights-only loading: graft a checkpoint's params into a new model, reading only what is used.
 
-`load_params` reads the step's metadata, plans the graft on abstract leaves (`graft.plan`), then
-restores with Orbax's partial restore only the arrays the plan loads, each straight onto the
-sharding of the target leaf it fills. Optimizer state and unused params are never read.
+`load_params` takes every weights source the loop's `checkpoint.pretrained` takes: a jaxckpt run,
+checkpoint or step directory (or its `state/` item), `zoo:NAME`, a bare Orbax PyTree checkpoint of
+params, a `.safetensors` file or a PyTorch state dict. It reads the source's metadata, plans the
+graft on abstract leaves (`graft.plan`), then reads only the arrays the plan loads: from Orbax with
+a partial restore, each straight onto the sharding of the target leaf it fills; from a weights file
+tensor by tensor. Optimizer state and unused params are never read.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxckpt.foreign import RenameSpec, is_foreign, read_foreign
 from jaxckpt.graft import GraftReport, graft, plan
 from jaxckpt import treepath, zoo
 from jaxckpt.retention import RetentionPolicy
@@ -30,13 +34,25 @@ from jaxckpt.types import Params
 
 PARAMS_KEY = "params"
 _EXPECTED = (
-    "a run directory (holding checkpoints/), a checkpoint directory (holding <step>/ folders) "
-    "or a step directory (holding state/)"
+    "a run directory (holding checkpoints/), a checkpoint directory (holding <step>/ folders), "
+    "a step directory (holding state/) or its state/ item"
 )
+# Files Orbax writes at the top of every PyTree checkpoint (the state item included).
+_ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt")
 
 
 def _is_step_dir(path: pathlib.Path) -> bool:
     return (path / STATE_ITEM).is_dir()
+
+
+def _is_state_item(path: pathlib.Path) -> bool:
+    """`.../<step>/state`: the state item of a step directory named by its step."""
+    return path.name == STATE_ITEM and path.parent.name.isdigit() and path.is_dir()
+
+
+def _is_orbax_tree(path: pathlib.Path) -> bool:
+    """A bare Orbax PyTree checkpoint (e.g. `ocp.StandardCheckpointer().save(path, params)`)."""
+    return not _is_step_dir(path) and any((path / name).is_file() for name in _ORBAX_MARKERS)
 
 
 def _steps_in(checkpoint_dir: pathlib.Path) -> list[int]:
@@ -51,8 +67,9 @@ def resolve_checkpoint_path(path: os.PathLike | str) -> tuple[pathlib.Path, int 
 
     Args:
       path: a run directory (`WORKDIR`, holding `checkpoints/`), a checkpoint directory (holding
-        `<step>/` folders), one step directory (`.../checkpoints/<step>`, holding `state/`), or
-        `zoo:NAME` (that zoo entry's step).
+        `<step>/` folders), one step directory (`.../checkpoints/<step>`, holding `state/`), the
+        state item of one (`.../checkpoints/<step>/state`: that step), or `zoo:NAME` (that zoo
+        entry's step).
 
     Returns:
       `(checkpoint_dir, step)`: `step` is the step the path names, or None when the caller picks
@@ -66,10 +83,14 @@ def resolve_checkpoint_path(path: os.PathLike | str) -> tuple[pathlib.Path, int 
       (PosixPath('/abs/runs/digits/checkpoints'), None)
       >>> resolve_checkpoint_path("runs/digits/checkpoints/300")
       (PosixPath('/abs/runs/digits/checkpoints'), 300)
+      >>> resolve_checkpoint_path("runs/digits/checkpoints/300/state")
+      (PosixPath('/abs/runs/digits/checkpoints'), 300)
     """
     path = zoo.resolve(path).expanduser().absolute()
     if not path.exists():
         raise CheckpointNotFoundError(f"Checkpoint path {path} does not exist; expected {_EXPECTED}.")
+    if _is_state_item(path):
+        path = path.parent
     if _is_step_dir(path):
         if not path.name.isdigit():
             raise CheckpointNotFoundError(
@@ -137,10 +158,32 @@ def _sharding_of(leaf: Any) -> jax.sharding.Sharding | None:
     return getattr(leaf, "sharding", None) if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)) else None
 
 
+def _item_dir(checkpoint: pathlib.Path) -> pathlib.Path:
+    """The Orbax PyTree of a step directory (its state item) or of a bare PyTree checkpoint."""
+    return checkpoint / STATE_ITEM if _is_step_dir(checkpoint) else checkpoint
+
+
+def _read_metadata(checkpoint: pathlib.Path) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of a step directory's state or a bare PyTree checkpoint; reads no array."""
+    if _is_step_dir(checkpoint):
+        return read_state_metadata(checkpoint)
+    try:
+        tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(checkpoint)).tree
+    except Exception as e:
+        raise CheckpointCorruptError(
+            f"Cannot read the array metadata of the Orbax checkpoint {checkpoint}: {type(e).__name__}: "
+            f"{e}. It is incomplete or damaged; save it again.", checkpoint
+        ) from e
+    return {p: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)) for p, m in treepath.flatten(tree).items()}
+
+
 def _read_arrays(
-    step_dir: pathlib.Path, wanted: Mapping[str, tuple[jax.ShapeDtypeStruct, jax.sharding.Sharding | None]]
+    checkpoint: pathlib.Path, wanted: Mapping[str, tuple[jax.ShapeDtypeStruct, jax.sharding.Sharding | None]]
 ) -> dict[str, Any]:
-    """Partial Orbax restore of the `wanted` state paths only, each onto its sharding (or as numpy)."""
+    """Partial Orbax restore of the `wanted` tree paths only, each onto its sharding (or as numpy).
+
+    `checkpoint` is a step directory (its state item is read) or a bare PyTree checkpoint.
+    """
     if not wanted:
         return {}
     items, args = {}, {}
@@ -152,7 +195,7 @@ def _read_arrays(
             args[path] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=saved.shape, dtype=saved.dtype)
     try:
         restored = ocp.PyTreeCheckpointHandler().restore(
-            epath.Path(step_dir / STATE_ITEM),
+            epath.Path(_item_dir(checkpoint)),
             args=ocp.args.PyTreeRestore(
                 item=treepath.unflatten_dict(items),
                 restore_args=treepath.unflatten_dict(args),
@@ -161,10 +204,61 @@ def _read_arrays(
         )
     except Exception as e:
         raise CheckpointCorruptError(
-            f"Cannot read params from {step_dir}: {type(e).__name__}: {e}. Load another step.", step_dir
+            f"Cannot read params from {checkpoint}: {type(e).__name__}: {e}. Load another step.", checkpoint
         ) from e
     flat = treepath.flatten(restored)
     return {path: flat[path] for path in wanted}
+
+
+_Reader = Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+def _one_weights_set(path: Any, step: int | str | None, what: str) -> None:
+    if step not in (None, "latest"):
+        raise ValueError(
+            f"{path} is {what}, which holds one set of weights; step={step!r} applies only to run and "
+            "checkpoint directories. Drop step.")
+
+
+def _open_source(
+    path: os.PathLike | str,
+    step: int | str | None,
+    rename: RenameSpec,
+    best_metric: str | None,
+    best_mode: str,
+) -> tuple[dict[str, Any], _Reader]:
+    """The source's params as `{path: abstract or lazy leaf}` (nothing read), and their reader.
+
+    The reader takes `{source path: sharding or None}` and returns those arrays.
+    """
+    ref = zoo.resolve(path)
+    if is_foreign(ref):
+        if not ref.exists():
+            raise CheckpointNotFoundError(f"Weights file {ref} does not exist.")
+        _one_weights_set(ref, step, "a weights file")
+        leaves = read_foreign(ref, rename=rename)
+        return leaves, lambda wanted: {p: np.asarray(leaves[p]) for p in wanted}
+    if rename:
+        raise ValueError(
+            f"rename= maps the tensor names of .safetensors/.pt/.pth/.bin files to tree paths, but {path} "
+            "is an Orbax checkpoint, whose names are tree paths already. Drop rename, and move subtrees "
+            "with mapping={'source_prefix': 'target_prefix'} instead.")
+    ref = ref.expanduser().absolute()
+    if not _is_state_item(ref) and _is_orbax_tree(ref):
+        _one_weights_set(ref, step, "a bare Orbax PyTree checkpoint")
+        checkpoint = ref
+    else:
+        checkpoint = resolve_step_dir(ref, step, best_metric=best_metric, best_mode=best_mode)
+    saved = _read_metadata(checkpoint)
+    # jaxckpt steps hold the whole train state; a params-only tree is used as it is.
+    prefix = PARAMS_KEY + "/" if any(p.startswith(PARAMS_KEY + "/") for p in saved) else ""
+    leaves = {p[len(prefix) :]: sds for p, sds in saved.items() if p.startswith(prefix)}
+
+    def read(wanted: Mapping[str, Any]) -> dict[str, Any]:
+        arrays = _read_arrays(checkpoint, {prefix + p: (leaves[p], sharding) for p, sharding in wanted.items()})
+        return {p[len(prefix) :]: a for p, a in arrays.items()}
+
+    return leaves, read
 
 
 def load_params(
@@ -178,11 +272,22 @@ def load_params(
     adapters: str | Mapping[str, Any] | None = None,
     best_metric: str | None = None,
     best_mode: str = "min",
+    rename: RenameSpec = None,
 ) -> tuple[Params, GraftReport]:
-    """Grafts a checkpoint's params into `target_params`, reading only the arrays it loads.
+    r"""Grafts a checkpoint's or weights file's params into `target_params`, reading only what it loads.
+
+    Accepts every source the loop's `checkpoint.pretrained` accepts, so the Python API and the config
+    load the same things the same way.
 
     Args:
-      path: a run directory, checkpoint directory or step directory (see `resolve_checkpoint_path`).
+      path: where the weights are:
+        * a jaxckpt run directory, checkpoint directory, step directory, a step's `state/` item or
+          `zoo:NAME` (see `resolve_checkpoint_path`); their `params` subtree is the source;
+        * a bare Orbax PyTree checkpoint directory (holding `_METADATA`/`manifest.ocdbt`, no
+          `state/`), e.g. written by `ocp.StandardCheckpointer().save(path, params)`; the whole tree
+          is the source unless it has a top-level `params`;
+        * a `.safetensors` file or a PyTorch state dict (`.pt`/`.pth`/`.bin`, needs torch), read
+          through `jaxckpt.read_foreign` (names via `rename`).
       target_params: the new model's params: fresh arrays (unloaded leaves keep them), or
         `jax.ShapeDtypeStruct`s (loaded leaves come back as `jax.Array`s on their shardings, or
         on the default device when they have none; the others stay abstract for the caller to
@@ -190,30 +295,33 @@ def load_params(
       mapping: source prefix -> target prefix, as for `graft` (None: the whole tree onto itself).
       skip: regexes of target paths to keep fresh.
       strict: raise (before reading any array) if a leaf is missing, mismatched or unused.
-      step: None/"latest", "best" (with `best_metric`) or a step number.
+      step: None/"latest", "best" (with `best_metric`) or a step number; only None/"latest" for a
+        bare Orbax checkpoint or a weights file, which hold one set of weights.
       adapters: shape adapters, as for `graft`.
       best_metric: the metric ranking steps for `step="best"`.
       best_mode: "min" or "max" for `step="best"`.
+      rename: for weights files only: rules mapping tensor names to tree paths (see
+        `jaxckpt.foreign.parse_rename`), e.g. `r"bert\.(.*)=>encoder/\1"`.
 
     Returns:
       `(params, report)`: params shaped like `target_params`, and the `GraftReport`.
 
     Raises:
-      CheckpointNotFoundError: if the path or step holds no checkpoint.
-      CheckpointCorruptError: if the needed arrays cannot be read.
+      CheckpointNotFoundError: if the path, file or step does not exist or holds no checkpoint.
+      CheckpointCorruptError: if the metadata or the needed arrays cannot be read.
+      ImportError: for a PyTorch file without torch installed.
       ValueError: in strict mode, one error listing every problem leaf; for rules matching nothing;
-        for an adapter onto an abstract target leaf. All are raised before any array is read.
+        for an adapter onto an abstract target leaf; for `step` with a single set of weights; for
+        `rename` with an Orbax checkpoint. All are raised before any array is read.
 
     Example:
       >>> params, report = load_params("runs/pretrain", fresh_params, mapping={"encoder": "encoder"},
       ...                              strict=False)
+      >>> params, report = load_params("bert.safetensors", fresh_params, rename=r"bert\.(.*)=>encoder/\1",
+      ...                              strict=False)
       >>> print(report)
     """
-    step_dir = resolve_step_dir(path, step, best_metric=best_metric, best_mode=best_mode)
-    saved = read_state_metadata(step_dir)
-    # jaxckpt steps hold the whole train state; a params-only tree is used as it is.
-    prefix = PARAMS_KEY + "/" if any(p.startswith(PARAMS_KEY + "/") for p in saved) else ""
-    source = {p[len(prefix) :]: sds for p, sds in saved.items() if p.startswith(prefix)}
+    source, read = _open_source(path, step, rename, best_metric, best_mode)
     report = plan(source, target_params, mapping=mapping, skip=skip, adapters=adapters)
     if strict:
         report.check()
@@ -222,9 +330,8 @@ def load_params(
     wanted = {}
     for entry in report.loaded + report.adapted:
         same_shape = tuple(source[entry.source].shape) == tuple(np.shape(targets[entry.path]))
-        wanted[prefix + entry.source] = (source[entry.source], _sharding_of(targets[entry.path]) if same_shape else None)
-    arrays = _read_arrays(step_dir, wanted)
-    source.update({p[len(prefix) :]: a for p, a in arrays.items()})
+        wanted[entry.source] = _sharding_of(targets[entry.path]) if same_shape else None
+    source.update(read(wanted))
     params, report = graft(source, target_params, mapping=mapping, skip=skip, strict=strict, adapters=adapters)
     abstract_loaded = [e for e in report.loaded if isinstance(targets[e.path], jax.ShapeDtypeStruct)]
     if abstract_loaded:

@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 from jaxckpt import treepath
 from jaxckpt.checkpoint import CheckpointManager
 from jaxckpt.errors import UserError
-from jaxckpt.foreign import graft_foreign, is_foreign
+from jaxckpt.foreign import is_foreign
 from jaxckpt.pretrained import load_params, resolve_checkpoint_path
 from jaxckpt.state import TrainState
 from jaxckpt.stepdir import CheckpointCorruptError
@@ -236,22 +236,24 @@ def split_patterns(spec: str | Any) -> tuple[str, ...]:
 
 
 def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
-    """Weights-only load of `path` into `fresh_params` through `graft`, per the checkpoint config.
+    """Weights-only load of `path` into `fresh_params` through `load_params`, per the checkpoint config.
 
-    `path` may be a run directory, checkpoint directory, step directory, `zoo:NAME`, a `.safetensors`
-    file or a PyTorch state dict (`.pt`/`.pth`/`.bin`). Only the arrays the graft loads are read.
+    `path` is anything `jaxckpt.pretrained.load_params` takes: a run, checkpoint or step directory,
+    a step's `state/` item, `zoo:NAME`, a bare Orbax PyTree checkpoint, a `.safetensors` file or a
+    PyTorch state dict (`.pt`/`.pth`/`.bin`). Only the arrays the graft loads are read.
 
     Returns:
       `(params, GraftReport)`.
+
+    Raises:
+      UserError: for a missing weights file, or any graft or option error (reworded as the config
+        fields that fix it).
     """
-    options = dict(mapping=ck.mapping or None, skip=split_patterns(ck.skip), strict=ck.strict,
-                   adapters=ck.adapters or None)
+    if is_foreign(path) and not Path(path).exists():
+        raise UserError(f"checkpoint.pretrained={path} does not exist.")
     try:
-        if is_foreign(path):
-            if not Path(path).exists():
-                raise UserError(f"checkpoint.pretrained={path} does not exist.")
-            return graft_foreign(path, fresh_params, rename=ck.rename or None, **options)
-        return load_params(resolve_ref(path), fresh_params, **options)
+        return load_params(path, fresh_params, mapping=ck.mapping or None, skip=split_patterns(ck.skip),
+                           strict=ck.strict, adapters=ck.adapters or None, rename=ck.rename or None)
     except ValueError as e:
         raise UserError(
             f"{e}\nIn a config these are --config.checkpoint.strict=False, checkpoint.mapping='src:dst,...', "

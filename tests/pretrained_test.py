@@ -1,13 +1,19 @@
 """Tests for jaxckpt.pretrained: path resolution and weights-only loading through graft."""
 
+import sys
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
-from jaxckpt import pretrained
+from jaxckpt import foreign, pretrained
 from jaxckpt.checkpoint import CheckpointManager, CheckpointNotFoundError
+from jaxckpt.errors import UserError
+from jaxckpt.sources import load_pretrained
 from jaxckpt.pretrained import load_params, resolve_checkpoint_path, resolve_step_dir
 from jaxckpt.state import TrainState
 
@@ -157,3 +163,114 @@ def test_adapter_onto_concrete_target_resizes(run_dir):
     head = np.asarray(params["head"]["kernel"])
     np.testing.assert_array_equal(head[:, :3], np.asarray(_params(10)["head"]["kernel"]))
     assert not head[:, 3:].any()
+
+
+def _assert_params_equal(got, want):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert isinstance(a, jax.Array), type(a)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_state_item_of_a_step_loads_that_step(run_dir):
+    item = run_dir / "checkpoints" / "10" / "state"
+    assert resolve_checkpoint_path(item) == (run_dir / "checkpoints", 10)
+    params, report = load_params(item, jax.tree.map(jnp.zeros_like, _params(0)))
+    assert report.ok
+    _assert_params_equal(params, _params(10))
+
+
+@pytest.fixture
+def orbax_tree(tmp_path):
+    """A bare Orbax PyTree checkpoint of params (no state/, no steps), as StandardCheckpointer writes it."""
+    path = tmp_path / "bare"
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, _params(5))
+    return path
+
+
+def test_bare_orbax_tree_reads_only_the_loaded_arrays_onto_their_shardings(orbax_tree, monkeypatch):
+    asked = []
+    real = pretrained._read_arrays
+
+    def spy(checkpoint, wanted):
+        asked.append(sorted(wanted))
+        return real(checkpoint, wanted)
+    monkeypatch.setattr(pretrained, "_read_arrays", spy)
+    sharding = jax.sharding.NamedSharding(jax.make_mesh((4,), ("d",)), P("d"))
+    target = {"encoder": {"kernel": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=sharding),
+                          "bias": jax.ShapeDtypeStruct((4,), jnp.float32)},
+              "head": {"kernel": jax.ShapeDtypeStruct((4, 9), jnp.float32)}}
+    params, report = load_params(orbax_tree, target, strict=False)
+    assert asked == [["encoder/bias", "encoder/kernel"]]  # the mismatched head is never read
+    assert [e.path for e in report.mismatched] == ["head/kernel"]
+    _assert_params_equal(params["encoder"], _params(5)["encoder"])
+    assert params["encoder"]["kernel"].sharding.is_equivalent_to(sharding, 2)
+
+
+def test_bare_orbax_tree_with_params_key_and_concrete_target(tmp_path):
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "bare", {"params": _params(5), "step": 3})
+    params, report = load_params(tmp_path / "bare", jax.tree.map(jnp.zeros_like, _params(0)))
+    assert report.ok
+    _assert_params_equal(params, _params(5))
+
+
+def test_single_weight_sets_refuse_a_step(orbax_tree, tmp_path):
+    with pytest.raises(ValueError, match=r"bare Orbax PyTree checkpoint.*step=10 applies only"):
+        load_params(orbax_tree, _params(0), step=10)
+    foreign.write_safetensors(_params(5), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match=r"a weights file.*step='best' applies only"):
+        load_params(tmp_path / "w.safetensors", _params(0), step="best")
+
+
+def test_safetensors_file_with_rename_reads_only_the_loaded_tensors(tmp_path, monkeypatch):
+    path = tmp_path / "w.safetensors"
+    foreign.write_safetensors(_params(5), path, layout="flax")
+    real = foreign.read_foreign
+
+    def never_read_head(*args, **kwargs):
+        leaves = real(*args, **kwargs)
+        leaves["head/kernel"]._read = lambda: pytest.fail("the mismatched head was read")
+        return leaves
+    monkeypatch.setattr(pretrained, "read_foreign", never_read_head)
+    target = {"backbone": jax.tree.map(jnp.zeros_like, _params(0)["encoder"]), "head": {"kernel": jnp.zeros((4, 9))}}
+    params, report = load_params(path, target, rename=r"encoder\.(.*)=>backbone/\1", strict=False)
+    assert [e.path for e in report.mismatched] == ["head/kernel"]
+    _assert_params_equal(params["backbone"], _params(5)["encoder"])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+    params, _ = load_params(path, abstract, rename={r"encoder\.(.*)": r"backbone/\1"}, strict=False)
+    _assert_params_equal(params["backbone"], _params(5)["encoder"])
+
+
+def test_torch_file_goes_to_the_torch_reader(tmp_path, monkeypatch):
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "torch", None)  # Makes `import torch` fail.
+    with pytest.raises(ImportError, match="needs torch"):
+        load_params(path, _params(0))
+
+
+def test_missing_weights_file_and_misplaced_rename(run_dir, tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="Weights file .*nope.safetensors does not exist"):
+        load_params(tmp_path / "nope.safetensors", _params(0))
+    with pytest.raises(ValueError, match=r"rename= maps the tensor names .* Drop rename"):
+        load_params(run_dir, _params(0), rename="a=>b")
+
+
+def _ck(**fields):
+    return types.SimpleNamespace(**{"mapping": "", "skip": "", "strict": True, "adapters": "", "rename": "",
+                                    **fields})
+
+
+def test_load_pretrained_takes_what_load_params_takes(orbax_tree, tmp_path):
+    params, report = load_pretrained(str(orbax_tree), jax.tree.map(jnp.zeros_like, _params(0)), _ck())
+    assert report.ok
+    _assert_params_equal(params, _params(5))
+    foreign.write_safetensors(_params(5), tmp_path / "w.safetensors")
+    params, _ = load_pretrained(str(tmp_path / "w.safetensors"), jax.tree.map(jnp.zeros_like, _params(0)), _ck())
+    _assert_params_equal(params, _params(5))
+    with pytest.raises(UserError, match=r"checkpoint.pretrained=.*nope.pt does not exist\.$"):
+        load_pretrained(str(tmp_path / "nope.pt"), _params(0), _ck())
+    with pytest.raises(UserError, match=r"(?s)Drop rename.*In a config these are"):
+        load_pretrained(str(orbax_tree), _params(0), _ck(rename="a=>b"))
