@@ -102,7 +102,7 @@ def _split_micro(x: jax.Array, k: int) -> jax.Array:
     return x.reshape((k, x.shape[0] // k) + x.shape[1:])
 
 
-def make_eval_step(metrics_fn: Callable[[Params, Batch], Mapping[str, jax.Array]]) -> EvalStep:
+def make_eval_step(metrics_fn: Callable[..., Mapping[str, jax.Array]], *, model_state: bool = False) -> EvalStep:
     """Builds `eval_step(state, batch) -> summed metrics` from per-example metrics.
 
     Sums (not means) are returned, weighted by `batch["mask"]` when present (0 marks padding), with
@@ -111,6 +111,10 @@ def make_eval_step(metrics_fn: Callable[[Params, Batch], Mapping[str, jax.Array]
 
     Args:
       metrics_fn: `metrics_fn(params, batch) -> {name: per-example values of shape [batch]}`.
+        With `model_state=True`: `metrics_fn(params, model_state, batch) -> {...}`.
+      model_state: whether `metrics_fn` reads `state.model_state` (e.g. batch norm evaluating with
+        its running statistics, as `make_train_step(model_state=True)` keeps them). It is read,
+        never updated.
 
     Returns:
       A pure `eval_step`.
@@ -125,7 +129,10 @@ def make_eval_step(metrics_fn: Callable[[Params, Batch], Mapping[str, jax.Array]
     """
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-        per_example = metrics_fn(state.params, batch)
+        if model_state:
+            per_example = metrics_fn(state.params, state.model_state, batch)
+        else:
+            per_example = metrics_fn(state.params, batch)
         some = next(iter(per_example.values()))
         mask = batch.get("mask")
         mask = jnp.ones(some.shape[:1], jnp.float32) if mask is None else mask.astype(jnp.float32)
@@ -159,17 +166,24 @@ def mean_metrics(total: Mapping[str, Any]) -> dict[str, float]:
     return means
 
 
-def make_predict_step(predict_fn: Callable[[Params, Batch], jax.Array]) -> Callable[[TrainState, Batch], jax.Array]:
+def make_predict_step(
+    predict_fn: Callable[..., jax.Array], *, model_state: bool = False
+) -> Callable[[TrainState, Batch], jax.Array]:
     """Builds `predict_step(state, batch) -> predict_fn(state.params, batch)`.
 
     Args:
       predict_fn: `predict_fn(params, batch) -> outputs` (e.g. class probabilities).
+        With `model_state=True`: `predict_fn(params, model_state, batch) -> outputs`.
+      model_state: whether `predict_fn` reads `state.model_state` (e.g. batch-norm running
+        statistics); it is read, never updated.
 
     Returns:
       A pure `predict_step`.
     """
 
     def predict_step(state: TrainState, batch: Batch) -> jax.Array:
+        if model_state:
+            return predict_fn(state.params, state.model_state, batch)
         return predict_fn(state.params, batch)
 
     return predict_step

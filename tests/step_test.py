@@ -131,3 +131,43 @@ def test_predict_step():
     step = jax.jit(make_predict_step(lambda p, b: b["x"] @ p["w"]))
     out = step(_state(), {"x": jnp.ones((2, 3))})
     np.testing.assert_allclose(out, [3.0, 3.0])
+
+
+def _batch_norm_state():
+    """A state whose model_state holds running statistics the eval/predict functions must use."""
+    return _state().replace(model_state={"mean": jnp.asarray([1.0, 2.0, 3.0]), "var": jnp.asarray([4.0, 4.0, 4.0])})
+
+
+def _normalise(params, model_state, x):
+    return ((x - model_state["mean"]) / jnp.sqrt(model_state["var"])) @ params["w"]
+
+
+def test_eval_step_reads_model_state_in_one_trace():
+    @chex.assert_max_traces(n=1)
+    def metrics_fn(params, model_state, batch):
+        return {"out": _normalise(params, model_state, batch["x"])}
+
+    eval_step = jax.jit(make_eval_step(metrics_fn, model_state=True))
+    state = _batch_norm_state()
+    x = np.asarray([[3.0, 4.0, 5.0], [1.0, 2.0, 3.0]], np.float32)  # rows normalise to (1,1,1) and 0
+    for _ in range(3):
+        totals = eval_step(state, {"x": x})
+    # w = (0, 1, 2): the sum over the batch is 3 + 0, so the running statistics were used.
+    assert float(totals["out"]) == pytest.approx(3.0) and float(totals["count"]) == 2
+    # New statistics are new values, not a new trace.
+    other = state.replace(model_state={"mean": jnp.zeros(3), "var": jnp.ones(3)})
+    assert float(eval_step(other, {"x": x})["out"]) == pytest.approx(14.0 + 8.0)
+
+
+def test_predict_step_reads_model_state_in_one_trace():
+    @chex.assert_max_traces(n=1)
+    def predict_fn(params, model_state, batch):
+        return _normalise(params, model_state, batch["x"])
+
+    step = jax.jit(make_predict_step(predict_fn, model_state=True))
+    state = _batch_norm_state()
+    x = jnp.asarray([[3.0, 4.0, 5.0]])
+    for _ in range(3):
+        np.testing.assert_allclose(step(state, {"x": x}), [3.0])
+    other = state.replace(model_state={"mean": jnp.zeros(3), "var": jnp.ones(3)})
+    np.testing.assert_allclose(step(other, {"x": x}), [14.0])
