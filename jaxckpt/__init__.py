@@ -2,8 +2,10 @@
 
 from jaxckpt import distributed
 from jaxckpt.checkpoint import CheckpointManager
+from jaxckpt.errors import UserError
 from jaxckpt.foreign import graft_foreign
 from jaxckpt.foreign import read_foreign
+from jaxckpt.foreign import write_safetensors
 from jaxckpt.graft import GraftEntry
 from jaxckpt.graft import GraftReport
 from jaxckpt.graft import graft
@@ -22,12 +24,16 @@ from jaxckpt.preemption import PREEMPTED_EXIT_CODE
 from jaxckpt.preemption import Preempted
 from jaxckpt.pretrained import load_params
 from jaxckpt.pretrained import resolve_checkpoint_path
+from jaxckpt.retention import RetentionPolicy
 from jaxckpt.state import TrainState
 from jaxckpt.step import make_eval_step
 from jaxckpt.step import make_predict_step
 from jaxckpt.step import make_train_step
 from jaxckpt.step import mean_metrics
 from jaxckpt.step import sum_metrics
+from jaxckpt.stepdir import CheckpointCorruptError
+from jaxckpt.stepdir import CheckpointNotFoundError
+from jaxckpt.stepdir import CheckpointSaveError
 from jaxckpt.task import Task
 from jaxckpt.task import load_task
 from jaxckpt.treepath import flatten
@@ -35,19 +41,26 @@ from jaxckpt.treepath import label_tree
 from jaxckpt.treepath import match
 from jaxckpt.treepath import unflatten
 from jaxckpt.treepath import unflatten_dict
+from jaxckpt.workdir import WorkdirError
 from jaxckpt.workdir import WorkdirLock
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "CheckpointCorruptError",
     "CheckpointManager",
+    "CheckpointNotFoundError",
+    "CheckpointSaveError",
     "GraftEntry",
     "GraftReport",
     "NonFiniteLossError",
     "PREEMPTED_EXIT_CODE",
     "Preempted",
+    "RetentionPolicy",
     "Task",
     "TrainState",
+    "UserError",
+    "WorkdirError",
     "WorkdirLock",
     "describe_trainable",
     "distributed",
@@ -76,4 +89,5 @@ __all__ = (
     "train_and_evaluate",
     "unflatten",
     "unflatten_dict",
+    "write_safetensors",
 )
