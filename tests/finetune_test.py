@@ -7,14 +7,16 @@ import math
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 import jaxckpt
+from experiments.configs import digits
 from jaxckpt import cli, foreign, treepath
 from jaxckpt.errors import UserError
 from jaxckpt.sources import load_pretrained
 from jaxckpt.stepdir import read_state_metadata
 from jaxckpt.task import load_task
-from tests.runs import ROOT, tiny_config
+from tests.runs import ROOT, override, tiny_config
 
 # Adam keeps two moments (mu, nu) per trainable float32 value.
 _ADAM_MOMENTS = 2
@@ -196,3 +198,62 @@ def test_exported_weights_load_from_a_pytorch_state_dict(tmp_path, data_dir, pre
     params, report = load_pretrained(str(path), _fresh_params(config), config.checkpoint)
     assert report.ok
     _assert_same_model(config, params, pretrained)
+
+
+# The digits model's default shapes (experiments/configs/digits.py: encoder_dims=(128,), fusion_dims=(64,),
+# 64 pixels in, 10 digits out) as a PyTorch nn.Sequential(Linear, ReLU, Linear, ReLU, Linear) names them.
+_SEQUENTIAL_SHAPES = {"0.weight": (128, 64), "0.bias": (128,), "2.weight": (64, 128), "2.bias": (64,),
+                      "4.weight": (10, 64), "4.bias": (10,)}
+# checkpoint.rename rules from the Sequential's indices to the Flax model's paths.
+_SEQUENTIAL_RENAME = (r"0\.weight=>encoder/Dense_0/kernel;0\.bias=>encoder/Dense_0/bias;"
+                      r"2\.weight=>fusion/Dense_0/kernel;2\.bias=>fusion/Dense_0/bias;"
+                      r"4\.weight=>head/kernel;4\.bias=>head/bias")
+
+
+def _graft_into_digits_model(path, data_dir):
+    """Grafts `path` into the default digits model as `checkpoint.pretrained` does, strictly."""
+    config = override(digits.get_config(), **{"data.data_dir": str(data_dir), "checkpoint.pretrained": str(path),
+                                              "checkpoint.rename": _SEQUENTIAL_RENAME})
+    assert config.checkpoint.strict
+    task = load_task(config)
+    params, report = load_pretrained(str(path), _fresh_params(config), config.checkpoint)
+    assert report.ok and report.counts["loaded"] == 6, report
+    return lambda images: np.asarray(task.model.apply({"params": params}, images, deterministic=True))
+
+
+def _random_images(n=32):
+    return np.random.default_rng(0).uniform(0, 16, size=(n, 8, 8)).astype(np.float32)  # pixels are 0..16
+
+
+def test_pytorch_mlp_saved_as_safetensors_gives_the_digits_model_its_logits(tmp_path, data_dir):
+    """Needs no torch: the tensors are built in PyTorch's names and (out, in) layout with numpy."""
+    rng = np.random.default_rng(1)
+    state = {k: rng.uniform(-0.1, 0.1, size=s).astype(np.float32) for k, s in _SEQUENTIAL_SHAPES.items()}
+    path = tmp_path / "mlp.safetensors"
+    save_file(state, str(path))
+    images = _random_images()
+
+    def linear(i, h):  # torch.nn.Linear: x @ weight.T + bias
+        return h @ state[f"{i}.weight"].T + state[f"{i}.bias"]
+    reference = linear(4, np.maximum(linear(2, np.maximum(linear(0, images.reshape(len(images), 64)), 0)), 0))
+    logits = _graft_into_digits_model(path, data_dir)(images)
+    assert logits.shape == (32, 10)
+    np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_pytorch_mlp_state_dict_as_pt_and_safetensors_gives_the_digits_model_its_logits(tmp_path, data_dir):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file as save_torch_file
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 10)).eval()
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == _SEQUENTIAL_SHAPES
+    torch.save(net.state_dict(), tmp_path / "mlp.pt")
+    save_torch_file(net.state_dict(), str(tmp_path / "mlp.safetensors"))
+    images = _random_images()
+    with torch.no_grad():
+        reference = net(torch.from_numpy(images.reshape(len(images), 64))).numpy()
+    for name in ("mlp.pt", "mlp.safetensors"):
+        logits = _graft_into_digits_model(tmp_path / name, data_dir)(images)
+        np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-5, err_msg=name)

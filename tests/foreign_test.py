@@ -19,7 +19,12 @@ HIDDEN = 16
 
 
 class _MLP(nn.Module):
-    """The digits model's parameter structure: encoder/Dense_{0,1}, fusion/Dense_0, head/Dense_0."""
+    """A two-layer encoder, so that rename rules with group references are exercised.
+
+    `_Model` is shaped like the digits model (encoder -> fusion -> head) but is not it: the digits
+    model has one encoder layer and its head is `head/kernel`, not `head/Dense_0/kernel`. The digits
+    model itself is grafted from a PyTorch MLP in tests/finetune_test.py.
+    """
 
     @nn.compact
     def __call__(self, x):
