@@ -323,10 +323,19 @@ def evaluate(config: Any, workdir: str | Path, *, split: str = "val") -> dict[st
     """Evaluates a trained model on `split` and writes `eval_<split>_<step>.json`.
 
     The model comes from the workdir's own checkpoint (best with `checkpoint.resume_best`) or from
-    `checkpoint.resume_file`.
+    `checkpoint.resume_file`. Means are over examples (padding excluded), not over batches.
+
+    Args:
+      config: the experiment config (its `task`, `eval.batch_size` and `checkpoint` fields are used).
+      workdir: the run directory; the JSON file is written there (by process 0).
+      split: the dataset split to evaluate, e.g. "val" or "test".
 
     Returns:
       `{"step", "split", "num_examples", <metric>: value, ...}`.
+
+    Raises:
+      UserError: if the workdir has no checkpoint and `checkpoint.resume_file` is unset, or the
+        checkpoint to evaluate is corrupt.
     """
     workdir = Path(workdir)
     task, state, step, mesh = _load_for_inference(config, workdir)
@@ -341,7 +350,23 @@ def evaluate(config: Any, workdir: str | Path, *, split: str = "val") -> dict[st
 
 
 def predict(config: Any, workdir: str | Path, *, split: str = "test") -> Path:
-    """Writes `predictions.csv` (`id`, `prediction`, `prob_<class>`...) for every example of `split`."""
+    """Writes `predictions.csv` (`id`, `prediction`, `prob_<class>`...) for every example of `split`.
+
+    The model comes from the same place as for `evaluate`. The CSV is written to a temporary file
+    and renamed, so an interrupted run never leaves a partial `predictions.csv`.
+
+    Args:
+      config: the experiment config (its `task`, `eval.batch_size` and `checkpoint` fields are used).
+      workdir: the run directory; the CSV is written there (by process 0).
+      split: the dataset split to predict, e.g. "test".
+
+    Returns:
+      The path of `predictions.csv`.
+
+    Raises:
+      UserError: if there is no model to predict with, or the checkpoint is corrupt.
+      ValueError: if `eval.batch_size` does not divide over the devices.
+    """
     workdir = Path(workdir)
     task, state, step, mesh = _load_for_inference(config, workdir)
     distributed.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
@@ -370,5 +395,21 @@ def predict(config: Any, workdir: str | Path, *, split: str = "test") -> Path:
 
 
 def run_or_exit(config: Any, workdir: str | Path) -> int:
-    """`run` for command lines: returns an exit code, printing user errors without a traceback."""
+    """`run` for command lines: returns an exit code, printing user errors without a traceback.
+
+    Args:
+      config: as for `run`.
+      workdir: as for `run`.
+
+    Returns:
+      0 on success; `jaxckpt.errors.USER_ERROR_EXIT_CODE` (2) after printing a user error (bad
+      config, path or input) as one line to stderr; `PREEMPTED_EXIT_CODE` (75) when a signal
+      stopped a train run after saving, so a scheduler reruns it to continue.
+
+    Raises:
+      Exception: any error that is not the user's (a bug), with its traceback.
+
+    Example:
+      >>> sys.exit(run_or_exit(config, "runs/digits"))  # doctest: +SKIP
+    """
     return exit_code_of(run, config, workdir)

@@ -150,14 +150,37 @@ def make_eval_step(metrics_fn: Callable[..., Mapping[str, jax.Array]], *, model_
 
 
 def sum_metrics(total: Mapping[str, Any] | None, sums: Mapping[str, Any]) -> dict[str, Any]:
-    """Adds one batch's summed metrics to a running total (`None` starts a new total)."""
+    """Adds one batch's summed metrics to a running total (`None` starts a new total).
+
+    Args:
+      total: the running total so far, or None before the first batch.
+      sums: one `eval_step` result: `{name: sum over the batch, "count": examples}`.
+
+    Returns:
+      The new total, a new dict (neither argument is changed); values stay device arrays, so
+      summing does not wait for the device.
+    """
     if total is None:
         return dict(sums)
     return {k: total[k] + sums[k] for k in total}
 
 
 def mean_metrics(total: Mapping[str, Any]) -> dict[str, float]:
-    """Turns summed metrics into per-example means (host floats), plus `num_examples`."""
+    """Turns summed metrics into per-example means (host floats), plus `num_examples`.
+
+    Args:
+      total: summed metrics with the example count under `"count"` (from `sum_metrics`).
+
+    Returns:
+      `{name: sum / count, ..., "num_examples": count}` as Python floats (and an int count).
+
+    Raises:
+      ValueError: if no example was evaluated (`count` is 0).
+
+    Example:
+      >>> mean_metrics({"loss": 6.0, "count": 4.0})
+      {'loss': 1.5, 'num_examples': 4}
+    """
     count = float(total[COUNT])
     if count <= 0:
         raise ValueError("no examples were evaluated (count is 0); is the split empty?")
@@ -179,6 +202,14 @@ def make_predict_step(
 
     Returns:
       A pure `predict_step`.
+
+    Example:
+      >>> def predict_fn(params, batch):
+      ...   return jax.nn.softmax(batch["x"] @ params["w"])
+      >>> predict_step = jax.jit(make_predict_step(predict_fn))
+      >>> probs = predict_step(state, {"x": x})  # doctest: +SKIP
+      >>> probs.argmax(-1)  # doctest: +SKIP
+      Array([2, 0, 1], dtype=int32)
     """
 
     def predict_step(state: TrainState, batch: Batch) -> jax.Array:

@@ -264,6 +264,15 @@ def unflatten(
 def unflatten_dict(flat: Mapping[str, Any]) -> dict[str, Any]:
     """Builds plain nested dicts from `{path: leaf}`.
 
+    Unlike `unflatten`, no `like` tree is needed: every node becomes a dict, so
+    lists, tuples and dataclasses come back as dicts keyed by their path names.
+
+    Args:
+        flat: `{"a/b/c": leaf}`; the order of keys is the order of the dicts built.
+
+    Returns:
+        Nested dicts holding the leaves (the leaves themselves are not copied).
+
     Raises:
         ValueError: if a path is both a leaf and the parent of another path, or a
             path is empty or has an empty name.
@@ -440,6 +449,22 @@ class PathMatcher:
 def match(paths: Iterable[str], pattern: str, *,
           syntax: str = "glob") -> list[str]:
     """The paths a pattern matches, in order.
+
+    A pattern matches a path when it matches the whole path or the whole path of
+    one of its ancestors (see the module docstring), so `"enc"` matches
+    `"enc/kernel"` but not `"encoder/kernel"`.
+
+    Args:
+        paths: the paths to filter, e.g. `flatten(params).keys()`.
+        pattern: a glob or regex pattern; a `re:` or `glob:` prefix overrides
+            `syntax`.
+        syntax: `"glob"` (default) or `"regex"`, for a pattern without a prefix.
+
+    Returns:
+        The paths the pattern matches, in the order of `paths` (empty if none).
+
+    Raises:
+        ValueError: for an empty pattern, an unknown syntax or a bad regex.
 
     Example:
         >>> match(["enc/kernel", "enc/bias", "head/kernel"], "*/kernel")

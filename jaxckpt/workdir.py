@@ -42,6 +42,18 @@ class WorkdirLock:
         self._fd: int | None = None
 
     def acquire(self) -> "WorkdirLock":
+        """Takes the lock without waiting; it is dropped by `release` or when the process dies.
+
+        Creates the workdir if needed and writes this process's pid and host into `.lock`, so the
+        next process refused the lock can say who holds it.
+
+        Returns:
+          This lock, held.
+
+        Raises:
+          WorkdirError: if another process holds the lock; the message names it.
+          OSError: if the lock file cannot be created or locked for another reason.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -61,6 +73,10 @@ class WorkdirLock:
         return self
 
     def release(self) -> None:
+        """Drops the lock if this object holds it; calling it again, or unheld, does nothing.
+
+        The `.lock` file stays (an unlocked file is not a lock), holding the last holder's pid.
+        """
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)

@@ -102,3 +102,20 @@ def test_public_api_names_exist_sorted_and_documented():
     for name in ("CheckpointCorruptError", "CheckpointNotFoundError", "CheckpointSaveError", "RetentionPolicy",
                  "UserError", "WorkdirError", "write_safetensors"):
         assert name in jaxckpt.__all__, name
+
+
+def test_public_functions_document_args_and_returns():
+    import inspect
+
+    import jaxckpt
+
+    missing = []
+    for name in jaxckpt.__all__:
+        fn = getattr(jaxckpt, name)
+        if not inspect.isfunction(fn):
+            continue
+        signature = inspect.signature(fn)
+        sections = ["Args:"] if signature.parameters else []
+        sections += [] if signature.return_annotation in (None, "None") else ["Returns:"]
+        missing += [f"{name} ({s})" for s in sections if s not in (fn.__doc__ or "")]
+    assert not missing, f"public functions whose docstring lacks a section: {missing}"
