@@ -41,6 +41,16 @@ class GraftEntry(NamedTuple):
 
 _BUCKETS = ("loaded", "adapted", "mismatched", "missing", "skipped",
             "untouched", "unused", "cast")
+_MEANING = {
+    "loaded": "copied from the source",
+    "adapted": "reshaped on purpose by an adapter rule",
+    "mismatched": "shapes differ: kept fresh",
+    "missing": "no source leaf: kept fresh",
+    "skipped": "kept fresh by a skip rule",
+    "untouched": "outside the mapped prefixes: kept fresh",
+    "unused": "source leaves no target leaf takes",
+    "cast": "dtype cast while loading",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,32 +131,71 @@ class GraftReport:
             " adapters={regex: 'resize' | 'interpolate' | fn}.")
 
     def __str__(self) -> str:
-        c = self.counts
-        lines = ["GraftReport: " + ", ".join(f"{n} {c[n]}" for n in _BUCKETS)]
+        """An aligned table, one row per leaf, then one line per bucket count.
+
+        Columns: bucket, path, source path (where it differs from the path; the
+        column is left out when no leaf's does), shapes. Loaded leaves are cut to
+        the first few when there are many.
+
+        Example:
+            >>> print(GraftReport(
+            ...     loaded=(GraftEntry("encoder/Dense_0/kernel", "encoder/Dense_0/kernel",
+            ...                        (64, 128), (64, 128)),),
+            ...     mismatched=(GraftEntry("head/kernel", "head/kernel", (128, 10),
+            ...                            (128, 2)),)))
+            GraftReport
+              bucket      path                    shapes
+              loaded      encoder/Dense_0/kernel  (64, 128)
+              mismatched  head/kernel             source (128, 10) -> target (128, 2)
+            loaded 1      copied from the source
+            adapted 0     reshaped on purpose by an adapter rule
+            mismatched 1  shapes differ: kept fresh
+            missing 0     no source leaf: kept fresh
+            skipped 0     kept fresh by a skip rule
+            untouched 0   outside the mapped prefixes: kept fresh
+            unused 0      source leaves no target leaf takes
+            cast 0        dtype cast while loading
+        """
+        rows = self._rows()
+        lines = ["GraftReport"]
+        if rows:
+            rows.insert(0, ("bucket", "path", "source", "shapes"))
+            if not any(row[2] for row in rows[1:]):  # No leaf comes from another path.
+                rows = [(bucket, path, shapes) for bucket, path, _, shapes in rows]
+            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+            lines += [("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths))
+                       + "  " + row[-1]).rstrip() for row in rows]
+        counts = [(f"{name} {n}", _MEANING[name]) for name, n in self.counts.items()]
+        width = max(len(count) for count, _ in counts)
+        lines += [f"{count.ljust(width)}  {meaning}" for count, meaning in counts]
+        return "\n".join(lines)
+
+    def _rows(self) -> list[tuple[str, str, str, str]]:
+        """(bucket, path, source, shapes) per entry, for `__str__`."""
+        def source(e: GraftEntry) -> str:
+            return e.source if e.source not in (None, e.path) else ""
+
         shown = self.loaded[:_LOADED_SHOWN] if len(self.loaded) > 2 * _LOADED_SHOWN \
             else self.loaded
-        for e in shown:
-            renamed = f" <- {e.source}" if e.source != e.path else ""
-            lines.append(f"  loaded     {e.path}{renamed} {e.target_shape}")
+        rows = [("loaded", e.path, source(e), f"{e.target_shape}") for e in shown]
         if len(shown) < len(self.loaded):
-            lines.append(f"  loaded     ... and {len(self.loaded) - len(shown)} more")
-        for e in self.adapted:
-            lines.append(f"  adapted    {e.path} <- {e.source} {e.source_shape} ->"
-                         f" {e.target_shape} by {e.rule}")
-        for e in self.mismatched:
-            lines.append(f"  mismatched {e.path} <- {e.source} source"
-                         f" {e.source_shape} target {e.target_shape}")
-        for e in self.missing:
-            lines.append(f"  missing    {e.path} {e.target_shape} (no {e.source})")
-        for e in self.skipped:
-            lines.append(f"  skipped    {e.path} {e.target_shape} by {e.rule!r}")
-        for e in self.untouched:
-            lines.append(f"  untouched  {e.path} {e.target_shape}")
-        for e in self.unused:
-            lines.append(f"  unused     {e.path} {e.source_shape} (source)")
-        for e in self.cast:
-            lines.append(f"  cast       {e.path} {e.source_dtype} -> {e.target_dtype}")
-        return "\n".join(lines)
+            rows.append(("loaded", "...", "", f"and {len(self.loaded) - len(shown)} more"))
+        rows += [("adapted", e.path, source(e),
+                  f"source {e.source_shape} -> target {e.target_shape} by {e.rule}")
+                 for e in self.adapted]
+        rows += [("mismatched", e.path, source(e),
+                  f"source {e.source_shape} -> target {e.target_shape}")
+                 for e in self.mismatched]
+        rows += [("missing", e.path, source(e), f"target {e.target_shape}, no source leaf")
+                 for e in self.missing]
+        rows += [("skipped", e.path, source(e), f"{e.target_shape} by skip {e.rule!r}")
+                 for e in self.skipped]
+        rows += [("untouched", e.path, "", f"{e.target_shape}") for e in self.untouched]
+        rows += [("unused", e.path, "", f"source {e.source_shape}, no target leaf")
+                 for e in self.unused]
+        rows += [("cast", e.path, source(e), f"{e.source_dtype} -> {e.target_dtype}")
+                 for e in self.cast]
+        return rows
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-able dicts and lists."""

@@ -128,7 +128,7 @@ def test_mapping_renames_and_leaves_the_rest_untouched():
     # Out-of-scope source leaves are not unused.
     assert report.unused == ()
     np.testing.assert_array_equal(tree["encoder"]["layer"]["w"], np.ones(3))
-    assert "encoder/layer/w <- bert/layer/w" in str(report)
+    assert "  loaded     encoder/layer/w  bert/layer/w  (3,)\n" in str(report)
 
 
 def test_mapping_most_specific_destination_wins():
@@ -322,10 +322,11 @@ def test_report_str_and_json():
     target["y"] = jnp.zeros(1)
     _, report = graft(source, target, strict=False)
     text = str(report)
-    assert "loaded 30" in text and "mismatched 1" in text
-    assert "... and 20 more" in text
-    assert "mismatched x <- x source (3,) target (4,)" in text
-    assert "missing    y (1,)" in text
+    assert "\nloaded 30     copied from the source\n" in text
+    assert "\nmismatched 1  shapes differ: kept fresh\n" in text
+    assert "  loaded      ...   and 20 more\n" in text
+    assert "  mismatched  x     source (3,) -> target (4,)\n" in text
+    assert "  missing     y     target (1,), no source leaf\n" in text
     data = json.loads(json.dumps(report.to_dict()))
     assert data["counts"]["missing"] == 1 and data["ok"] is False
     assert data["mismatched"][0]["source_shape"] == [3]
@@ -361,3 +362,27 @@ def test_mapping_a_subtree_onto_the_root():
     assert report.ok and len(report.loaded) == 4
     assert report.loaded[0].source.startswith("params/")
     np.testing.assert_array_equal(tree["head"]["bias"], [4.0, 4.0])
+
+
+def test_report_str_is_an_aligned_table_with_a_source_column_only_when_renamed():
+    source = {"bert": {"w": np.ones(2, np.float32), "extra": np.ones((3, 3), np.float32)}}
+    target = {"encoder": {"w": jnp.zeros(2, jnp.bfloat16), "new": jnp.zeros(4)},
+              "head": {"kernel": jnp.zeros((2, 5))}}
+    _, report = graft(source, target, mapping="bert:encoder", strict=False)
+    lines = str(report).splitlines()
+    assert lines[:6] == [
+        "GraftReport",
+        "  bucket     path         source    shapes",
+        "  loaded     encoder/w    bert/w    (2,)",
+        "  missing    encoder/new  bert/new  target (4,), no source leaf",
+        "  untouched  head/kernel            (2, 5)",
+        "  unused     bert/extra             source (3, 3), no target leaf",
+    ]
+    assert lines[6] == "  cast       encoder/w    bert/w    float32 -> bfloat16"
+    # One line per bucket, in bucket order, the counts aligned.
+    assert [line.split()[:2] for line in lines[7:]] == [
+        [name, str(n)] for name, n in report.counts.items()]
+    assert len({line.index(line.split()[2]) for line in lines[7:]}) == 1
+    # Without renames there is no source column.
+    _, report = graft({"w": np.ones(2)}, {"w": jnp.zeros(2)})
+    assert str(report).splitlines()[1:3] == ["  bucket  path  shapes", "  loaded  w     (2,)"]
