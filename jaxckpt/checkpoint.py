@@ -5,9 +5,11 @@ Each saved step is one directory, readable by plain Orbax:
     DIRECTORY/
       <step>/
         state/              Orbax PyTree item: the state as nested dicts
-                            ({"step", "params", "opt_state", "rng", ...}; params at state["params"])
+                            ({"step", "params", "opt_state", "rng", ...}; params at state["params"]);
+                            its _METADATA also records the crc32 of every array (integrity check).
+                            Written by `jaxckpt.state_item` in one transaction where it can.
         extra/metadata      JSON item: the caller's `extra` (config, data-iterator position, ...)
-        jaxckpt/metadata    JSON item: versions, save time, crc32 of every array (integrity check)
+        jaxckpt/metadata    JSON item: versions and save time
         metrics/metrics     Orbax's JSON metrics item (what the best-k rule ranks by)
         _CHECKPOINT_METADATA
       corrupt/<step>/       steps found corrupt, moved aside by a fallback restore (never deleted)
@@ -44,7 +46,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxckpt import treepath
+from jaxckpt import state_item, treepath
 from jaxckpt.retention import RetentionPolicy
 from jaxckpt.stepdir import (
     CORRUPT_DIR,
@@ -54,11 +56,10 @@ from jaxckpt.stepdir import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
     CheckpointSaveError,
-    checksums,
     library_version,
-    mismatched_checksums,
     read_json_item,
     read_state_metadata,
+    saved_checksums,
     state_tree_metadata,
 )
 from jaxckpt.types import PyTree
@@ -180,10 +181,9 @@ class CheckpointManager:
             read_only=read_only,
         )
         handlers = {
-            # No zstd: trained float weights shrink by <10% under it, while compressing costs more
-            # than the disk write (a 1 GiB save ran at 0.25x np.save with it, ~0.9x without).
-            # The files stay plain Orbax (zarr records "compressor": null); readers need no option.
-            STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=False),
+            # Plain Orbax's PyTree format without zstd (trained float weights shrink by <10% under
+            # it, while compressing cost more than the disk write), written in one transaction.
+            STATE_ITEM: state_item.StateItemHandler(),
             EXTRA_ITEM: ocp.JsonCheckpointHandler(),
             INFO_ITEM: ocp.JsonCheckpointHandler(),
         }
@@ -252,11 +252,10 @@ class CheckpointManager:
             "jax_version": jax.__version__,
             "orbax_version": ocp.__version__,
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "checksum": {"algorithm": "crc32", "leaves": checksums(treepath.flatten(tree))},
         }
         args = ocp.args.Composite(
             **{
-                STATE_ITEM: ocp.args.PyTreeSave(tree),
+                STATE_ITEM: state_item.StateSave(tree),
                 EXTRA_ITEM: ocp.args.JsonSave(_json_ready(extra, "extra")),
                 INFO_ITEM: ocp.args.JsonSave(info),
             }
@@ -348,9 +347,13 @@ class CheckpointManager:
         return read_json_item(self.step_dir(step), EXTRA_ITEM) or {}
 
     def info(self, step: int | str = "latest") -> dict[str, Any]:
-        """The library's record for a step: versions, save time and checksums."""
+        """The library's record for a step: versions and save time."""
         step = self._resolve_step(step)
         return read_json_item(self.step_dir(step), INFO_ITEM) or {}
+
+    def checksums(self, step: int | str = "latest") -> dict[str, list]:
+        """`{path: [crc32, dtype, shape]}` of every array, as recorded when the step was saved."""
+        return saved_checksums(self.step_dir(self._resolve_step(step)))
 
     def metadata(self, step: int | str = "latest") -> dict[str, jax.ShapeDtypeStruct]:
         """Paths, shapes and dtypes of a step's state without loading arrays.
@@ -459,11 +462,15 @@ class CheckpointManager:
         _check_structure(treepath.flatten(tree), read_state_metadata(step_dir), step_dir)
         abstract = jax.tree.map(_restore_target, tree)
         try:
-            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-            restored = self._mngr.restore(
-                step,
-                args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeRestore(abstract, restore_args=restore_args)}),
-            )[STATE_ITEM]
+            if state_item.layout_arrays(step_dir / STATE_ITEM) is not None and jax.process_count() == 1:
+                wanted = {p: (x.dtype, x.sharding) for p, x in treepath.flatten(abstract).items()}
+                restored = treepath.unflatten(state_item.read_arrays(step_dir / STATE_ITEM, wanted), abstract)
+            else:
+                restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+                restored = self._mngr.restore(
+                    step,
+                    args=ocp.args.Composite(**{STATE_ITEM: state_item.StateRestore(abstract, restore_args=restore_args)}),
+                )[STATE_ITEM]
         except Exception as e:
             raise CheckpointCorruptError(
                 f"Cannot read the arrays of step {step} from {step_dir}: {type(e).__name__}: {e}",
@@ -474,8 +481,7 @@ class CheckpointManager:
         return flax.serialization.from_state_dict(target, restored)
 
     def _verify_flat(self, step: int, flat: Mapping[str, Any]) -> None:
-        record = (read_json_item(self.step_dir(step), INFO_ITEM) or {}).get("checksum", {})
-        bad = mismatched_checksums(record.get("leaves", {}), flat)
+        bad = state_item.mismatched_checksums(saved_checksums(self.step_dir(step)), flat)
         if bad:
             raise CheckpointCorruptError(
                 f"Step {step} at {self.step_dir(step)} is corrupt: {len(bad)} array(s) differ from the "
@@ -492,16 +498,20 @@ class CheckpointManager:
         """
         step = self._resolve_step(step)
         step_dir = self.step_dir(step)
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), state_tree_metadata(step_dir))
+        item = step_dir / STATE_ITEM
         try:
-            restored = ocp.PyTreeCheckpointHandler().restore(
-                epath.Path(step_dir / STATE_ITEM), args=ocp.args.PyTreeRestore(restore_args=as_numpy)
-            )
+            arrays = state_item.layout_arrays(item)
+            if arrays is not None:
+                restored = state_item.read_arrays(item, {p: (None, None) for p in arrays})
+            else:
+                as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), state_tree_metadata(step_dir))
+                restored = treepath.flatten(ocp.PyTreeCheckpointHandler().restore(
+                    epath.Path(item), args=ocp.args.PyTreeRestore(restore_args=as_numpy)))
         except Exception as e:
             raise CheckpointCorruptError(
                 f"Cannot read the arrays of step {step} from {step_dir}: {type(e).__name__}: {e}", step_dir
             ) from e
-        self._verify_flat(step, treepath.flatten(restored))
+        self._verify_flat(step, restored)
 
     def latest_intact_step(self) -> int | None:
         """The newest step that passes `verify`; corrupt newer steps are moved aside with a warning."""

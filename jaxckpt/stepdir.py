@@ -10,7 +10,6 @@ import importlib.metadata
 import os
 import pathlib
 import sys
-import zlib
 from typing import Any, Mapping
 
 import jax
@@ -19,6 +18,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxckpt import treepath
+from jaxckpt import state_item
 from jaxckpt.types import PyTree
 
 STATE_ITEM = "state"
@@ -63,8 +63,21 @@ def read_state_metadata(step_dir: os.PathLike | str) -> dict[str, jax.ShapeDtype
     Raises:
       CheckpointCorruptError: if the state's metadata is missing or unreadable.
     """
+    arrays = state_item.layout_arrays(pathlib.Path(step_dir) / STATE_ITEM)
+    if arrays is not None:  # recorded in _METADATA: no tensorstore open per array
+        return {p: jax.ShapeDtypeStruct(tuple(shape), state_item.dtype_of(dtype)) for p, (_, dtype, shape) in arrays.items()}
     tree = state_tree_metadata(step_dir)
     return {p: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)) for p, m in treepath.flatten(tree).items()}
+
+
+def saved_checksums(step_dir: os.PathLike | str) -> dict[str, list]:
+    """`{path: [crc32, dtype, shape]}` recorded when the step was saved ({} if none was)."""
+    step_dir = pathlib.Path(step_dir)
+    record = state_item.read_custom_metadata(step_dir / STATE_ITEM).get(state_item.CUSTOM_KEY) or {}
+    if "arrays" in record:
+        return record["arrays"]
+    # Steps saved before the checksums moved into the state item kept them in the info item.
+    return ((read_json_item(step_dir, INFO_ITEM) or {}).get("checksum") or {}).get("leaves", {})
 
 
 def state_tree_metadata(step_dir: os.PathLike | str) -> PyTree:
@@ -90,31 +103,3 @@ def read_json_item(step_dir: os.PathLike | str, item: str) -> dict[str, Any] | N
         return handler.restore(path)
     except FileNotFoundError:
         return None
-
-
-def checksums(flat: Mapping[str, Any]) -> dict[str, list]:
-    """crc32 of each array's bytes, keyed by path: `{path: [crc32, dtype, shape]}`.
-
-    Arrays not fully addressable from this process are checked through a local copy when they are
-    replicated (every process holds the whole value), and skipped when sharded over hosts: checking
-    those would need a cross-host gather, which costs more than the save.
-    """
-    out = {}
-    for path, leaf in flat.items():
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            if not leaf.sharding.is_fully_replicated:
-                continue
-            leaf = leaf.addressable_data(0)
-        data = np.ascontiguousarray(np.asarray(leaf))
-        out[path] = [zlib.crc32(data.reshape(-1).view(np.uint8)), data.dtype.name, list(data.shape)]
-    return out
-
-
-def mismatched_checksums(saved: Mapping[str, list], flat: Mapping[str, Any]) -> list[str]:
-    """Paths whose restored bytes differ from the saved checksum (same dtype and shape only)."""
-    restored = checksums({p: v for p, v in flat.items() if p in saved})
-    return [
-        p
-        for p, (crc, dtype, shape) in saved.items()
-        if p in restored and restored[p][1:] == [dtype, shape] and restored[p][0] != crc
-    ]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,7 @@ import optax
 import pytest
 
 from jaxckpt import checkpoint as ckpt
+from jaxckpt import state_item, treepath
 from jaxckpt.checkpoint import (
     CheckpointCorruptError,
     CheckpointManager,
@@ -104,7 +106,9 @@ def test_roundtrip_with_extra_metrics_and_metadata(tmp_path):
         _assert_same(restored, state)
         assert mngr.restore_extra(5) == {"config": {"lr": 0.1}, "data": [1, 2]}
         assert mngr.metrics(5) == {"loss": 0.25}
-        assert mngr.info(5)["checksum"]["algorithm"] == "crc32"
+        sums = mngr.checksums(5)
+        assert set(sums) == set(treepath.flatten(flax.serialization.to_state_dict(state)))
+        assert sums["params/enc/kernel"][1:] == ["float32", [8, 4]]
         assert "jaxckpt_version" in mngr.info(5)
         meta = mngr.metadata(5)
         assert meta["params/enc/kernel"].shape == (8, 4) and meta["step"].dtype == np.int32
@@ -324,10 +328,10 @@ def test_checksum_catches_silently_changed_values(tmp_path, monkeypatch):
     with CheckpointManager(tmp_path) as mngr:
         mngr.save(1, state)
         mngr.wait()
-        info_file = tmp_path / "1" / "jaxckpt" / "metadata"
-        info = json.loads(info_file.read_text())
-        info["checksum"]["leaves"]["params/enc/bias"][0] ^= 1  # as if the bytes on disk had changed
-        info_file.write_text(json.dumps(info))
+        metadata_file = tmp_path / "1" / "state" / "_METADATA"
+        metadata = json.loads(metadata_file.read_text())
+        metadata["custom_metadata"]["jaxckpt"]["arrays"]["params/enc/bias"][0] ^= 1  # as if the bytes had changed
+        metadata_file.write_text(json.dumps(metadata))
         with pytest.raises(CheckpointCorruptError, match="params/enc/bias"):
             mngr.restore(_abstract(state))
         restored = mngr.restore(_abstract(state), verify=False)
@@ -396,9 +400,9 @@ def test_read_only_manager(tmp_path):
 
 def test_checksums_cover_every_array_and_detect_change():
     flat = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": jnp.ones(3, jnp.bfloat16)}
-    sums = ckpt.checksums(flat)
+    sums = state_item.checksums(flat)
     assert sums["a"][1:] == ["float32", [2, 3]] and sums["b"][1] == "bfloat16"
     changed = dict(flat, a=flat["a"] + 1)
-    assert ckpt.mismatched_checksums(sums, changed) == ["a"]
-    assert ckpt.mismatched_checksums(sums, flat) == []
+    assert state_item.mismatched_checksums(sums, changed) == ["a"]
+    assert state_item.mismatched_checksums(sums, flat) == []
     assert math.isfinite(sums["a"][0])

@@ -58,7 +58,7 @@ def test_two_processes_save_one_run_that_one_process_restores(tmp_path, data_dir
         "ocdbt.process_0", "ocdbt.process_1"]
     with CheckpointManager(workdir / "checkpoints", read_only=True) as manager:
         assert manager.all_steps() == [10, 20]
-        assert manager.info(20)["checksum"]["leaves"], "replicated arrays must be checksummed in multi-process runs"
+        assert manager.checksums(20), "replicated arrays must be checksummed in multi-process runs"
         manager.verify(20)
 
     # One process, one device: evaluate it, then continue training it in place.

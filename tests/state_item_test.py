@@ -1,0 +1,136 @@
+"""Tests for jaxckpt.state_item: Orbax's PyTree format written in one transaction."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorstore as ts
+
+from jaxckpt import state_item
+from jaxckpt.checkpoint import CheckpointManager
+
+P = jax.sharding.PartitionSpec
+
+
+def _tree():
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("d",))
+    return {
+        "step": jnp.asarray(7, jnp.int32),
+        "params": {
+            "enc": {"kernel": jnp.arange(12.0).reshape(3, 4), "bias": jnp.ones(4, jnp.bfloat16)},
+            "sharded": jax.device_put(jnp.arange(8.0), jax.sharding.NamedSharding(mesh, P("d"))),
+            "big": jnp.arange(300_000, dtype=jnp.float32),  # over the direct-write size: the zarr path
+        },
+        "opt_state": {"frozen": {}, "count": np.asarray([3], np.int64)},
+        "model_state": None,
+    }
+
+
+def _kv_contents(item_dir):
+    kvstore = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": str(item_dir) + "/"}}).result()
+    return {key: kvstore.read(key).result().value for key in kvstore.list().result()}
+
+
+def _orbax_write(tree, path):
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+    ckptr.save(path, args=ocp.args.PyTreeSave(tree))
+
+
+def test_writes_what_orbax_writes(tmp_path):
+    tree = _tree()
+    assert state_item.can_write(tree)
+    _orbax_write(tree, tmp_path / "orbax")
+    state_item.write(tmp_path / "ours", state_item.to_host(tree))
+    ours, theirs = _kv_contents(tmp_path / "ours"), _kv_contents(tmp_path / "orbax")
+    # Orbax writes the sharded array as one chunk per shard; every other key is byte-identical.
+    sharded = {k for k in theirs if k.startswith(b"params.sharded/")}
+    assert {k: v for k, v in theirs.items() if k not in sharded} == {
+        k: v for k, v in ours.items() if not k.startswith(b"params.sharded/")}
+    assert json.loads(ours[b"params.sharded/.zarray"])["chunks"] == [8]
+    assert np.frombuffer(ours[b"params.sharded/0"], np.float32).tolist() == list(range(8))
+    meta = {d: json.loads((tmp_path / d / "_METADATA").read_text()) for d in ("ours", "orbax")}
+    sharded_key = "('params', 'sharded')"
+    assert meta["orbax"]["tree_metadata"][sharded_key]["value_metadata"]["write_shape"] == [4]  # per shard
+    meta["orbax"]["tree_metadata"][sharded_key]["value_metadata"]["write_shape"] = [8]  # ours: one chunk
+    assert meta["ours"]["tree_metadata"] == meta["orbax"]["tree_metadata"]
+    assert {k: v for k, v in meta["ours"].items() if k != "custom_metadata"} == {
+        k: v for k, v in meta["orbax"].items() if k != "custom_metadata"}
+    shardings = {d: json.loads((tmp_path / d / "_sharding").read_text()) for d in ("ours", "orbax")}
+    assert shardings["ours"] == shardings["orbax"]
+
+
+def test_plain_orbax_reads_it(tmp_path):
+    tree = _tree()
+    state_item.write(tmp_path, state_item.to_host(tree))
+    ckptr = ocp.PyTreeCheckpointer()
+    metadata = ckptr.metadata(tmp_path).item_metadata.tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    restored = ckptr.restore(tmp_path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    assert restored["model_state"] is None and restored["opt_state"]["frozen"] == {}
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(tree)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, np.asarray(want))
+
+
+def test_read_arrays_casts_and_places(tmp_path):
+    tree = _tree()
+    state_item.write(tmp_path, state_item.to_host(tree))
+    sharding = tree["params"]["sharded"].sharding
+    got = state_item.read_arrays(tmp_path, {
+        "params/sharded": (None, sharding),
+        "params/enc/bias": (np.float32, None),
+        "params/big": (None, None),
+    })
+    assert got["params/sharded"].sharding == sharding
+    assert got["params/enc/bias"].dtype == np.float32 and isinstance(got["params/enc/bias"], np.ndarray)
+    np.testing.assert_array_equal(got["params/big"], np.arange(300_000, dtype=np.float32))
+    assert set(state_item.layout_arrays(tmp_path)) == {
+        "step", "params/enc/kernel", "params/enc/bias", "params/sharded", "params/big", "opt_state/count"}
+
+
+def test_a_damaged_chunk_is_an_error_not_garbage(tmp_path):
+    state_item.write(tmp_path, state_item.to_host({"a": jnp.arange(4.0)}))
+    kvstore = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": str(tmp_path) + "/"}}).result()
+    kvstore.write("a/0", b"\0" * 3).result()
+    with pytest.raises(ValueError, match="holds 3 bytes, expected 16"):
+        state_item.read_arrays(tmp_path, {"a": (None, None)})
+
+
+@pytest.mark.parametrize("tree", [
+    {"a.b": jnp.ones(2)},  # Orbax's names join keys with "."
+    {"a": 3},  # a Python scalar
+    {"a": np.ones(2, np.complex64)},  # a dtype this writer does not name
+])
+def test_orbax_saves_what_this_writer_does_not(tmp_path, tree):
+    assert not state_item.can_write(tree)
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(1, tree)
+    assert state_item.layout_arrays(tmp_path / "1" / "state") is None
+    assert (tmp_path / "1" / "state" / "_METADATA").exists()
+
+
+def test_async_save_keeps_the_values_of_donated_arrays(tmp_path):
+    state = {"w": jnp.arange(1000.0)}
+    step = jax.jit(lambda s: {"w": s["w"] * 0 - 1}, donate_argnums=0)
+    with CheckpointManager(tmp_path, async_save=True) as manager:
+        manager.save(1, state)
+        state = step(state)  # reuses the saved buffer while the write may still run
+        state = step(state)
+    restored = manager_restore(tmp_path)
+    np.testing.assert_array_equal(restored["w"], np.arange(1000.0, dtype=np.float32))
+
+
+def manager_restore(directory):
+    with CheckpointManager(directory, read_only=True) as manager:
+        manager.verify(1)
+        target = {"w": jax.ShapeDtypeStruct((1000,), jnp.float32)}
+        return manager.restore(target, step=1)
+
+
+def test_bfloat16_name_round_trips():
+    assert state_item.dtype_of("bfloat16") == np.dtype(ml_dtypes.bfloat16)
+    assert state_item.dtype_of("<f4") == np.float32
