@@ -21,7 +21,7 @@ from etils import epath
 
 from jaxckpt.foreign import RenameSpec, is_foreign, read_foreign
 from jaxckpt.graft import GraftReport, graft, plan
-from jaxckpt import treepath, zoo
+from jaxckpt import state_item, treepath, zoo
 from jaxckpt.retention import RetentionPolicy
 from jaxckpt.stepdir import (
     STATE_ITEM,
@@ -186,6 +186,14 @@ def _read_arrays(
     """
     if not wanted:
         return {}
+    item_dir = _item_dir(checkpoint)
+    if state_item.layout_arrays(item_dir) is not None and jax.process_count() == 1:
+        try:  # written by jaxckpt: one batch of key reads, no Orbax restore machinery
+            return state_item.read_arrays(item_dir, {p: (saved.dtype, sharding) for p, (saved, sharding) in wanted.items()})
+        except Exception as e:
+            raise CheckpointCorruptError(
+                f"Cannot read params from {checkpoint}: {type(e).__name__}: {e}. Load another step.", checkpoint
+            ) from e
     items, args = {}, {}
     for path, (saved, sharding) in wanted.items():
         items[path] = jax.ShapeDtypeStruct(saved.shape, saved.dtype, sharding=sharding)
@@ -195,7 +203,7 @@ def _read_arrays(
             args[path] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=saved.shape, dtype=saved.dtype)
     try:
         restored = ocp.PyTreeCheckpointHandler().restore(
-            epath.Path(_item_dir(checkpoint)),
+            epath.Path(item_dir),
             args=ocp.args.PyTreeRestore(
                 item=treepath.unflatten_dict(items),
                 restore_args=treepath.unflatten_dict(args),

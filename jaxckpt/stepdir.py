@@ -10,7 +10,7 @@ import importlib.metadata
 import os
 import pathlib
 import sys
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import numpy as np

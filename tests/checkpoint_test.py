@@ -23,7 +23,6 @@ from jaxckpt.checkpoint import (
     CheckpointNotFoundError,
     CheckpointSaveError,
 )
-from jaxckpt.retention import RetentionPolicy
 from jaxckpt.state import TrainState
 
 P = jax.sharding.PartitionSpec
@@ -55,44 +54,6 @@ def _save_all(mngr, steps_metrics):
     for step, metrics in steps_metrics:
         mngr.save(step, state, metrics=metrics)
     mngr.wait()
-
-
-# Retention policy (pure).
-
-@pytest.mark.parametrize("mode, values, best", [
-    ("min", {1: 0.5, 2: 0.1, 3: 0.9}, 2),
-    ("max", {1: 0.5, 2: 0.1, 3: 0.9}, 3),
-    ("min", {1: NAN, 2: 0.7, 3: -INF, 4: INF}, 2),
-    ("max", {1: NAN, 2: 0.7, 3: INF}, 2),
-])
-def test_policy_ranks_only_finite_metrics(mode, values, best):
-    policy = RetentionPolicy(best_metric="m", best_mode=mode)
-    assert policy.ranked_best({s: {"m": v} for s, v in values.items()})[0] == best
-
-
-def test_policy_keeps_latest_best_and_every():
-    policy = RetentionPolicy(max_to_keep=2, keep_best=1, best_metric="m", keep_every_steps=4)
-    metrics = {1: {"m": 0.1}, 2: {"m": 0.5}, 3: None, 4: {"m": 0.9}, 5: {"m": NAN}, 6: {}, 7: {"m": 0.8}}
-    assert policy.steps_to_keep(metrics) == {1, 4, 6, 7}
-    assert policy.ranked_best(metrics) == [1, 2, 7, 4]
-
-
-def test_policy_without_metrics_keeps_latest_only():
-    policy = RetentionPolicy(max_to_keep=1, keep_best=2, best_metric="m")
-    assert policy.steps_to_keep({1: None, 2: {}, 3: {"other": 1.0}}) == {3}
-
-
-@pytest.mark.parametrize("max_to_keep", [-1, None])
-def test_policy_keep_all(max_to_keep):
-    policy = RetentionPolicy(max_to_keep=max_to_keep, best_metric="m")
-    assert policy.steps_to_keep({s: None for s in range(5)}) == set(range(5))
-
-
-@pytest.mark.parametrize("kwargs", [{"max_to_keep": 0}, {"keep_best": -1}, {"best_mode": "lowest"},
-                                    {"keep_every_steps": 0}])
-def test_policy_rejects_bad_settings(kwargs):
-    with pytest.raises(ValueError):
-        RetentionPolicy(**kwargs)
 
 
 # Saving, restoring, retention on disk.
