@@ -76,7 +76,10 @@ class RetentionPolicy:
         return -value if self.best_mode == "min" else value
 
     def ranked_best(self, metrics_by_step: Mapping[int, Mapping[str, Any] | None]) -> list[int]:
-        """Steps that can be best, best first; ties go to the later step.
+        """Steps that can be best, best first; ties go to the earlier step.
+
+        "Best" means the first step that reached the best value, as early stopping counts it: a
+        later step with an equal value is no improvement, so it ranks after the earlier one.
 
         Args:
           metrics_by_step: each saved step mapped to its metrics (or None).
@@ -84,8 +87,8 @@ class RetentionPolicy:
         Returns:
           The steps with a finite `best_metric`, ordered from best to worst.
         """
-        scored = [(s, step) for step, m in metrics_by_step.items() if (s := self.score(m)) is not None]
-        return [step for _, step in sorted(scored, reverse=True)]
+        scored = [(-s, step) for step, m in metrics_by_step.items() if (s := self.score(m)) is not None]
+        return [step for _, step in sorted(scored)]
 
     def steps_to_keep(self, metrics_by_step: Mapping[int, Mapping[str, Any] | None]) -> set[int]:
         """The steps the policy keeps.

@@ -211,6 +211,9 @@ def test_early_stop_with_patience(tmp_path, data_dir):
     # lr=0: the first eval is the best and never improves; stop after patience+1 more evaluations.
     assert int(state.step) == 30
     assert "early stop at step 30" in (tmp_path / "run" / "train.log").read_text()
+    # Every evaluation ties: the manager's best is early stopping's, the first step with that value.
+    with CheckpointManager(tmp_path / "run" / "checkpoints", read_only=True, best_metric="val/loss") as manager:
+        assert manager.all_steps() == [10, 20, 30] and manager.best_step() == 10
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):

@@ -34,9 +34,15 @@ def test_best_k_by_mode(mode, best_two):
     assert policy.steps_to_keep(metrics) == {5, *best_two}  # the latest plus the best two
 
 
-def test_ties_go_to_the_later_step():
-    policy = RetentionPolicy(best_metric="m")
-    assert policy.ranked_best(_metrics({1: 0.2, 2: 0.2, 3: 0.5})) == [2, 1, 3]
+@pytest.mark.parametrize("mode, values, ranked", [
+    ("min", {1: 0.5, 2: 0.2, 3: 0.2, 4: 0.2}, [2, 3, 4, 1]),
+    ("max", {1: 0.5, 2: 0.9, 3: 0.5, 4: 0.9}, [2, 4, 1, 3]),
+])
+def test_ties_go_to_the_earlier_step_as_early_stopping_counts_them(mode, values, ranked):
+    # Early stopping counts only strict improvements, so its best is the first step to reach a value.
+    policy = RetentionPolicy(max_to_keep=1, keep_best=1, best_metric="m", best_mode=mode)
+    assert policy.ranked_best(_metrics(values)) == ranked
+    assert policy.steps_to_keep(_metrics(values)) == {ranked[0], 4}
 
 
 @pytest.mark.parametrize("mode", ["min", "max"])
