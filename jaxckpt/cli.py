@@ -252,33 +252,79 @@ def _state_table(flat: Mapping[str, Any], *, show_all: bool, labels: Mapping[str
 # plan
 
 
+def _config_path(argv: Sequence[str]) -> str | None:
+    """The config file named by `--config FILE` / `--config=FILE` in `argv` (without a `:ARGS` suffix)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":", 1)[0]
+        if arg.startswith("--config="):
+            return arg[len("--config="):].split(":", 1)[0]
+    return None
+
+
+def config_error(error: BaseException, argv: Sequence[str]) -> str:
+    """One line saying what is wrong with `--config FILE [--config.KEY=VALUE ...]`, for a user.
+
+    ml_collections reports an override of a section the locked config lacks (`--config.trian.x=1`)
+    as a KeyError, and of a field it lacks (`--config.train.nmu_steps=1`) as an AttributeError
+    wrapping one; both quote the key, on a line of their own, and may add 'Did you mean "train"
+    instead of "trian"?'. A config file that cannot be loaded surfaces as an OSError when the
+    config is first read. Anything else (a value absl cannot parse) is absl's message on one line.
+
+    Args:
+      error: what parsing the flags, or first reading the config, raised.
+      argv: the command line, to name the override or the config file at fault.
+
+    Returns:
+      The message, e.g. `unknown config key 'trian' in --config.trian.num_steps=3 (did you mean
+      'train'?). The config is locked: override only fields its get_config() defines.`
+    """
+    inner = error
+    while inner.args and isinstance(inner.args[0], BaseException):
+        inner = inner.args[0]
+    raw = str(inner.args[0]) if inner.args else str(inner)
+    if isinstance(inner, (KeyError, AttributeError)):
+        quoted = re.match(r"""\s*['"]([^'"]+)['"]""", raw)
+        key = quoted[1] if quoted else raw.split("\n", 1)[0]
+        overrides = [a for a in argv if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")]
+        suggestion = re.search(r'Did you mean "([^"]+)"', raw)
+        hint = f" (did you mean {suggestion[1]!r}?)" if suggestion else ""
+        where = f" in {overrides[0]}" if overrides else ""
+        return (f"unknown config key {key!r}{where}{hint}. The config is locked: override only fields its "
+                "get_config() defines.")
+    if isinstance(inner, OSError):
+        path = _config_path(argv)
+        if path and not os.path.isfile(path):
+            return (f"config file {path!r} does not exist; pass --config PATH/TO/CONFIG.py "
+                    "(e.g. experiments/configs/digits.py).")
+        reason = [line.strip() for line in raw.splitlines() if line.strip()][-1:] or [raw]
+        return f"cannot load the config file {path!r}: {reason[0]}"
+    if isinstance(inner, SyntaxError):
+        return f"cannot load the config file {_config_path(argv)!r}: SyntaxError: {inner}"
+    lines = [line.strip() for line in raw.splitlines() if line.strip()]
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        # absl embeds the traceback of an error raised by get_config(); its last line says what.
+        return f"{lines[0]} {lines[-1]}"
+    return " ".join(lines)
+
+
 def _load_config(config_args: Sequence[str]) -> Any:
     """Parses `--config FILE [--config.KEY=VALUE ...]` with ml_collections, locked like the loop's."""
     from absl import flags
     from ml_collections import config_flags
 
     argv = ["jaxckpt plan", *config_args]
-    path = config_args[1].split(":", 1)[0]
-    if not os.path.isfile(path):
-        raise UserError(f"config file {path!r} does not exist; pass --config PATH/TO/CONFIG.py "
-                        "(e.g. experiments/configs/digits.py).")
     flag_values = flags.FlagValues()
     holder = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
                                              flag_values=flag_values, lock_config=True, sys_argv=argv)
     try:
         rest = flag_values(argv)
         config = holder.value
-    except flags.Error as e:
-        raise UserError(f"bad config flag: {e}") from e
-    except AttributeError as e:
-        # ml_collections reports an override of a field the config lacks as AttributeError(field).
-        overrides = " ".join(a for a in config_args if a.startswith("--config."))
-        suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', str(e))
-        hint = f" ({suggestion[2]!r}: did you mean {suggestion[1]!r}?)" if suggestion else f" ({e})"
-        raise UserError(f"unknown config key in {overrides}{hint}. The config is locked: override only "
-                        "fields its get_config() defines.") from e
-    except OSError as e:
-        raise UserError(f"cannot load the config file: {e}") from e
+        if config is not None:
+            config.get("task")  # a config file that failed to load raises only when first read
+    except (flags.Error, KeyError, AttributeError, OSError, SyntaxError) as e:
+        prefix = "bad config flag: " if isinstance(e, flags.Error) else ""
+        raise UserError(prefix + config_error(e, argv)) from None
     if len(rest) > 1:
         raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
     if config is None:

@@ -175,7 +175,7 @@ def test_plan_strict_mismatch_fails_and_non_strict_passes(setup, capsys):
 
 
 @pytest.mark.parametrize("override, message", [
-        ("--config.model.widht=5", "'widht': did you mean 'width'?"),
+        ("--config.model.widht=5", "unknown config key 'widht' in --config.model.widht=5 (did you mean 'width'?)"),
         ("--config.seed=abc", "--config.seed=abc"),
         ("--config.checkpoint.skip=decoder", "'decoder' matches no target path"),
         ("--config.checkpoint.mapping=foo:bar", "'foo':'bar' matches no source path"),
@@ -187,10 +187,30 @@ def test_plan_user_errors(setup, capsys, override, message):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("override, message", [
+        ("--config.model.widht=5", "unknown config key 'widht' in --config.model.widht=5 (did you mean 'width'?)"),
+        # A misspelt section is ml_collections' KeyError (a misspelt field is an AttributeError).
+        ("--config.modle.width=5", "unknown config key 'modle' in --config.modle.width=5 (did you mean 'model'?)"),
+        ("--config.checkpiont.strict=False",
+         "unknown config key 'checkpiont' in --config.checkpiont.strict=False (did you mean 'checkpoint'?)"),
+        ("--config.zzz=1", "unknown config key 'zzz' in --config.zzz=1. The config is locked"),
+])
+def test_plan_unknown_config_key_is_one_line(setup, capsys, override, message):
+    run, config_path = setup
+    assert cli.main(["plan", str(run), "--config", str(config_path), override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_plan_missing_config_file(setup, capsys, tmp_path):
     run, _ = setup
     assert cli.main(["plan", str(run), "--config", str(tmp_path / "nope.py")]) == 2
     assert "nope.py' does not exist" in capsys.readouterr().err
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(:\n")
+    assert cli.main(["plan", str(run), "--config", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot load the config file {str(broken)!r}" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_subprocess_bad_path_exits_2_without_traceback(tmp_path):
