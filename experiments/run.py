@@ -7,7 +7,6 @@ Exit codes: 0 done; 2 a user error (the message says what to fix); 75 stopped by
 after saving a checkpoint (rerun the same command to continue); 1 an unexpected failure.
 """
 
-import ast
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import jaxckpt  # noqa: E402
+import jaxckpt.cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
                                           lock_config=True)
@@ -30,15 +30,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, but a misspelt --config.KEY is one line (exit 2), not ml_collections' traceback."""
+    """absl's parsing, but a bad --config or --config.KEY is one line (exit 2), not a traceback."""
     try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError) as e:
-        message = str(e.args[0] if e.args else e)
-        if isinstance(e, (AttributeError, KeyError)) and message[:1] in "'\"":
-            message = "unknown config key " + ast.literal_eval(message)  # ml_collections quotes a KeyError
-        message = " ".join(message.split())
-        print(f"jaxckpt: error: bad command line: {message} (see --helpfull)", file=sys.stderr)
+        rest = flags.FLAGS(argv)
+        if _CONFIG.value is not None:
+            _CONFIG.value.get("task")  # a config file that failed to load raises only when first read
+        return rest
+    except (flags.Error, AttributeError, KeyError, OSError, SyntaxError) as e:
+        hint = " (see --helpfull)" if isinstance(e, flags.Error) else ""
+        print(f"jaxckpt: error: {jaxckpt.cli.config_error(e, argv)}{hint}", file=sys.stderr)
         sys.exit(2)
 
 

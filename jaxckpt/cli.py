@@ -253,13 +253,14 @@ def _state_table(flat: Mapping[str, Any], *, show_all: bool, labels: Mapping[str
 
 
 def _config_path(argv: Sequence[str]) -> str | None:
-    """The config file named by `--config FILE` / `--config=FILE` in `argv` (without a `:ARGS` suffix)."""
+    """The config file named by the last `--config FILE` / `--config=FILE` in `argv` (as absl takes it)."""
+    path = None
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1].split(":", 1)[0]
-        if arg.startswith("--config="):
-            return arg[len("--config="):].split(":", 1)[0]
-    return None
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg[len("--config="):]
+    return path.split(":", 1)[0] if path else None
 
 
 def config_error(error: BaseException, argv: Sequence[str]) -> str:

@@ -18,7 +18,7 @@ from jaxckpt.errors import UserError
 from jaxckpt.loop import SaveFailedError, run_or_exit
 from jaxckpt.stepdir import CheckpointSaveError
 from tests.preemption_test import CLI_ENV, Running, cli_args, committed_steps
-from tests.runs import ROOT, tiny_config
+from tests.runs import ROOT, run_cli, tiny_config
 
 SHORT = {"train.num_steps": 20, "train.eval_every_steps": 10, "checkpoint.every_steps": 10}
 
@@ -116,6 +116,21 @@ def _bad_inputs(data_dir, source_run, tmp_path):
     # Two at a time: more only makes the processes fight over the two CPU cores of CI.
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         return dict(pool.map(run, cases))
+
+
+@pytest.mark.parametrize("args, message", [
+    # A misspelt section is ml_collections' KeyError, a misspelt field an AttributeError.
+    (["--config.trian.num_steps=3"], "unknown config key 'trian' in --config.trian.num_steps=3 (did you mean 'train'?)"),
+    (["--config.train.nmu_steps=3"], "unknown config key 'nmu_steps' in --config.train.nmu_steps=3 (did you mean"),
+    (["--config=experiments/configs/nope.py"], "config file 'experiments/configs/nope.py' does not exist"),
+])
+def test_bad_command_line_is_one_line_and_creates_nothing(tmp_path, args, message):
+    done = run_cli(["--config", "experiments/configs/digits.py", "--workdir", str(tmp_path / "run"), *args],
+                   timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"jaxckpt: error: {message}"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture(scope="module")
