@@ -37,7 +37,7 @@ from jaxckpt.stepdir import CheckpointCorruptError
 
 # Config fields worth a line in `inspect`; absent ones are left out (model.* is shown whole).
 _CONFIG_SUMMARY = (
-        "task", "run_type", "seed", "train.num_steps", "train.batch_size", "optimizer.name",
+        "task", "run_type", "seed", "data.target", "train.num_steps", "train.batch_size", "optimizer.name",
         "optimizer.learning_rate", "optimizer.schedule", "optimizer.freeze", "optimizer.lr_multipliers",
         "early_stop.criteria", "checkpoint.pretrained", "checkpoint.mapping", "checkpoint.skip",
         "checkpoint.adapters", "checkpoint.rename",

@@ -70,7 +70,7 @@ def setup(tmp_path, monkeypatch):
 
     run = tmp_path / "run"
     run.mkdir()
-    config = {"task": task_name, "seed": 0, "model": {"width": 3},
+    config = {"task": task_name, "seed": 0, "model": {"width": 3}, "data": {"target": "parity"},
               "early_stop": {"criteria": "val/loss", "minimize": True}}
     (run / "config.json").write_text(json.dumps(config))
     manager = CheckpointManager(run / "checkpoints", max_to_keep=-1, best_metric="val/loss", async_save=False)
@@ -92,6 +92,7 @@ def test_inspect_run_dir(setup, capsys):
     assert "best:        20 by val/loss (min)" in out
     assert "0.2" in out and "0.9" in out  # metrics per step
     assert "model.width = 3" in out
+    assert "data.target = 'parity'" in out  # what the head predicts: a finetune onto parity changes it
     assert "state of step 30" in out
     assert "params/encoder/kernel  (4, 3)  float32" in out
     assert "params/head/kernel" in out
