@@ -68,7 +68,7 @@ def _pick_step(manager: CheckpointManager, best: bool, where: str, criteria: str
 def _intact_step(manager: CheckpointManager, best: bool, where: Path, criteria: str) -> int | None:
     """The step to resume from, after checking its arrays; corrupt candidates are moved aside.
 
-    Each candidate (latest, or best) is read in full and compared with the crc32 checksums saved
+    Each candidate (latest, or best) is read in full and compared with the CRC-32C checksums saved
     with it. A corrupt one is logged as a warning and moved to `checkpoints/corrupt/<step>` (never
     deleted), and the next candidate is tried, so a run killed while its disk was failing resumes
     from the newest step that is still whole.
@@ -148,8 +148,9 @@ def decide_start(config: Any, workdir: Path, manager: CheckpointManager | None, 
             raise CorruptCheckpointsError(
                 f"checkpoint.resume_file={ck.resume_file}: {e} Point checkpoint.resume_file at another "
                 f"step directory (steps there: {source.all_steps()}).") from None
+        ignored = f" (checkpoint.pretrained={ck.pretrained} is ignored: resume_file wins)" if ck.pretrained else ""
         return Start("resume_file", f"loading the full state of step {step} from checkpoint.resume_file="
-                     f"{ck.resume_file}", manager=source, step=step, extra=source.restore_extra(step),
+                     f"{ck.resume_file}{ignored}", manager=source, step=step, extra=source.restore_extra(step),
                      path=ck.resume_file)
     if not training:
         raise UserError(

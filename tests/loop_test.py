@@ -139,9 +139,13 @@ def test_own_checkpoint_wins_over_pretrained_and_resume_file(tmp_path, data_dir,
 
 
 def test_resume_file_continues_the_full_state(tmp_path, data_dir, pretrained_run):
-    config = tiny_config(data_dir, **{"checkpoint.resume_file": str(pretrained_run / "checkpoints" / "20")})
+    config = tiny_config(data_dir, **{"checkpoint.resume_file": str(pretrained_run / "checkpoints" / "20"),
+                                      "checkpoint.pretrained": str(pretrained_run)})
     state = jaxckpt.run(config, tmp_path / "run")
     assert int(state.step) == 40
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"checkpoint.pretrained={pretrained_run} is ignored: resume_file wins" in log
+    assert not (tmp_path / "run" / "graft_report.json").exists()
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(_params(pretrained_run, 40))):
         np.testing.assert_array_equal(a, b)
 
