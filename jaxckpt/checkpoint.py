@@ -6,7 +6,7 @@ Each saved step is one directory, readable by plain Orbax:
       <step>/
         state/              Orbax PyTree item: the state as nested dicts
                             ({"step", "params", "opt_state", "rng", ...}; params at state["params"]);
-                            its _METADATA also records the crc32 of every array (integrity check).
+                            its _METADATA also records the CRC-32C of every array (integrity check).
                             Written by `jaxckpt.state_item` in one transaction where it can.
         extra/metadata      JSON item: the caller's `extra` (config, data-iterator position, ...)
         jaxckpt/metadata    JSON item: versions and save time
@@ -183,7 +183,7 @@ class CheckpointManager:
         handlers = {
             # Plain Orbax's PyTree format without zstd (trained float weights shrink by <10% under
             # it, while compressing cost more than the disk write), written in one transaction.
-            STATE_ITEM: state_item.StateItemHandler(),
+            STATE_ITEM: state_item.StateItemHandler(copy_arrays=async_save),
             EXTRA_ITEM: ocp.JsonCheckpointHandler(),
             INFO_ITEM: ocp.JsonCheckpointHandler(),
         }
@@ -352,7 +352,7 @@ class CheckpointManager:
         return read_json_item(self.step_dir(step), INFO_ITEM) or {}
 
     def checksums(self, step: int | str = "latest") -> dict[str, list]:
-        """`{path: [crc32, dtype, shape]}` of every array, as recorded when the step was saved."""
+        """`{path: [crc32c, dtype, shape]}` of every array, as recorded when the step was saved."""
         return saved_checksums(self.step_dir(self._resolve_step(step)))
 
     def metadata(self, step: int | str = "latest") -> dict[str, jax.ShapeDtypeStruct]:
@@ -462,33 +462,43 @@ class CheckpointManager:
         _check_structure(treepath.flatten(tree), read_state_metadata(step_dir), step_dir)
         abstract = jax.tree.map(_restore_target, tree)
         try:
-            if state_item.layout_arrays(step_dir / STATE_ITEM) is not None and jax.process_count() == 1:
+            if self._readable_fast(step_dir):
                 wanted = {p: (x.dtype, x.sharding) for p, x in treepath.flatten(abstract).items()}
-                restored = treepath.unflatten(state_item.read_arrays(step_dir / STATE_ITEM, wanted), abstract)
+                flat = state_item.read_arrays(step_dir / STATE_ITEM, wanted, check=verify)
+                restored = treepath.unflatten(flat, abstract)
             else:
                 restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
                 restored = self._mngr.restore(
                     step,
                     args=ocp.args.Composite(**{STATE_ITEM: state_item.StateRestore(abstract, restore_args=restore_args)}),
                 )[STATE_ITEM]
+                if verify:
+                    self._verify_flat(step, treepath.flatten(restored))
+        except state_item.ChecksumMismatch as e:
+            raise self._corrupt(step, e.paths) from None
         except Exception as e:
             raise CheckpointCorruptError(
                 f"Cannot read the arrays of step {step} from {step_dir}: {type(e).__name__}: {e}",
                 step_dir,
             ) from e
-        if verify:
-            self._verify_flat(step, treepath.flatten(restored))
         return flax.serialization.from_state_dict(target, restored)
+
+    @staticmethod
+    def _readable_fast(step_dir: pathlib.Path) -> bool:
+        """Whether `state_item.read_arrays` may read this step (it wrote it, and one process reads)."""
+        return state_item.layout_arrays(step_dir / STATE_ITEM) is not None and jax.process_count() == 1
+
+    def _corrupt(self, step: int, paths: list[str]) -> CheckpointCorruptError:
+        return CheckpointCorruptError(
+            f"Step {step} at {self.step_dir(step)} is corrupt: {state_item.ChecksumMismatch(paths)}. "
+            "Restore an earlier step, or restore with fallback=True.",
+            self.step_dir(step),
+        )
 
     def _verify_flat(self, step: int, flat: Mapping[str, Any]) -> None:
         bad = state_item.mismatched_checksums(saved_checksums(self.step_dir(step)), flat)
         if bad:
-            raise CheckpointCorruptError(
-                f"Step {step} at {self.step_dir(step)} is corrupt: {len(bad)} array(s) differ from the "
-                f"checksums recorded at save time ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}). "
-                "Restore an earlier step, or restore with fallback=True.",
-                self.step_dir(step),
-            )
+            raise self._corrupt(step, bad)
 
     def verify(self, step: int | str = "latest") -> None:
         """Reads every array of a step (as numpy) and checks it against its saved checksum.
@@ -500,13 +510,14 @@ class CheckpointManager:
         step_dir = self.step_dir(step)
         item = step_dir / STATE_ITEM
         try:
-            arrays = state_item.layout_arrays(item)
-            if arrays is not None:
-                restored = state_item.read_arrays(item, {p: (None, None) for p in arrays})
-            else:
-                as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), state_tree_metadata(step_dir))
-                restored = treepath.flatten(ocp.PyTreeCheckpointHandler().restore(
-                    epath.Path(item), args=ocp.args.PyTreeRestore(restore_args=as_numpy)))
+            if self._readable_fast(step_dir):
+                state_item.read_arrays(item, {p: (None, None) for p in state_item.layout_arrays(item)}, check=True)
+                return
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), state_tree_metadata(step_dir))
+            restored = treepath.flatten(ocp.PyTreeCheckpointHandler().restore(
+                epath.Path(item), args=ocp.args.PyTreeRestore(restore_args=as_numpy)))
+        except state_item.ChecksumMismatch as e:
+            raise self._corrupt(step, e.paths) from None
         except Exception as e:
             raise CheckpointCorruptError(
                 f"Cannot read the arrays of step {step} from {step_dir}: {type(e).__name__}: {e}", step_dir

@@ -71,13 +71,9 @@ def read_state_metadata(step_dir: os.PathLike | str) -> dict[str, jax.ShapeDtype
 
 
 def saved_checksums(step_dir: os.PathLike | str) -> dict[str, list]:
-    """`{path: [crc32, dtype, shape]}` recorded when the step was saved ({} if none was)."""
-    step_dir = pathlib.Path(step_dir)
-    record = state_item.read_custom_metadata(step_dir / STATE_ITEM).get(state_item.CUSTOM_KEY) or {}
-    if "arrays" in record:
-        return record["arrays"]
-    # Steps saved before the checksums moved into the state item kept them in the info item.
-    return ((read_json_item(step_dir, INFO_ITEM) or {}).get("checksum") or {}).get("leaves", {})
+    """`{path: [crc32c, dtype, shape]}` recorded when the step was saved ({} if none was)."""
+    record = state_item.read_custom_metadata(pathlib.Path(step_dir) / STATE_ITEM).get(state_item.CUSTOM_KEY) or {}
+    return record.get("arrays", {}) if record.get("checksum") == state_item.CHECKSUM else {}
 
 
 def state_tree_metadata(step_dir: os.PathLike | str) -> PyTree:
