@@ -305,14 +305,15 @@ def _evaluate_split(task: Task, state: TrainState, eval_step: Any, split: str, b
 
 
 def _load_for_inference(config: Any, workdir: Path) -> tuple[Task, TrainState, int, Any]:
+    """The task and the params-only state that val/test/predict use (see `sources.load_for_inference`)."""
     mesh = distributed.data_mesh()
     manager = _manager(config, workdir) if (workdir / "checkpoints").exists() else None
     try:
         start = sources.decide_start(config, workdir, manager, training=False)
         task = load_task(config, artifacts=start.artifacts)
-        abstract, tx = _abstract_state(task, config, mesh)
-        state, _, _ = sources.load_start(start, task, config, abstract, tx, mesh, workdir=workdir,
-                                         fresh=_fresh_state)
+        params = jax.eval_shape(task.init_params, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+        params = distributed.abstract_like(params, distributed.replicated(mesh))
+        state = sources.load_for_inference(start, params)
     finally:
         if manager is not None:
             manager.close()

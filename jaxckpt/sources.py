@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
 from jaxckpt import treepath
@@ -149,7 +150,8 @@ def decide_start(config: Any, workdir: Path, manager: CheckpointManager | None, 
                 f"checkpoint.resume_file={ck.resume_file}: {e} Point checkpoint.resume_file at another "
                 f"step directory (steps there: {source.all_steps()}).") from None
         ignored = f" (checkpoint.pretrained={ck.pretrained} is ignored: resume_file wins)" if ck.pretrained else ""
-        return Start("resume_file", f"loading the full state of step {step} from checkpoint.resume_file="
+        what = "the full state" if training else "the params"
+        return Start("resume_file", f"loading {what} of step {step} from checkpoint.resume_file="
                      f"{ck.resume_file}{ignored}", manager=source, step=step, extra=source.restore_extra(step),
                      path=ck.resume_file)
     if not training:
@@ -179,6 +181,25 @@ def check_same_experiment(start: Start, abstract: TrainState, workdir: Path) -> 
             f"config builds ({len(differ)} param paths differ):\n" + "\n".join(lines) +
             "\nUse a new --workdir to start this experiment, or to finetune from that run pass "
             f"--config.checkpoint.pretrained={workdir} in a new workdir.")
+
+
+def load_for_inference(start: Start, abstract_params: Any) -> TrainState:
+    """The state val/test/predict use: the step's params, read alone (never its optimizer state).
+
+    So a run can be evaluated under any optimizer config. The loop's states carry no
+    `model_state`, so params are all an evaluation needs. `decide_start` verified the step's
+    checksums already, and `check_same_experiment` its shapes.
+
+    Args:
+      start: a "resume" or "resume_file" start.
+      abstract_params: the params the config builds, as `jax.ShapeDtypeStruct`s with shardings.
+
+    Returns:
+      A `TrainState` at the step, holding the params on the target shardings and no optimizer state.
+    """
+    log.info("start: %s", start.reason)
+    params, _ = load_params(start.manager.step_dir(start.step), abstract_params)
+    return TrainState(step=jnp.asarray(start.step, jnp.int32), params=params, opt_state=None, rng=None)
 
 
 def load_start(start: Start, task: Task, config: Any, abstract: TrainState, tx: Any, mesh: Any, *,
