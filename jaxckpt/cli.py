@@ -34,6 +34,7 @@ from jaxckpt import zoo
 from jaxckpt.errors import USER_ERROR_EXIT_CODE, USER_ERRORS, UserError, quiet_late_loop_callbacks
 from jaxckpt.metrics import format_metrics
 from jaxckpt.stepdir import CheckpointCorruptError
+from jaxckpt.workdir import flat_config
 
 # Config fields worth a line in `inspect`; absent ones are left out (model.* is shown whole).
 _CONFIG_SUMMARY = (
@@ -63,16 +64,6 @@ def _human_bytes(n: int) -> str:
         if n < 1024:
             break
     return f"{n:.1f} {unit}"
-
-
-def _flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            out.update(_flat_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
@@ -185,7 +176,7 @@ def _inspect(args: argparse.Namespace) -> int:
     out += ["", _table(rows, ["step", "saved_at", *names, ""], right=range(2, 2 + len(names)))]
 
     if config:
-        flat = _flat_config(config)
+        flat = flat_config(config)
         keys = [k for k in _CONFIG_SUMMARY if flat.get(k) not in (None, "")]
         keys += sorted(k for k in flat if k.startswith("model."))
         out += ["", "config:"] + [f"  {k} = {flat[k]!r}" for k in keys]

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,7 +137,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> TrainState:
         start = sources.decide_start(config, workdir, manager, training=True)
         task = load_task(config, artifacts=start.artifacts)
         abstract, tx = _abstract_state(task, config, mesh)
-        sources.check_same_experiment(start, abstract, workdir)
+        sources.check_same_experiment(start, flax.serialization.to_state_dict(abstract), workdir, config,
+                                      training=True)
         state, loop_state, data_state = sources.load_start(start, task, config, abstract, tx, mesh,
                                                            workdir=workdir, fresh=_fresh_state)
         if primary:
@@ -313,6 +315,7 @@ def _load_for_inference(config: Any, workdir: Path) -> tuple[Task, TrainState, i
         task = load_task(config, artifacts=start.artifacts)
         params = jax.eval_shape(task.init_params, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
         params = distributed.abstract_like(params, distributed.replicated(mesh))
+        sources.check_same_experiment(start, {"params": params}, workdir, config, training=False)
         state = sources.load_for_inference(start, params)
     finally:
         if manager is not None:

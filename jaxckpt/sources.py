@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxckpt import treepath
@@ -23,7 +24,7 @@ from jaxckpt.pretrained import load_params, resolve_checkpoint_path
 from jaxckpt.state import TrainState
 from jaxckpt.stepdir import CheckpointCorruptError
 from jaxckpt.task import Task
-from jaxckpt.workdir import WorkdirError, log, set_aside, write_json
+from jaxckpt.workdir import WorkdirError, config_changes, log, set_aside, write_json
 
 
 class CorruptCheckpointsError(UserError):
@@ -166,21 +167,69 @@ def decide_start(config: Any, workdir: Path, manager: CheckpointManager | None, 
                  "no resume_file, no pretrained)")
 
 
-def check_same_experiment(start: Start, abstract: TrainState, workdir: Path) -> None:
-    """Refuses to resume a workdir whose checkpoint holds a model of other shapes than the config builds."""
-    if start.kind != "resume":
+# Fields that steer a run but never change the shapes of its state; left out when explaining a mismatch.
+_RUN_CONTROL = ("run_type", "seed", "train.", "eval.", "early_stop.", "checkpoint.")
+
+
+def _shape_changes(saved_config: Any, config: Any, training: bool) -> list[str]:
+    """Lines `key: checkpoint X vs config Y` for the config fields that may explain other shapes."""
+    # Evaluation reads no optimizer state, so the optimizer cannot matter there.
+    skip = _RUN_CONTROL + (() if training else ("optimizer.",))
+    return [f"  {key}: checkpoint {old!r} vs config {new!r}" for key, old, new in config_changes(saved_config, config)
+            if not key.startswith(skip)]
+
+
+def check_same_experiment(start: Start, abstract: Mapping[str, Any], workdir: Path, config: Any, *,
+                          training: bool) -> None:
+    """Refuses a checkpoint whose state has other shapes than this config builds, naming what differs.
+
+    Compares, without reading arrays, the saved step's leaves under the top-level keys of `abstract`
+    (the whole state to continue training; `{"params": ...}` to evaluate) with the leaves the
+    config builds, and explains a difference by the config fields that differ from the config
+    saved with the step (e.g. `data.target: checkpoint 'parity' vs config 'digit'`).
+
+    Args:
+      start: the decided start; only "resume" and "resume_file" starts are checked.
+      abstract: the state dict the config builds (`flax.serialization.to_state_dict` of the state).
+      workdir: the run directory, for the message.
+      config: the current config.
+      training: whether the run continues training (then the optimizer state must match too).
+
+    Raises:
+      WorkdirError: if the workdir's own checkpoint does not match.
+      UserError: if `checkpoint.resume_file` does not match.
+    """
+    if start.kind not in ("resume", "resume_file"):
         return
-    saved = {p[len("params/"):]: tuple(m.shape) for p, m in start.manager.metadata(start.step).items()
-             if p.startswith("params/")}
-    built = {p: tuple(x.shape) for p, x in treepath.flatten(abstract.params).items()}
-    if saved != built:
-        differ = sorted(set(saved) ^ set(built)) + sorted(p for p in set(saved) & set(built) if saved[p] != built[p])
-        lines = [f"  {p}: checkpoint {saved.get(p, 'absent')} vs config {built.get(p, 'absent')}" for p in differ[:10]]
+    saved = {p: tuple(m.shape) for p, m in start.manager.metadata(start.step).items()
+             if p.split("/", 1)[0] in abstract}
+    built = {p: tuple(np.shape(x)) for p, x in treepath.flatten(abstract).items()}
+    if saved == built:
+        return
+    differ = sorted((p for p in set(saved) | set(built) if saved.get(p) != built.get(p)),
+                    key=lambda p: (not p.startswith("params/"), p))  # the model first, then its optimizer
+    lines = [f"  {p}: checkpoint {saved.get(p, 'absent')} vs config {built.get(p, 'absent')}" for p in differ[:10]]
+    lines += [f"  ... and {len(differ) - 10} more"] if len(differ) > 10 else []
+    changes = _shape_changes((start.extra or {}).get("config"), config, training)
+    if changes:
+        lines += ["The config saved with that step differs in:"] + changes
+        fix = "Set those fields as the checkpoint has them"
+    else:
+        fix = "Its saved config does not explain the difference (another task or code version?); build its model"
+    if start.kind == "resume":
         raise WorkdirError(
-            f"{workdir} holds a different experiment: its step {start.step} does not match the model this "
-            f"config builds ({len(differ)} param paths differ):\n" + "\n".join(lines) +
-            "\nUse a new --workdir to start this experiment, or to finetune from that run pass "
-            f"--config.checkpoint.pretrained={workdir} in a new workdir.")
+            f"{workdir} holds a different experiment: its step {start.step} does not match the "
+            f"{'state' if training else 'model'} this config builds ({len(differ)} paths differ):\n"
+            + "\n".join(lines) + f"\n{fix} to {'continue' if training else 'evaluate'} it. To start this "
+            f"experiment use a new --workdir, or to finetune from that run pass --config.checkpoint.pretrained="
+            f"{workdir} in a new workdir.")
+    use = "continue it" if training else "evaluate it"
+    finetune = (f", or pass --config.checkpoint.pretrained={start.path} instead to start this model from its "
+                "weights (a new optimizer, at step 0)" if training else "")
+    raise UserError(
+        f"checkpoint.resume_file={start.path} (step {start.step}) does not match the "
+        f"{'state' if training else 'model'} this config builds ({len(differ)} paths differ):\n"
+        + "\n".join(lines) + f"\n{fix} to {use}{finetune}.")
 
 
 def load_for_inference(start: Start, abstract_params: Any) -> TrainState:

@@ -175,6 +175,24 @@ def test_val_with_another_optimizer_reads_only_the_params(tmp_path, data_dir, pr
     assert "loading the params of step 40 from checkpoint.resume_file" in (tmp_path / "eval" / "train.log").read_text()
 
 
+def test_resume_file_of_another_model_names_the_config_fields_that_differ(tmp_path, data_dir, pretrained_run):
+    config = tiny_config(data_dir, **{"run_type": "test", "checkpoint.resume_file": str(pretrained_run),
+                                      "data.target": "parity"})
+    with pytest.raises(UserError) as excinfo:
+        jaxckpt.run(config, tmp_path / "eval")
+    message = str(excinfo.value)
+    assert "params/head/kernel: checkpoint (16, 10) vs config (16, 2)" in message
+    assert "data.target: checkpoint 'digit' vs config 'parity'" in message
+    assert "train.num_steps" not in message and "jaxckpt.pretrained.load_params" not in message
+    config = tiny_config(data_dir, **{"checkpoint.resume_file": str(pretrained_run), "model.fusion_dims": (8,)})
+    with pytest.raises(UserError) as excinfo:
+        jaxckpt.run(config, tmp_path / "train")
+    message = str(excinfo.value)
+    assert "model.fusion_dims: checkpoint [16] vs config [8]" in message
+    assert f"--config.checkpoint.pretrained={pretrained_run} instead" in message
+    assert not list((tmp_path / "train").glob("checkpoints/*"))
+
+
 def test_predict_writes_one_row_per_test_example(tmp_path, data_dir, pretrained_run):
     path = jaxckpt.run(tiny_config(data_dir, **{"run_type": "predict", "checkpoint.resume_file": str(pretrained_run)}),
                        tmp_path / "pred")
@@ -245,8 +263,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
 def test_workdir_of_another_experiment_is_refused(tmp_path, data_dir):
     workdir = tmp_path / "run"
     jaxckpt.run(tiny_config(data_dir, **{"train.num_steps": 20}), workdir)
-    with pytest.raises(WorkdirError, match="holds a different experiment"):
+    with pytest.raises(WorkdirError, match="holds a different experiment") as excinfo:
         jaxckpt.run(tiny_config(data_dir, **{"model.fusion_dims": (8,)}), workdir)
+    assert "model.fusion_dims: checkpoint [16] vs config [8]" in str(excinfo.value)
 
 
 def test_resume_false_refuses_to_mix_runs(tmp_path, data_dir):
