@@ -259,6 +259,12 @@ def load_start(start: Start, task: Task, config: Any, abstract: TrainState, tx: 
     iterator position (None for a fresh iterator).
     """
     log.info("start: %s", start.reason)
+    if start.kind in ("resume", "resume_file"):
+        # config.json is rewritten by this run: say what changed, so nothing is lost silently.
+        changes = config_changes((start.extra or {}).get("config"), config)
+        if changes:
+            log.info("config changes since step %d: %s", start.step,
+                     ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes))
     loop_state = {"best_value": None, "best_step": None, "bad_evals": 0}
     if start.kind in ("resume", "resume_file"):
         # decide_start verified this step's checksums already.

@@ -63,7 +63,10 @@ def test_rerun_resumes_from_latest_without_duplicated_points(tmp_path, data_dir,
     jaxckpt.run(tiny_config(data_dir, **{"train.num_steps": 20}), workdir)
     state = jaxckpt.run(tiny_config(data_dir), workdir)  # same run, now to 40 steps
     assert int(state.step) == 40
-    assert "resuming from this workdir's latest checkpoint, step 20" in (workdir / "train.log").read_text()
+    log = (workdir / "train.log").read_text()
+    assert "resuming from this workdir's latest checkpoint, step 20" in log
+    # config.json now says 40: the log keeps what the checkpoint was trained with.
+    assert "config changes since step 20: train.num_steps 20 -> 40\n" in log
     steps = [(p["step"], p["split"]) for p in read_jsonl(workdir / "metrics.jsonl")]
     assert len(steps) == len(set(steps)) == 6
     # Resuming continued the same run: identical to the uninterrupted one.
