@@ -289,7 +289,7 @@ def _atomic_write(path: pathlib.Path, write_fn) -> None:
         raise
 
 
-def truncate_after(path: PathLike, step: int) -> int:
+def truncate_after(path: PathLike, step: int, *, dropped_to: PathLike | None = None) -> int:
     """Keeps only the points with `point["step"] <= step`, rewriting the file atomically.
 
     Call it when resuming from the checkpoint at `step`: the points the crashed run logged after
@@ -298,6 +298,8 @@ def truncate_after(path: PathLike, step: int) -> int:
     Args:
         path: the JSONL file; an absent file is left absent.
         step: the last step to keep.
+        dropped_to: where to keep the removed points (appended, as they were), e.g. beside the
+            checkpoints set aside when a run continues from an older step; None discards them.
 
     Returns:
         The number of points removed (a torn last line is removed but not counted).
@@ -314,6 +316,13 @@ def truncate_after(path: PathLike, step: int) -> int:
         return 0
     parsed = _parse_lines(path)
     kept = [line for line, record in parsed if int(record["step"]) <= step]
+    dropped = [line for line, record in parsed if int(record["step"]) > step]
+    if dropped and dropped_to is not None:
+        # Written before the truncation: a crash in between leaves a copy, never a loss.
+        with open(dropped_to, "a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in dropped))
+            f.flush()
+            os.fsync(f.fileno())
 
     def write(tmp: pathlib.Path) -> None:
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -20,6 +20,7 @@ from jaxckpt import treepath
 from jaxckpt.checkpoint import CheckpointManager
 from jaxckpt.errors import UserError
 from jaxckpt.foreign import is_foreign
+from jaxckpt.metrics import truncate_after
 from jaxckpt.pretrained import load_params, resolve_checkpoint_path
 from jaxckpt.state import TrainState
 from jaxckpt.stepdir import CheckpointCorruptError
@@ -280,8 +281,11 @@ def load_start(start: Start, task: Task, config: Any, abstract: TrainState, tx: 
                 if jax.process_count() > 1:  # the others must not list the steps process 0 is moving
                     multihost_utils.sync_global_devices("jaxckpt set_aside")
                 start.manager.reload()
-                log.warning("continuing from best step %d: newer steps %s moved to %s (not deleted)",
-                            start.step, newer, moved)
+                # Their metric points go with them (truncate_after would otherwise delete them).
+                points = truncate_after(workdir / "metrics.jsonl", start.step, dropped_to=moved / "metrics.jsonl") \
+                    if moved is not None else 0
+                log.warning("continuing from best step %d: newer steps %s and their %d metric points moved to %s "
+                            "(not deleted)", start.step, newer, points, moved)
         elif (extra.get("config") or {}).get("data") != config.data.to_dict():
             data_state = None
             log.info("resume_file was trained on other data settings: starting a fresh data iterator")

@@ -231,6 +231,21 @@ def test_resume_best_sets_newer_checkpoints_aside(tmp_path, data_dir):
         assert moved, "the newer step 40 must be set aside, not deleted"
 
 
+def test_continuing_from_best_keeps_the_newer_metric_points_aside(tmp_path, data_dir):
+    # Ranking by the highest val/loss makes the first evaluation (step 20) the best.
+    settings = {"checkpoint.max_to_keep": -1, "early_stop.criteria": "val/loss", "early_stop.minimize": False}
+    workdir = tmp_path / "run"
+    jaxckpt.run(tiny_config(data_dir, **settings), workdir)
+    before = read_jsonl(workdir / "metrics.jsonl")
+    jaxckpt.run(tiny_config(data_dir, **settings, **{"checkpoint.resume_best": True, "train.num_steps": 30}), workdir)
+    (aside,) = (workdir / "superseded").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == ["40", "metrics.jsonl"]
+    assert read_jsonl(aside / "metrics.jsonl") == [p for p in before if p["step"] > 20]
+    assert [(p["step"], p["split"]) for p in read_jsonl(workdir / "metrics.jsonl")] == [
+        (10, "train"), (20, "train"), (20, "val"), (30, "train"), (30, "val")]
+    assert "newer steps [40] and their 3 metric points moved to" in (workdir / "train.log").read_text()
+
+
 def test_max_to_keep_all_and_one(tmp_path, data_dir):
     jaxckpt.run(tiny_config(data_dir, **{"checkpoint.max_to_keep": -1, "checkpoint.every_steps": 10}), tmp_path / "all")
     assert sorted(int(p.name) for p in (tmp_path / "all" / "checkpoints").iterdir() if p.name.isdigit()) == [10, 20, 30, 40]

@@ -69,6 +69,19 @@ def test_truncate_after_keeps_points_up_to_step(tmp_path):
     assert [p["step"] for p in metrics.read_metrics(path)] == [10, 20, 20, 30]
 
 
+def test_truncate_after_keeps_the_dropped_points_where_asked(tmp_path):
+    path, aside = tmp_path / "metrics.jsonl", tmp_path / "superseded" / "metrics.jsonl"
+    aside.parent.mkdir()
+    with metrics.JsonlWriter(path) as writer:
+        for step, split in ((10, "train"), (20, "train"), (20, "val"), (30, "train"), (40, "val")):
+            writer.write(step, split, {"loss": 1.0 / step})
+    before = path.read_text().splitlines(keepends=True)
+    assert metrics.truncate_after(path, 20, dropped_to=aside) == 2
+    assert path.read_text() == "".join(before[:3])
+    assert aside.read_text() == "".join(before[3:])  # byte for byte, in file order
+    assert metrics.truncate_after(path, 20, dropped_to=aside) == 0 and aside.read_text() == "".join(before[3:])
+
+
 def test_truncate_after_drops_a_torn_last_line_and_tolerates_missing_file(tmp_path):
     path = tmp_path / "metrics.jsonl"
     assert metrics.truncate_after(path, 5) == 0
