@@ -141,6 +141,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> TrainState:
                                       training=True)
         state, loop_state, data_state = sources.load_start(start, task, config, abstract, tx, mesh,
                                                            workdir=workdir, fresh=_fresh_state)
+        if _already_stopped(config, loop_state):
+            return state
         if primary:
             write_json(workdir / "config.json", config.to_dict())
             for name, value in task.artifacts().items():
@@ -148,6 +150,23 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> TrainState:
         return _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_state)
     finally:
         manager.close()
+
+
+def _already_stopped(config: Any, loop_state: dict[str, Any]) -> bool:
+    """Whether the resumed run stopped early and still would under this config (then says so).
+
+    Early stopping is final: rerunning the command must not train one more step and stop again.
+    With a larger `early_stop.patience` (or -1) the run goes on from where it stopped.
+    """
+    stopped = loop_state.pop("stopped_early_at", None)
+    patience = config.early_stop.patience
+    if stopped is None or patience < 0 or loop_state["bad_evals"] <= patience:
+        return False
+    log.info("the run already stopped early at step %d (%s did not improve for %d evaluations; best %.6g at "
+             "step %s): nothing to train. To train on, raise early_stop.patience (-1 turns early stopping off) "
+             "or pass a new --workdir.", stopped, config.early_stop.criteria, loop_state["bad_evals"],
+             loop_state["best_value"], loop_state["best_step"])
+    return True
 
 
 def _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_state) -> TrainState:
@@ -229,6 +248,8 @@ def _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_sta
                 else:
                     improved = False
                 stop_early = patience >= 0 and loop_state["bad_evals"] > patience
+                if stop_early:  # saved with the step, so a rerun knows the run is over
+                    loop_state["stopped_early_at"] = step
                 if (step % config.checkpoint.every_steps == 0 or at_end or improved or stop_early
                         or stopping):
                     save(step, _prefixed(val_metrics, "val") if val_metrics else None)

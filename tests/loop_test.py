@@ -264,6 +264,18 @@ def test_early_stop_with_patience(tmp_path, data_dir):
     # Every evaluation ties: the manager's best is early stopping's, the first step with that value.
     with CheckpointManager(tmp_path / "run" / "checkpoints", read_only=True, best_metric="val/loss") as manager:
         assert manager.all_steps() == [10, 20, 30] and manager.best_step() == 10
+    # Rerunning the command trains nothing and writes no checkpoint: the run is over.
+    points = (tmp_path / "run" / "metrics.jsonl").read_text()
+    state = jaxckpt.run(config, tmp_path / "run")
+    assert int(state.step) == 30
+    assert "the run already stopped early at step 30" in (tmp_path / "run" / "train.log").read_text()
+    with CheckpointManager(tmp_path / "run" / "checkpoints", read_only=True) as manager:
+        assert manager.all_steps() == [10, 20, 30]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == points
+    # Turning early stopping off trains on from where it stopped.
+    state = jaxckpt.run(tiny_config(data_dir, **{"train.num_steps": 40, "train.eval_every_steps": 10,
+                                                 "optimizer.learning_rate": 0.0}), tmp_path / "run")
+    assert int(state.step) == 40
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
