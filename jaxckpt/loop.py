@@ -28,7 +28,7 @@ from jaxckpt.metrics import format_metrics, open_writers, plot_curves, truncate_
 from jaxckpt.optim import make_optimizer
 from jaxckpt.preemption import Preempted, StopRequest
 from jaxckpt.state import TrainState
-from jaxckpt.step import make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics
+from jaxckpt.step import COUNT, make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics
 from jaxckpt.stepdir import CheckpointSaveError
 from jaxckpt.task import Task, load_task
 from jaxckpt.workdir import WorkdirLock, log, quiet_library_logs, setup_logging, write_json
@@ -137,6 +137,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> TrainState:
         start = sources.decide_start(config, workdir, manager, training=True)
         task = load_task(config, artifacts=start.artifacts)
         abstract, tx = _abstract_state(task, config, mesh)
+        if config.run_type == "train_val":
+            _check_criteria(config.early_stop.criteria, task, abstract, config.eval.batch_size)
         sources.check_same_experiment(start, flax.serialization.to_state_dict(abstract), workdir, config,
                                       training=True)
         state, loop_state, data_state = sources.load_start(start, task, config, abstract, tx, mesh,
@@ -150,6 +152,22 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> TrainState:
         return _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_state)
     finally:
         manager.close()
+
+
+def _check_criteria(criteria: str, task: Task, abstract: TrainState, batch_size: int) -> None:
+    """Refuses an `early_stop.criteria` the evaluation will not return, before any step is trained.
+
+    The metric names come from tracing the eval step on one val batch (nothing is computed).
+    `num_examples` is the example count, not a metric, so it is not offered.
+    """
+    if not criteria:
+        return
+    batch = {k: v for k, v in next(iter(task.eval_batches("val", batch_size))).items() if k != "id"}
+    names = sorted(k for k in jax.eval_shape(make_eval_step(task.metrics_fn), abstract, batch) if k != COUNT)
+    if criteria not in [f"val/{name}" for name in names]:
+        raise UserError(
+            f"early_stop.criteria={criteria!r} is not a validation metric of this task; use one of "
+            f"{', '.join('val/' + name for name in names)}, or '' to rank no checkpoint best and never stop early.")
 
 
 def _already_stopped(config: Any, loop_state: dict[str, Any]) -> bool:
@@ -303,10 +321,10 @@ def _update_early_stop(loop_state: dict[str, Any], val_metrics: dict[str, float]
     if not criteria:
         return False
     split, _, name = criteria.partition("/")
-    if split != "val" or name not in val_metrics:
+    if split != "val" or name not in val_metrics or name == "num_examples":
         raise ValueError(
             f"early_stop.criteria={criteria!r} is not a validation metric; use one of "
-            f"{', '.join('val/' + k for k in val_metrics)}.")
+            f"{', '.join('val/' + k for k in val_metrics if k != 'num_examples')}.")
     value = val_metrics[name]
     best = loop_state["best_value"]
     better = math.isfinite(value) and (best is None or (value < best if minimize else value > best))

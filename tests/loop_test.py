@@ -278,6 +278,17 @@ def test_early_stop_with_patience(tmp_path, data_dir):
     assert int(state.step) == 40
 
 
+@pytest.mark.parametrize("criteria", ["val/acc", "val/num_examples", "train/loss"])
+def test_unknown_early_stop_criteria_fails_before_training(tmp_path, data_dir, criteria):
+    with pytest.raises(UserError) as excinfo:
+        jaxckpt.run(tiny_config(data_dir, **{"early_stop.criteria": criteria}), tmp_path / "run")
+    message = str(excinfo.value)
+    assert f"early_stop.criteria={criteria!r}" in message and "use one of val/accuracy, val/loss," in message
+    assert "num_examples" not in message.replace(criteria, "")  # a count, not a metric to stop on
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not one step was trained
+    assert not list((tmp_path / "run").glob("checkpoints/*"))
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     config = tiny_config(data_dir, **{"optimizer.name": "sgd", "optimizer.learning_rate": 1e30,
                                       "checkpoint.every_steps": 1, "train.log_every_steps": 1})
