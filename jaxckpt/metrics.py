@@ -49,8 +49,11 @@ class MetricWriter(Protocol):
         """Flushes and releases the writer's resources; later writes are errors."""
 
 
-def _to_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Converts metric values (Python, NumPy or JAX scalars) to Python floats."""
+def _to_scalars(metrics: Mapping[str, Any]) -> dict[str, float | int]:
+    """Converts metric values (Python, NumPy or JAX scalars) to Python floats, or ints for integers.
+
+    Counts such as `num_examples` stay integers, so `metrics.jsonl` agrees with `eval_*.json`.
+    """
     out = {}
     for name, value in metrics.items():
         if name in _RESERVED_KEYS:
@@ -64,7 +67,8 @@ def _to_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
                     f"Metric {name!r} has shape {array.shape}; only scalars can be logged. Reduce it "
                     "(e.g. take the mean) before writing."
             )
-        out[name] = float(array.reshape(()))
+        scalar = array.reshape(())
+        out[name] = int(scalar) if np.issubdtype(array.dtype, np.integer) else float(scalar)
     return out
 
 

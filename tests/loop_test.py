@@ -52,7 +52,7 @@ def test_train_val_writes_the_run_directory(pretrained_run):
     assert [(p["step"], p["split"]) for p in points] == [
         (10, "train"), (20, "train"), (20, "val"), (30, "train"), (40, "train"), (40, "val")]
     assert all(math.isfinite(p["loss"]) for p in points)
-    assert points[-1]["num_examples"] == 216
+    assert points[-1]["num_examples"] == 216 and type(points[-1]["num_examples"]) is int  # as in eval_*.json
     assert json.loads((pretrained_run / "config.json").read_text())["train"]["num_steps"] == 40
     assert (pretrained_run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "fresh start from random initialisation" in (pretrained_run / "train.log").read_text()

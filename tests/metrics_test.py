@@ -51,6 +51,15 @@ def test_writer_rejects_non_scalars_and_reserved_names(tmp_path, bad):
             writer.write(1, "train", bad)
 
 
+def test_integer_counts_are_written_as_integers(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with metrics.JsonlWriter(path) as writer:
+        writer.write(10, "val", {"loss": np.float32(0.5), "num_examples": np.int64(216), "seen": 3})
+    assert path.read_text() == '{"step": 10, "split": "val", "loss": 0.5, "num_examples": 216, "seen": 3}\n'
+    (point,) = metrics.read_metrics(path)
+    assert type(point["num_examples"]) is int and type(point["loss"]) is float
+
+
 def test_truncate_after_keeps_points_up_to_step(tmp_path):
     path = tmp_path / "metrics.jsonl"
     with metrics.JsonlWriter(path) as writer:
