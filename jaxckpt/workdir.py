@@ -104,14 +104,35 @@ class _NoBackgroundTracebacks(logging.Filter):
         return True
 
 
+class _NoReadOnlyNotes(logging.Filter):
+    """Drops Orbax's warnings that a read-only `CheckpointManager` is read-only.
+
+    We open another run's checkpoints (resume_file, pretrained) read-only on purpose, and Orbax
+    warns about it on every open ("Given directory is read only=...", "read_only=True, setting
+    save_interval_steps=0."). Only these exact notes are dropped; every other warning and error,
+    from Orbax or anyone, passes.
+    """
+
+    _NOTES = ("Given directory is read only", "CheckpointManagerOptions.read_only=True, setting")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.WARNING and isinstance(record.msg, str)
+                    and record.msg.startswith(self._NOTES) and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
 def quiet_library_logs() -> None:
-    """Keeps only warnings from JAX, Orbax and tfds, which log every save phase and backend probe at INFO."""
+    """Keeps only warnings from JAX, Orbax and tfds, which log every save phase and backend probe at INFO.
+
+    Orbax's notes that a read-only checkpoint directory is read-only are dropped too, and the
+    tracebacks of its background write errors (we report those errors ourselves, in one message).
+    """
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    for name in ("absl", "asyncio"):
+    for name, filters in (("absl", (_NoBackgroundTracebacks, _NoReadOnlyNotes)), ("asyncio", (_NoBackgroundTracebacks,))):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _NoBackgroundTracebacks) for f in logger.filters):
-            logger.addFilter(_NoBackgroundTracebacks())
+        for kind in filters:
+            if not any(isinstance(f, kind) for f in logger.filters):
+                logger.addFilter(kind())
 
 
 def setup_logging(workdir: str | os.PathLike | None, *, write: bool = True) -> logging.Logger:

@@ -168,11 +168,13 @@ def test_val_and_test_runs_match_the_logged_metrics(tmp_path, data_dir, pretrain
     assert test["split"] == "test" and test["num_examples"] == 359
 
 
-def test_val_with_another_optimizer_reads_only_the_params(tmp_path, data_dir, pretrained_run):
+def test_val_with_another_optimizer_reads_only_the_params(tmp_path, data_dir, pretrained_run, capfd):
     # The run trained with adam; evaluating needs no optimizer state, so any optimizer config works.
     config = tiny_config(data_dir, **{"run_type": "val", "checkpoint.resume_file": str(pretrained_run),
                                       "optimizer.name": "sgd", "optimizer.freeze": "encoder"})
     result = jaxckpt.run(config, tmp_path / "eval")
+    # Orbax's notes that the resume_file's directory, opened read-only on purpose, is read-only.
+    assert "read only" not in capfd.readouterr().err.replace("read-only", "")
     logged = [p for p in read_jsonl(pretrained_run / "metrics.jsonl") if p["split"] == "val" and p["step"] == 40][0]
     assert result["step"] == 40 and result["accuracy"] == pytest.approx(logged["accuracy"], rel=1e-6)
     assert "loading the params of step 40 from checkpoint.resume_file" in (tmp_path / "eval" / "train.log").read_text()

@@ -1,0 +1,39 @@
+"""Tests for jaxckpt.workdir's config comparison and log filters (the lock is tested in failure_test)."""
+
+import logging
+
+import ml_collections
+import pytest
+
+from jaxckpt import workdir
+
+
+def test_config_changes_compares_a_saved_config_with_a_live_one():
+    live = ml_collections.ConfigDict({"model": {"fusion_dims": (64,)}, "train": {"num_steps": 600}, "seed": 0})
+    saved = {"model": {"fusion_dims": [64]}, "train": {"num_steps": 400}, "data": {"target": "digit"}}
+    # A tuple and the list JSON gives it back as are equal; a field one side lacks is "(absent)".
+    assert workdir.config_changes(saved, live) == [
+        ("data.target", "digit", "(absent)"), ("seed", "(absent)", 0), ("train.num_steps", 400, 600)]
+    assert workdir.config_changes(live, live) == []
+    assert workdir.config_changes(None, {"a": {"b": 1}}) == [("a.b", "(absent)", 1)]
+
+
+def _record(level, msg, pathname):
+    return logging.LogRecord("absl", level, pathname, 1, msg, ("/runs/x",), None)
+
+
+@pytest.mark.parametrize("level, msg, path, kept", [
+    (logging.WARNING, "Given directory is read only=%s", "/site-packages/orbax/checkpoint/checkpoint_manager.py", False),
+    (logging.WARNING, "CheckpointManagerOptions.read_only=True, setting save_interval_steps=0.",
+     "/site-packages/orbax/checkpoint/checkpoint_manager.py", False),
+    # Anything else passes: errors, other Orbax warnings, the same words from elsewhere.
+    (logging.ERROR, "Given directory is read only=%s", "/site-packages/orbax/checkpoint/checkpoint_manager.py", True),
+    (logging.WARNING, "Failed to save %s", "/site-packages/orbax/checkpoint/checkpoint_manager.py", True),
+    (logging.WARNING, "Given directory is read only=%s", "/home/me/train.py", True),
+])
+def test_only_orbax_read_only_notes_are_dropped(level, msg, path, kept):
+    workdir.quiet_library_logs()
+    absl_logger = logging.getLogger("absl")
+    assert absl_logger.filter(_record(level, msg, path)) is kept
+    workdir.quiet_library_logs()  # idempotent: one filter of each kind
+    assert sum(isinstance(f, workdir._NoReadOnlyNotes) for f in absl_logger.filters) == 1
