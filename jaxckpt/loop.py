@@ -9,6 +9,7 @@ rerun of the same command continues bitwise where the last checkpoint left off.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import time
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jaxckpt import distributed, sources
 from jaxckpt.checkpoint import CheckpointManager
@@ -229,8 +231,10 @@ def _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_sta
                     disable=not primary or not _is_terminal())
     log.info("training steps %d..%d (batch %d, %d device(s))", step + 1, num_steps,
              config.train.batch_size, mesh.devices.size)
+    # On a terminal, log lines go through tqdm.write, which lifts the bar out of their way.
+    redirect = logging_redirect_tqdm(loggers=[log]) if not bar.disable else contextlib.nullcontext()
     try:
-        with StopRequest() as stop:
+        with StopRequest() as stop, redirect:
             while step < num_steps:
                 batch = distributed.shard_batch(next(train_iter), mesh)
                 state, metrics = train_step(state, batch)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import jax
 import numpy as np
@@ -56,6 +57,18 @@ def test_train_val_writes_the_run_directory(pretrained_run):
     assert json.loads((pretrained_run / "config.json").read_text())["train"]["num_steps"] == 40
     assert (pretrained_run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "fresh start from random initialisation" in (pretrained_run / "train.log").read_text()
+
+
+def test_on_a_terminal_log_lines_do_not_run_into_the_progress_bar(tmp_path, data_dir, monkeypatch, capsys):
+    from jaxckpt import loop
+
+    monkeypatch.setattr(loop, "_is_terminal", lambda: True)
+    jaxckpt.run(tiny_config(data_dir, **{"train.num_steps": 20, "train.eval_every_steps": 10}), tmp_path / "run")
+    err = capsys.readouterr().err
+    assert "10/20" in err  # the bar was drawn
+    lines = [line for line in err.split("\n") if " INFO step 10 val " in line]
+    # What a terminal shows of the line is what follows its last carriage return: the log line whole.
+    assert len(lines) == 1 and re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO step 10 val ", lines[0].split("\r")[-1]), lines
 
 
 def test_rerun_resumes_from_latest_without_duplicated_points(tmp_path, data_dir, pretrained_run):
