@@ -25,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jaxckpt import distributed, sources
 from jaxckpt.checkpoint import CheckpointManager
-from jaxckpt.errors import UserError, exit_code_of
+from jaxckpt.errors import USER_ERRORS, UserError, exit_code_of
 from jaxckpt.metrics import format_metrics, open_writers, plot_curves, truncate_after
 from jaxckpt.optim import make_optimizer
 from jaxckpt.preemption import Preempted, StopRequest
@@ -33,7 +33,8 @@ from jaxckpt.state import TrainState
 from jaxckpt.step import COUNT, make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics
 from jaxckpt.stepdir import CheckpointSaveError
 from jaxckpt.task import Task, load_task
-from jaxckpt.workdir import WorkdirLock, log, quiet_library_logs, setup_logging, write_json
+from jaxckpt.workdir import (WorkdirLock, entries, log, quiet_library_logs, remove_bookkeeping, setup_logging,
+                             write_json)
 
 RUN_TYPES = ("train", "train_val", "val", "test", "predict")
 
@@ -67,8 +68,10 @@ def run(config: Any, workdir: str | Path) -> Any:
     workdir = Path(workdir).expanduser().absolute()
     quiet_library_logs()
     primary = jax.process_index() == 0
+    before = entries(workdir)
     # Lock before touching anything: a refused second run must not write into the first one's log.
     lock = WorkdirLock(workdir).acquire() if primary else None
+    failed = False
     try:
         setup_logging(workdir, write=primary)
         if config.run_type in ("train", "train_val"):
@@ -80,9 +83,15 @@ def run(config: Any, workdir: str | Path) -> Any:
         if isinstance(e, UserError):
             raise
         raise SaveFailedError(str(e)) from e
+    except USER_ERRORS:
+        failed = True
+        raise
     finally:
         if lock is not None:
             lock.release()
+            # A config error found once the task is built leaves no new workdir with only a lock and a log.
+            if failed:
+                remove_bookkeeping(workdir, before)
 
 
 def _manager(config: Any, workdir: Path) -> CheckpointManager:

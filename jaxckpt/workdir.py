@@ -155,6 +155,52 @@ def setup_logging(workdir: str | os.PathLike | None, *, write: bool = True) -> l
     return log
 
 
+# What a run writes into its workdir before it has anything to keep: the lock, the log, an empty
+# checkpoint directory.
+_BOOKKEEPING = (".lock", "train.log", "checkpoints")
+
+
+def entries(workdir: str | os.PathLike) -> set[str] | None:
+    """The names in `workdir` now, or None if it does not exist (see `remove_bookkeeping`)."""
+    path = Path(workdir)
+    return set(os.listdir(path)) if path.is_dir() else None
+
+
+def remove_bookkeeping(workdir: str | os.PathLike, before: set[str] | None) -> bool:
+    """After a run that failed before writing anything else, removes what it created in `workdir`.
+
+    A config error (a bad `data.target`, an unknown `early_stop.criteria`) found after the lock and
+    log are set up must not leave a new workdir holding `.lock`, `train.log` and an empty
+    `checkpoints/`. Only those are removed, only if the run created them (they are not in
+    `before`), and only if the run created nothing else (a `config.json`, a metric, a checkpoint
+    means something happened worth keeping). The workdir goes too if the run created it.
+
+    Args:
+      workdir: the run directory; the run's lock must be released already.
+      before: `entries(workdir)` from before the run.
+
+    Returns:
+      Whether anything was removed.
+    """
+    path = Path(workdir)
+    if not path.is_dir():
+        return False
+    new = set(os.listdir(path)) - (before or set())
+    checkpoints = path / "checkpoints"
+    if not new or not new <= set(_BOOKKEEPING) or ("checkpoints" in new and any(checkpoints.iterdir())):
+        return False
+    log_file = str((path / "train.log").absolute())
+    for handler in list(log.handlers):  # the log file is about to go: stop writing to it
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename == log_file:
+            log.removeHandler(handler)
+            handler.close()
+    for name in new:
+        (path / name).rmdir() if name == "checkpoints" else (path / name).unlink()
+    if before is None and not any(path.iterdir()):
+        path.rmdir()
+    return True
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Writes JSON atomically (temporary file, fsync, rename): a crash leaves the old file or the new."""
     path = Path(path)

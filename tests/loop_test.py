@@ -304,6 +304,23 @@ def test_unknown_early_stop_criteria_fails_before_training(tmp_path, data_dir, c
     assert not list((tmp_path / "run").glob("checkpoints/*"))
 
 
+def test_a_config_error_leaves_nothing_in_a_new_workdir(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="config.data.target='foo'"):
+        jaxckpt.run(tiny_config(data_dir, **{"data.target": "foo"}), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()  # made by the user: kept, and left as it was
+    with pytest.raises(UserError, match="early_stop.criteria"):
+        jaxckpt.run(tiny_config(data_dir, **{"early_stop.criteria": "val/acc"}), tmp_path / "empty")
+    assert list((tmp_path / "empty").iterdir()) == []
+    # A workdir with a run in it keeps everything, its log included.
+    workdir = tmp_path / "run"
+    jaxckpt.run(tiny_config(data_dir, **{"train.num_steps": 10, "checkpoint.every_steps": 10}), workdir)
+    before = sorted(p.name for p in workdir.iterdir())
+    with pytest.raises(UserError, match="early_stop.criteria"):
+        jaxckpt.run(tiny_config(data_dir, **{"train.num_steps": 20, "early_stop.criteria": "val/acc"}), workdir)
+    assert sorted(p.name for p in workdir.iterdir()) == before
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     config = tiny_config(data_dir, **{"optimizer.name": "sgd", "optimizer.learning_rate": 1e30,
                                       "checkpoint.every_steps": 1, "train.log_every_steps": 1})
