@@ -227,3 +227,24 @@ def test_imdb_reviews_prepares_without_tensorflow(tmp_path):
     assert {name: len(source) for name, source in sources.items()} == {"train": 12, "test": 8, "unsupervised": 3}
     again = imdb.build(_config(tmp_path / "tfds", **{"data.val_fraction": 0.5}))
     assert again.artifacts()["vocab"] == vocab
+
+
+def test_offline_without_a_prepared_dataset_fails_fast_saying_what_to_do(tmp_path, monkeypatch):
+    # No network here, but do not rely on it: the connectivity check is replaced, and tfds' own
+    # retrying download (about two minutes offline) must never start.
+    checked = []
+    monkeypatch.setattr(imdb_builder, "_reachable", lambda url: checked.append(url) or "gaierror: no network")
+    download = mock.Mock(side_effect=AssertionError("tfds tried to download"))
+    monkeypatch.setattr(tfds.download.DownloadManager, "download", download)
+    with pytest.raises(imdb_builder.DatasetUnavailableError) as excinfo:
+        imdb.build(_config(tmp_path / "tfds"))
+    assert checked == [tfds_imdb._DOWNLOAD_URL] and not download.called
+    message = str(excinfo.value)
+    assert f"data.data_dir={tmp_path / 'tfds'}" in message and "ai.stanford.edu cannot be reached" in message
+    assert "one run with internet access" in message and "--config.data.data_dir" in message
+    # An archive downloaded earlier is used offline: no check, tfds reads its cache.
+    (tmp_path / "tfds" / "downloads" / "ai.stanford.edu_amaas_aclImdb_v1abc.tar.gz").write_bytes(b"")
+    checked.clear()
+    with pytest.raises(AssertionError, match="tfds tried to download"):
+        imdb.build(_config(tmp_path / "tfds"))
+    assert checked == []
