@@ -212,25 +212,23 @@ def check_same_experiment(start: Start, abstract: Mapping[str, Any], workdir: Pa
     lines = [f"  {p}: checkpoint {saved.get(p, 'absent')} vs config {built.get(p, 'absent')}" for p in differ[:10]]
     lines += [f"  ... and {len(differ) - 10} more"] if len(differ) > 10 else []
     changes = _shape_changes((start.extra or {}).get("config"), config, training)
+    what, use = ("state", "continue") if training else ("model", "evaluate")
     if changes:
         lines += ["The config saved with that step differs in:"] + changes
-        fix = "Set those fields as the checkpoint has them"
+        lines.append(f"Set those fields as the checkpoint has them to {use} it.")
     else:
-        fix = "Its saved config does not explain the difference (another task or code version?); build its model"
+        lines.append("Its saved config does not explain the difference (another task, or another version of the code?).")
     if start.kind == "resume":
+        hint = (f" To start this experiment use a new --workdir, or to finetune from that run pass "
+                f"--config.checkpoint.pretrained={workdir} in a new workdir." if training else "")
         raise WorkdirError(
-            f"{workdir} holds a different experiment: its step {start.step} does not match the "
-            f"{'state' if training else 'model'} this config builds ({len(differ)} paths differ):\n"
-            + "\n".join(lines) + f"\n{fix} to {'continue' if training else 'evaluate'} it. To start this "
-            f"experiment use a new --workdir, or to finetune from that run pass --config.checkpoint.pretrained="
-            f"{workdir} in a new workdir.")
-    use = "continue it" if training else "evaluate it"
-    finetune = (f", or pass --config.checkpoint.pretrained={start.path} instead to start this model from its "
-                "weights (a new optimizer, at step 0)" if training else "")
+            f"{workdir} holds a different experiment: its step {start.step} does not match the {what} this config "
+            f"builds ({len(differ)} paths differ):\n" + "\n".join(lines) + hint)
+    hint = (f" To start this model from its weights instead (a new optimizer, at step 0), pass "
+            f"--config.checkpoint.pretrained={start.path}." if training else "")
     raise UserError(
-        f"checkpoint.resume_file={start.path} (step {start.step}) does not match the "
-        f"{'state' if training else 'model'} this config builds ({len(differ)} paths differ):\n"
-        + "\n".join(lines) + f"\n{fix} to {use}{finetune}.")
+        f"checkpoint.resume_file={start.path} (step {start.step}) does not match the {what} this config builds "
+        f"({len(differ)} paths differ):\n" + "\n".join(lines) + hint)
 
 
 def load_for_inference(start: Start, abstract_params: Any) -> TrainState:

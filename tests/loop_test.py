@@ -207,7 +207,7 @@ def test_resume_file_of_another_model_names_the_config_fields_that_differ(tmp_pa
         jaxckpt.run(config, tmp_path / "train")
     message = str(excinfo.value)
     assert "model.fusion_dims: checkpoint [16] vs config [8]" in message
-    assert f"--config.checkpoint.pretrained={pretrained_run} instead" in message
+    assert f"pass --config.checkpoint.pretrained={pretrained_run}." in message
     assert not list((tmp_path / "train").glob("checkpoints/*"))
 
 
