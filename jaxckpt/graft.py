@@ -33,7 +33,7 @@ Results keep the target's dtype and, for `jax.Array` targets, its sharding.
 import contextlib
 import dataclasses
 import gc
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -111,6 +111,8 @@ def _dtype_name(dtype: np.dtype) -> str:
 
 
 def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
+    if type(leaf) is np.ndarray:  # The common case, without the getattr probing.
+        return leaf.shape, leaf.dtype
     shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
     if shape is not None and dtype is not None:
         return (shape if type(shape) is tuple else tuple(shape),
@@ -176,30 +178,60 @@ def _top_level(paths: Sequence[str]) -> str:
         repr(n) for n in names[:12]) + (" ..." if len(names) > 12 else "")
 
 
-def _scope(rules, src_paths, tgt_paths):
-    """Candidate target indices, their source paths, in-scope source indices,
-    and errors for mapping rules that match nothing."""
+def _any_under(paths: Sequence[str], prefix: str) -> bool:
+    below = prefix + treepath.SEP
+    return any(p.startswith(below) or p == prefix for p in paths) if prefix \
+        else bool(paths)
+
+
+def _source_finder(rules) -> Callable[[str], str | None]:
+    """Maps a target path to the source path it is grafted from (None: untouched).
+
+    The most specific destination wins. Each rule costs one `startswith` per
+    path (what `treepath.is_under` and `rebase` do, without their calls), so
+    mapping stays a few string operations per leaf.
+    """
     if rules is None:
-        return range(len(tgt_paths)), tgt_paths, range(len(src_paths)), []
-    by_length = sorted(rules, key=lambda pair: -len(pair[1]))
-    candidates, source_of = [], {}
-    for i, path in enumerate(tgt_paths):
-        for src, dst in by_length:  # The most specific destination wins.
-            if treepath.is_under(path, dst):
-                candidates.append(i)
-                source_of[i] = treepath.rebase(path, dst, src)
-                break
-    in_scope = [i for i, p in enumerate(src_paths)
-                if any(treepath.is_under(p, src) for src, _ in rules)]
+        return lambda path: path
+    by_length = [(dst, dst + treepath.SEP, src)
+                 for src, dst in sorted(rules, key=lambda pair: -len(pair[1]))]
+
+    def source_of(path: str) -> str | None:
+        for dst, below, src in by_length:
+            if path.startswith(below):
+                rest = path[len(below):]
+            elif not dst:
+                rest = path
+            elif path == dst:
+                rest = ""
+            else:
+                continue
+            return f"{src}{treepath.SEP}{rest}" if src and rest else src or rest
+        return None
+    return source_of
+
+
+def _in_scope(rules, src_paths: Sequence[str]) -> Sequence[int]:
+    """Indices of the source paths under some mapping rule's source prefix."""
+    prefixes = None if rules is None else {src for src, _ in rules}
+    if prefixes is None or "" in prefixes:
+        return range(len(src_paths))
+    below = tuple(p + treepath.SEP for p in prefixes)
+    return [j for j, p in enumerate(src_paths)
+            if p.startswith(below) or p in prefixes]
+
+
+def _dead_rules(rules, src_paths, tgt_paths) -> list[str]:
+    """Errors for mapping rules that match no source or no target path."""
     errors = []
-    for src, dst in rules:
-        if not any(treepath.is_under(p, src) for p in src_paths):
+    for src, dst in rules or ():
+        if not _any_under(src_paths, src):
             errors.append(f"mapping rule {src!r}:{dst!r} matches no source path"
                           f" (source is {_top_level(src_paths)})")
-        if not any(treepath.is_under(p, dst) for p in tgt_paths):
+        if not _any_under(tgt_paths, dst):
             errors.append(f"mapping rule {src!r}:{dst!r} matches no target path"
                           f" (target is {_top_level(tgt_paths)})")
-    return candidates, source_of, in_scope, errors
+    return errors
 
 
 def _plan_unpaused(source, target, mapping, skip, adapters) -> _Plan:
@@ -215,11 +247,14 @@ def _plan_unpaused(source, target, mapping, skip, adapters) -> _Plan:
             src_leaves[i] = leaf()
     src_info = [_shape_dtype(leaf) for leaf in src_leaves]
 
-    candidates, source_of, in_scope, errors = _scope(rules, src_paths, tgt_paths)
+    # One pass over the target paths gives every leaf its source path.
+    source_of = _source_finder(rules)
+    sources = [source_of(p) for p in tgt_paths]
+    errors = _dead_rules(rules, src_paths, tgt_paths)
     skip_matcher = treepath.PathMatcher(skip, syntax="regex")
     adapt_matcher = treepath.PathMatcher([p for p, _ in adapter_rules],
                                          syntax="regex")
-    candidate_paths = [tgt_paths[i] for i in candidates]
+    candidate_paths = [p for p, s in zip(tgt_paths, sources) if s is not None]
     errors += _rule_errors("skip pattern", skip_matcher.unmatched(candidate_paths),
                            "target")
     errors += _rule_errors("adapter rule",
@@ -233,17 +268,21 @@ def _plan_unpaused(source, target, mapping, skip, adapters) -> _Plan:
             " mapping rules are path prefixes. Fix or drop these rules.")
 
     buckets = {f.name: [] for f in dataclasses.fields(GraftReport)}
+    loaded, cast = buckets["loaded"], buckets["cast"]
+    skip_first = skip_matcher.first if skip else None
     fills: dict[int, tuple[int, Adapter | None]] = {}
     used = set()
-    for i in candidates:
-        path, leaf = tgt_paths[i], tgt_leaves[i]
-        tgt_shape, tgt_dtype = _shape_dtype(leaf)
+    untouched_at = []
+    for i, (path, src_path) in enumerate(zip(tgt_paths, sources)):
+        if src_path is None:
+            untouched_at.append(i)
+            continue
+        tgt_shape, tgt_dtype = _shape_dtype(tgt_leaves[i])
         tgt_dtype_name = _dtype_name(tgt_dtype)
-        src_path = source_of[i]
         j = src_index.get(src_path)
         if j is not None:
             used.add(j)
-        rule = skip_matcher.first(path) if skip else None
+        rule = skip_first(path) if skip_first else None
         if rule is not None:
             buckets["skipped"].append(GraftEntry(
                 path, src_path, None, tgt_shape, None, tgt_dtype_name,
@@ -258,7 +297,7 @@ def _plan_unpaused(source, target, mapping, skip, adapters) -> _Plan:
         entry = GraftEntry(path, src_path, src_shape, tgt_shape, src_dtype_name,
                            tgt_dtype_name)
         if src_shape == tgt_shape:
-            buckets["loaded"].append(entry)
+            loaded.append(entry)
             fills[i] = (j, None)
         else:
             rule = adapt_matcher.first(path) if adapter_rules else None
@@ -275,16 +314,15 @@ def _plan_unpaused(source, target, mapping, skip, adapters) -> _Plan:
             buckets["adapted"].append(entry._replace(rule=adapter_name(adapter)))
             fills[i] = (j, adapter)
         if src_dtype != tgt_dtype:
-            buckets["cast"].append(GraftEntry(
+            cast.append(GraftEntry(
                 path, src_path, None, None, src_dtype_name, tgt_dtype_name))
-    in_candidates = set(candidates)
     buckets["untouched"] = [
-        GraftEntry(p, None, None, _shape_dtype(tgt_leaves[i])[0])
-        for i, p in enumerate(tgt_paths) if i not in in_candidates]
+        GraftEntry(tgt_paths[i], None, None, _shape_dtype(tgt_leaves[i])[0])
+        for i in untouched_at]
     buckets["unused"] = [
         GraftEntry(src_paths[j], src_paths[j], src_info[j][0], None,
                    _dtype_name(src_info[j][1]))
-        for j in in_scope if j not in used]
+        for j in _in_scope(rules, src_paths) if j not in used]
     report = GraftReport(**{k: tuple(v) for k, v in buckets.items()})
     return _Plan(report, fills, src_leaves, tgt_paths, tgt_leaves, treedef)
 
