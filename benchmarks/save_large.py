@@ -1,0 +1,134 @@
+"""How fast does jaxckpt save a large state, next to `np.save` and plain Orbax (and `torch.save`)?
+
+Every candidate writes the same arrays to a fresh directory and is timed until the bytes are
+durable (fsync'ed): `np.save` per array + fsync, plain Orbax's `StandardCheckpointer` (its
+defaults), jaxckpt's `CheckpointManager.save` (synchronous), and `torch.save` when torch imports.
+
+  python -m benchmarks.save_large [--quick | --smoke]
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from benchmarks import harness
+from benchmarks.harness import MiB, Record
+from jaxckpt.checkpoint import CheckpointManager
+
+NAME = "save_large"
+
+
+def state_of_size(total_bytes: int, num_arrays: int = 16, seed: int = 0) -> dict:
+    """A params/opt_state-like tree of `num_arrays` float32 arrays on the default device.
+
+    Random values: trained weights barely compress, so neither side gains from compression.
+    """
+    rng = np.random.default_rng(seed)
+    per = max(total_bytes // num_arrays // 4, 1)
+    rows = 1024 if per >= 1024 * 64 else 1
+    leaves = [rng.standard_normal((rows, per // rows), dtype=np.float32) for _ in range(num_arrays)]
+    half = num_arrays // 2
+    return jax.device_put({
+        "params": {f"layer_{i}": {"kernel": x} for i, x in enumerate(leaves[:half])},
+        "opt_state": {f"mu_{i}": x for i, x in enumerate(leaves[half:])},
+    })
+
+
+def nbytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def np_save(state, directory: pathlib.Path) -> None:
+    """The raw baseline: one .npy file per array, each fsync'ed."""
+    for i, leaf in enumerate(jax.tree.leaves(state)):
+        with open(directory / f"{i}.npy", "wb") as f:
+            np.save(f, np.asarray(leaf))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def torch_save(state, path: pathlib.Path) -> None:
+    import torch
+
+    tensors = {str(i): torch.from_numpy(np.asarray(x)) for i, x in enumerate(jax.tree.leaves(state))}
+    with open(path, "wb") as f:
+        torch.save(tensors, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run(mode: str, workdir: pathlib.Path) -> list[Record]:
+    size = harness.rounds(mode, 8 * MiB, 64 * MiB, 1024 * MiB)
+    reps = harness.rounds(mode, 2, 5, 5)
+    state = state_of_size(size)
+    total = nbytes(state)
+    jax.block_until_ready(state)
+    out = workdir / NAME
+
+    def timed(opener) -> callable:
+        """`opener(directory)` prepares (untimed) and returns the timed write."""
+        def once() -> float:
+            target = harness.fresh_dir(out)
+            write, close = opener(target)
+            with harness.Stopwatch() as sw:
+                write()
+                harness.fsync_tree(target)
+            close()
+            shutil.rmtree(target)
+            return sw.seconds
+        return once
+
+    def plain(write):
+        return lambda d: (lambda: write(d), lambda: None)
+
+    def jaxckpt_save(target: pathlib.Path):
+        # Opened before the clock starts, as a trainer opens it once for the whole run.
+        mngr = CheckpointManager(target, async_save=False, max_to_keep=None)
+        return lambda: mngr.save(1, state), mngr.close
+
+    def orbax_save(target: pathlib.Path):
+        ckptr = ocp.StandardCheckpointer()
+        return lambda: (ckptr.save(target / "1", state), ckptr.wait_until_finished()), ckptr.close
+
+    candidates = {
+        "numpy": timed(plain(lambda d: np_save(state, d))),
+        "jaxckpt": timed(jaxckpt_save),
+        "orbax": timed(orbax_save),
+    }
+    if has_torch():
+        candidates["torch"] = timed(plain(lambda d: torch_save(state, d / "state.pt")))
+    candidates["jaxckpt"]()  # warm-up: first-call costs (imports, thread pools) are not throughput
+    t = harness.side_by_side(candidates, reps)
+    shutil.rmtree(out, ignore_errors=True)
+    speed = {k: harness.mbps(total, v) for k, v in t.items()}
+    size_note = f"{total / MiB:.0f} MiB, {len(jax.tree.leaves(state))} arrays"
+    records = [
+        Record(NAME, speed["jaxckpt"], "MB/s", speed["numpy"], f"np.save + fsync per array ({size_note})",
+               speed["jaxckpt"] / speed["numpy"], "ratio >= 0.9"),
+        Record(NAME + "_orbax", speed["jaxckpt"], "MB/s", speed["orbax"],
+               "plain Orbax StandardCheckpointer (defaults)", speed["jaxckpt"] / speed["orbax"], None),
+    ]
+    if "torch" in speed:
+        records.append(Record(NAME + "_torch", speed["jaxckpt"], "MB/s", speed["torch"], "torch.save + fsync",
+                              speed["jaxckpt"] / speed["torch"], None))
+    return records
+
+
+if __name__ == "__main__":
+    from benchmarks.run import main_for
+
+    main_for(run)
