@@ -155,9 +155,10 @@ class _Plan:
 
 @contextlib.contextmanager
 def _gc_paused():
-    """Pauses the cyclic GC: planning allocates ~10 small tuples per leaf and
-    nothing cyclic, yet on 100k leaves the collector's full passes over the
-    trees would take longer than the planning itself."""
+    """Pauses the cyclic GC for a plan or a graft: they allocate a few small
+    objects per leaf and nothing cyclic, yet on 100k leaves the collector's passes
+    over the trees, set off by those allocations and by the dicts `unflatten`
+    builds, would take longer than the work itself."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -165,11 +166,6 @@ def _gc_paused():
     finally:
         if enabled:
             gc.enable()
-
-
-def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
-    with _gc_paused():
-        return _plan_unpaused(source, target, mapping, skip, adapters)
 
 
 def _top_level(paths: Sequence[str]) -> str:
@@ -234,7 +230,7 @@ def _dead_rules(rules, src_paths, tgt_paths) -> list[str]:
     return errors
 
 
-def _plan_unpaused(source, target, mapping, skip, adapters) -> _Plan:
+def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
     rules = parse_mapping(mapping)
     adapter_rules = parse_adapters(adapters)
     src_paths, src_leaves = _source_leaves(source)
@@ -355,7 +351,8 @@ def plan(
         ...      ).counts["mismatched"]
         1
     """
-    return _make_plan(source, target, mapping, tuple(skip), adapters).report
+    with _gc_paused():  # The plan's lists are dropped before the GC resumes.
+        return _make_plan(source, target, mapping, tuple(skip), adapters).report
 
 
 def _read(leaf: Any) -> Any:
@@ -375,6 +372,41 @@ def _place(value: Any, target_leaf: Any, dtype: np.dtype) -> Any:
             value = value.astype(dtype)
         return jax.device_put(value, target_leaf.sharding)
     return np.asarray(value, dtype=dtype)
+
+
+def _filled_leaves(planned: _Plan) -> list[Any]:
+    """The target leaves, with each planned fill read, adapted, cast and placed.
+
+    Raises:
+        TypeError: if a concrete target leaf would be filled from an abstract one.
+    """
+    abstract_reads = [
+        planned.target_paths[i] for i, (j, _) in planned.fills.items()
+        if isinstance(planned.source_leaves[j], jax.ShapeDtypeStruct)
+        and not isinstance(planned.target_leaves[i], jax.ShapeDtypeStruct)]
+    if abstract_reads:
+        raise TypeError(
+            f"Source leaves for {abstract_reads} are abstract"
+            " (jax.ShapeDtypeStruct) but their target leaves are concrete arrays."
+            " Pass arrays or lazy readers as the source, or an abstract target to"
+            " get only the plan.")
+    leaves = list(planned.target_leaves)
+    for i, (j, adapter) in planned.fills.items():
+        target_leaf, source_leaf = leaves[i], planned.source_leaves[j]
+        if (adapter is None and type(source_leaf) is np.ndarray
+                and type(target_leaf) is np.ndarray
+                and source_leaf.dtype == target_leaf.dtype):
+            leaves[i] = source_leaf  # What _read and _place give it, without the calls.
+            continue
+        if isinstance(target_leaf, jax.ShapeDtypeStruct):
+            continue  # Planning only: nothing is read for abstract targets.
+        path = planned.target_paths[i]
+        shape, dtype = _shape_dtype(target_leaf)
+        value = _read(source_leaf)
+        if adapter is not None:
+            value = adapt(adapter, value, target_leaf, shape, dtype, path)
+        leaves[i] = _place(value, target_leaf, dtype)
+    return leaves
 
 
 def graft(
@@ -425,29 +457,8 @@ def graft(
     if isinstance(skip, str):
         raise TypeError(f"skip must be a sequence of regexes; got the string"
                         f" {skip!r}. Wrap it in a list.")
-    planned = _make_plan(source, target, mapping, tuple(skip), adapters)
-    if strict:
-        planned.report.check()
-    leaves = list(planned.target_leaves)
-    abstract_reads = []
-    for i, (j, _) in planned.fills.items():
-        if (not isinstance(leaves[i], jax.ShapeDtypeStruct)
-            and isinstance(planned.source_leaves[j], jax.ShapeDtypeStruct)):
-            abstract_reads.append(planned.target_paths[i])
-    if abstract_reads:
-        raise TypeError(
-            f"Source leaves for {abstract_reads} are abstract"
-            " (jax.ShapeDtypeStruct) but their target leaves are concrete arrays."
-            " Pass arrays or lazy readers as the source, or an abstract target to"
-            " get only the plan.")
-    for i, (j, adapter) in planned.fills.items():
-        target_leaf = leaves[i]
-        if isinstance(target_leaf, jax.ShapeDtypeStruct):
-            continue  # Planning only: nothing is read for abstract targets.
-        path = planned.target_paths[i]
-        shape, dtype = _shape_dtype(target_leaf)
-        value = _read(planned.source_leaves[j])
-        if adapter is not None:
-            value = adapt(adapter, value, target_leaf, shape, dtype, path)
-        leaves[i] = _place(value, target_leaf, dtype)
-    return planned.treedef.unflatten(leaves), planned.report
+    with _gc_paused():
+        planned = _make_plan(source, target, mapping, tuple(skip), adapters)
+        if strict:
+            planned.report.check()
+        return planned.treedef.unflatten(_filled_leaves(planned)), planned.report
