@@ -147,8 +147,7 @@ def test_bad_input_fails_naming_the_culprit_without_traceback(bad_inputs, case):
     assert code != 0
     assert culprit in stderr, stderr
     assert "Traceback" not in stderr, stderr
-    if case != "unknown_key":  # absl rejects flags itself, with its own exit code
-        assert code == 2, stderr
+    assert code == 2, stderr
 
 
 @pytest.mark.slow
