@@ -238,12 +238,13 @@ def _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_sta
     last_log = time.perf_counter()
     bar = tqdm.tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True,
                     disable=not primary or not _is_terminal())
-    log.info("training steps %d..%d (batch %d, %d device(s))", step + 1, num_steps,
-             config.train.batch_size, mesh.devices.size)
     # On a terminal, log lines go through tqdm.write, which lifts the bar out of their way.
     redirect = logging_redirect_tqdm(loggers=[log]) if not bar.disable else contextlib.nullcontext()
     try:
         with StopRequest() as stop, redirect:
+            # Logged once signals are caught: a SIGTERM from here on saves a step and exits 75.
+            log.info("training steps %d..%d (batch %d, %d device(s))", step + 1, num_steps,
+                     config.train.batch_size, mesh.devices.size)
             while step < num_steps:
                 batch = distributed.shard_batch(next(train_iter), mesh)
                 state, metrics = train_step(state, batch)
