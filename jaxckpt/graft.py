@@ -145,8 +145,10 @@ def _rule_errors(kind: str, rules: Sequence[str], side: str) -> list[str]:
 @dataclasses.dataclass
 class _Plan:
     report: GraftReport
-    # Per target leaf index: (source index, adapter or None) for leaves to fill.
-    fills: dict[int, tuple[int, Adapter | None]]
+    # Per target leaf: the index of the source leaf that fills it, or None. A
+    # flat list of ints the source index already holds: no objects per leaf.
+    fill_from: list[int | None]
+    adapters: dict[int, Adapter]  # By target index, for the adapted leaves.
     source_leaves: list[Any]
     target_paths: list[str]
     target_leaves: list[Any]
@@ -235,7 +237,7 @@ def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
     adapter_rules = parse_adapters(adapters)
     src_paths, src_leaves = _source_leaves(source)
     tgt_paths, tgt_leaves, treedef = treepath.flatten_with_treedef(target)
-    src_index = {p: i for i, p in enumerate(src_paths)}
+    src_index = dict(zip(src_paths, range(len(src_paths))))
 
     # Called once: a bare callable's shape is only known from its value.
     for i, leaf in enumerate(src_leaves):
@@ -266,8 +268,9 @@ def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
     buckets = {f.name: [] for f in dataclasses.fields(GraftReport)}
     loaded, cast = buckets["loaded"], buckets["cast"]
     skip_first = skip_matcher.first if skip else None
-    fills: dict[int, tuple[int, Adapter | None]] = {}
-    used = set()
+    fill_from: list[int | None] = [None] * len(tgt_paths)
+    adapters_at: dict[int, Adapter] = {}
+    used = bytearray(len(src_paths))  # 1 where a target leaf looked the source up.
     untouched_at = []
     for i, (path, src_path) in enumerate(zip(tgt_paths, sources)):
         if src_path is None:
@@ -277,7 +280,7 @@ def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
         tgt_dtype_name = _dtype_name(tgt_dtype)
         j = src_index.get(src_path)
         if j is not None:
-            used.add(j)
+            used[j] = 1
         rule = skip_first(path) if skip_first else None
         if rule is not None:
             buckets["skipped"].append(GraftEntry(
@@ -290,11 +293,12 @@ def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
             continue
         src_shape, src_dtype = src_info[j]
         src_dtype_name = _dtype_name(src_dtype)
-        entry = GraftEntry(path, src_path, src_shape, tgt_shape, src_dtype_name,
-                           tgt_dtype_name)
+        # _make: tuple.__new__ itself, half the cost of GraftEntry's own __new__.
+        entry = GraftEntry._make((path, src_path, src_shape, tgt_shape,
+                                  src_dtype_name, tgt_dtype_name, None))
         if src_shape == tgt_shape:
             loaded.append(entry)
-            fills[i] = (j, None)
+            fill_from[i] = j
         else:
             rule = adapt_matcher.first(path) if adapter_rules else None
             if rule is None:
@@ -308,7 +312,8 @@ def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
                     " axes differs. Pass a callable adapter that reshapes it, or skip"
                     " the path.")
             buckets["adapted"].append(entry._replace(rule=adapter_name(adapter)))
-            fills[i] = (j, adapter)
+            fill_from[i] = j
+            adapters_at[i] = adapter
         if src_dtype != tgt_dtype:
             cast.append(GraftEntry(
                 path, src_path, None, None, src_dtype_name, tgt_dtype_name))
@@ -318,9 +323,25 @@ def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
     buckets["unused"] = [
         GraftEntry(src_paths[j], src_paths[j], src_info[j][0], None,
                    _dtype_name(src_info[j][1]))
-        for j in _in_scope(rules, src_paths) if j not in used]
+        for j in _in_scope(rules, src_paths) if not used[j]]
     report = GraftReport(**{k: tuple(v) for k, v in buckets.items()})
-    return _Plan(report, fills, src_leaves, tgt_paths, tgt_leaves, treedef)
+    return _Plan(report, fill_from, adapters_at, src_leaves, tgt_paths, tgt_leaves,
+                 treedef)
+
+
+# Paused around whole functions, so that their per-leaf working lists are gone
+# by the time the GC resumes and walks what the call allocated.
+@_gc_paused()
+def _planned_report(source, target, mapping, skip, adapters) -> GraftReport:
+    return _make_plan(source, target, mapping, skip, adapters).report
+
+
+@_gc_paused()
+def _planned_graft(source, target, mapping, skip, adapters, strict):
+    planned = _make_plan(source, target, mapping, skip, adapters)
+    if strict:
+        planned.report.check()
+    return planned.treedef.unflatten(_filled_leaves(planned)), planned.report
 
 
 def plan(
@@ -351,8 +372,7 @@ def plan(
         ...      ).counts["mismatched"]
         1
     """
-    with _gc_paused():  # The plan's lists are dropped before the GC resumes.
-        return _make_plan(source, target, mapping, tuple(skip), adapters).report
+    return _planned_report(source, target, mapping, tuple(skip), adapters)
 
 
 def _read(leaf: Any) -> Any:
@@ -381,8 +401,9 @@ def _filled_leaves(planned: _Plan) -> list[Any]:
         TypeError: if a concrete target leaf would be filled from an abstract one.
     """
     abstract_reads = [
-        planned.target_paths[i] for i, (j, _) in planned.fills.items()
-        if isinstance(planned.source_leaves[j], jax.ShapeDtypeStruct)
+        planned.target_paths[i] for i, j in enumerate(planned.fill_from)
+        if j is not None
+        and isinstance(planned.source_leaves[j], jax.ShapeDtypeStruct)
         and not isinstance(planned.target_leaves[i], jax.ShapeDtypeStruct)]
     if abstract_reads:
         raise TypeError(
@@ -391,8 +412,11 @@ def _filled_leaves(planned: _Plan) -> list[Any]:
             " Pass arrays or lazy readers as the source, or an abstract target to"
             " get only the plan.")
     leaves = list(planned.target_leaves)
-    for i, (j, adapter) in planned.fills.items():
+    for i, j in enumerate(planned.fill_from):
+        if j is None:
+            continue
         target_leaf, source_leaf = leaves[i], planned.source_leaves[j]
+        adapter = planned.adapters.get(i)
         if (adapter is None and type(source_leaf) is np.ndarray
                 and type(target_leaf) is np.ndarray
                 and source_leaf.dtype == target_leaf.dtype):
@@ -457,8 +481,4 @@ def graft(
     if isinstance(skip, str):
         raise TypeError(f"skip must be a sequence of regexes; got the string"
                         f" {skip!r}. Wrap it in a list.")
-    with _gc_paused():
-        planned = _make_plan(source, target, mapping, tuple(skip), adapters)
-        if strict:
-            planned.report.check()
-        return planned.treedef.unflatten(_filled_leaves(planned)), planned.report
+    return _planned_graft(source, target, mapping, tuple(skip), adapters, strict)
