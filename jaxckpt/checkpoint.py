@@ -45,9 +45,8 @@ import flax.serialization
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
-from jaxckpt import state_item, treepath
+from jaxckpt import state_item
 from jaxckpt.retention import RetentionPolicy
 from jaxckpt.stepdir import (
     CORRUPT_DIR,
@@ -59,9 +58,10 @@ from jaxckpt.stepdir import (
     CheckpointSaveError,
     library_version,
     read_json_item,
+    read_state,
     read_state_metadata,
     saved_checksums,
-    state_tree_metadata,
+    verify_state,
 )
 from jaxckpt.types import PyTree
 
@@ -101,18 +101,6 @@ def _metrics_ready(metrics: Mapping[str, Any] | None) -> dict[str, float]:
         except (TypeError, ValueError) as e:
             raise TypeError(f"metrics[{name!r}] must be a scalar number, got {type(value).__name__}: {e}") from e
     return out
-
-
-def _restore_target(leaf: Any) -> Any:
-    """Abstract leaf telling Orbax where to put a restored array (the target's sharding)."""
-    if isinstance(leaf, jax.ShapeDtypeStruct):
-        if leaf.sharding is None:
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
-        return leaf
-    if isinstance(leaf, jax.Array):
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
-    return leaf
 
 
 class CheckpointManager:
@@ -401,38 +389,9 @@ class CheckpointManager:
 
     def _resolve_step(self, step: int | str) -> int:
         """Turns "latest" / "best" / an int into a saved step, or says why there is none."""
-        self.wait()
-        steps = self.all_steps()
         aside = self._directory / CORRUPT_DIR
         note = f" (corrupt steps were moved to {aside})" if aside.exists() else ""
-        if step == "latest":
-            if not steps:
-                raise CheckpointNotFoundError(
-                    f"No checkpoint in {self._directory}: it holds no step directories{note}. Save one "
-                    "first, or point to the directory that holds the <step>/ folders."
-                )
-            return steps[-1]
-        if step == "best":
-            metric = self._policy.best_metric
-            if metric is None:
-                raise ValueError(
-                    f"step='best' needs a metric to rank by, but the CheckpointManager for {self._directory} "
-                    "has best_metric=None. Pass best_metric='<name>' (and best_mode), or use step='latest'."
-                )
-            best = self.best_step()
-            if best is None:
-                raise CheckpointNotFoundError(
-                    f"No step in {self._directory} has a finite metrics[{metric!r}] (saved steps: {steps}"
-                    f"{note}). Save with metrics={{{metric!r}: value}}, or use step='latest'."
-                )
-            return best
-        if isinstance(step, (int, np.integer)) and not isinstance(step, bool):
-            if int(step) not in steps:
-                raise CheckpointNotFoundError(
-                    f"Step {int(step)} is not in {self._directory}; saved steps: {steps}{note}."
-                )
-            return int(step)
-        raise ValueError(f"step must be 'latest', 'best' or an int, got {step!r}.")
+        return self._policy.pick(step, self.all_steps(), self._metrics_by_step, str(self._directory), note)
 
     # Restoring.
 
@@ -485,48 +444,8 @@ class CheckpointManager:
         )
 
     def _restore_step(self, target: PyTree, step: int, verify: bool) -> PyTree:
-        step_dir = self.step_dir(step)
-        tree = flax.serialization.to_state_dict(target)
-        _check_structure(treepath.flatten(tree), read_state_metadata(step_dir), step_dir)
-        abstract = jax.tree.map(_restore_target, tree)
-        try:
-            if self._readable_fast(step_dir):
-                wanted = {p: (x.dtype, x.sharding) for p, x in treepath.flatten(abstract).items()}
-                flat = state_item.read_arrays(step_dir / STATE_ITEM, wanted, check=verify)
-                restored = treepath.unflatten(flat, abstract)
-            else:
-                restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-                restored = self._mngr.restore(
-                    step,
-                    args=ocp.args.Composite(**{STATE_ITEM: state_item.StateRestore(abstract, restore_args=restore_args)}),
-                )[STATE_ITEM]
-                if verify:
-                    self._verify_flat(step, treepath.flatten(restored))
-        except state_item.ChecksumMismatch as e:
-            raise self._corrupt(step, e.paths) from None
-        except Exception as e:
-            raise CheckpointCorruptError(
-                f"Cannot read the arrays of step {step} from {step_dir}: {type(e).__name__}: {e}",
-                step_dir,
-            ) from e
+        restored = read_state(self.step_dir(step), flax.serialization.to_state_dict(target), verify=verify)
         return flax.serialization.from_state_dict(target, restored)
-
-    @staticmethod
-    def _readable_fast(step_dir: pathlib.Path) -> bool:
-        """Whether `state_item.read_arrays` may read this step (it wrote it, and one process reads)."""
-        return state_item.layout_arrays(step_dir / STATE_ITEM) is not None and jax.process_count() == 1
-
-    def _corrupt(self, step: int, paths: list[str]) -> CheckpointCorruptError:
-        return CheckpointCorruptError(
-            f"Step {step} at {self.step_dir(step)} is corrupt: {state_item.ChecksumMismatch(paths)}. "
-            "Restore an earlier step, or restore with fallback=True.",
-            self.step_dir(step),
-        )
-
-    def _verify_flat(self, step: int, flat: Mapping[str, Any]) -> None:
-        bad = state_item.mismatched_checksums(saved_checksums(self.step_dir(step)), flat)
-        if bad:
-            raise self._corrupt(step, bad)
 
     def verify(self, step: int | str = "latest") -> None:
         """Reads every array of a step (as numpy) and checks it against its saved checksum.
@@ -534,34 +453,7 @@ class CheckpointManager:
         Raises:
           CheckpointCorruptError: naming the step directory, if it is unreadable or altered.
         """
-        step = self._resolve_step(step)
-        step_dir = self.step_dir(step)
-        item = step_dir / STATE_ITEM
-        try:
-            if self._readable_fast(step_dir):
-                state_item.read_arrays(item, {p: (None, None) for p in state_item.layout_arrays(item)}, check=True)
-                return
-            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), state_tree_metadata(step_dir))
-            restored = treepath.flatten(ocp.PyTreeCheckpointHandler().restore(
-                epath.Path(item), args=ocp.args.PyTreeRestore(restore_args=as_numpy)))
-        except state_item.ChecksumMismatch as e:
-            raise self._corrupt(step, e.paths) from None
-        except Exception as e:
-            raise CheckpointCorruptError(
-                f"Cannot read the arrays of step {step} from {step_dir}: {type(e).__name__}: {e}", step_dir
-            ) from e
-        self._verify_flat(step, restored)
-
-    def latest_intact_step(self) -> int | None:
-        """The newest step that passes `verify`; corrupt newer steps are moved aside with a warning."""
-        for step in reversed(self.all_steps()):
-            try:
-                self.verify(step)
-                return step
-            except CheckpointCorruptError as e:
-                moved = "" if self._read_only else f" Moved it to {self.quarantine(step)}."
-                warnings.warn(f"{e}{moved}")
-        return None
+        verify_state(self.step_dir(self._resolve_step(step)))
 
     def quarantine(self, step: int) -> pathlib.Path:
         """Moves a step directory to `DIRECTORY/corrupt/<step>` (never deletes it); returns the new path."""
@@ -596,31 +488,3 @@ class CheckpointManager:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-def _check_structure(
-    target: Mapping[str, Any], saved: Mapping[str, jax.ShapeDtypeStruct], step_dir: pathlib.Path
-) -> None:
-    """Raises one error listing every path/shape difference between a restore target and a step."""
-    missing = sorted(set(target) - set(saved))
-    unexpected = sorted(set(saved) - set(target))
-    shapes = [
-        f"{p}: saved {saved[p].shape}, target {tuple(np.shape(target[p]))}"
-        for p in sorted(set(target) & set(saved))
-        if tuple(np.shape(target[p])) != tuple(saved[p].shape)
-    ]
-    if not (missing or unexpected or shapes):
-        return
-    lines = [f"The restore target does not match the state saved in {step_dir}:"]
-    for title, items in (
-        ("in the target but not saved", missing),
-        ("saved but not in the target", unexpected),
-        ("shape differs", shapes),
-    ):
-        if items:
-            lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:10]) + (", ..." if len(items) > 10 else ""))
-    lines.append(
-        "Build the target the same way as the saved state (same model and optimizer), or load the "
-        "weights alone with jaxckpt.pretrained.load_params."
-    )
-    raise ValueError("\n".join(lines))

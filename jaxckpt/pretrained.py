@@ -134,24 +134,9 @@ def resolve_step_dir(
         if step not in (None, "latest", named):
             raise ValueError(f"{path} names step {named}, but step={step!r} was asked; pass one or the other.")
         return checkpoint_dir / str(named)
-    if not steps:
-        raise CheckpointNotFoundError(f"{checkpoint_dir} holds no saved step (no <step>/ folder with state/).")
-    if step is None or step == "latest":
-        return checkpoint_dir / str(steps[-1])
-    if step == "best":
-        if best_metric is None:
-            raise ValueError("step='best' needs best_metric='<metric name>' (and best_mode) to rank steps.")
-        policy = RetentionPolicy(best_metric=best_metric, best_mode=best_mode)
-        ranked = policy.ranked_best({s: read_json_item(checkpoint_dir / str(s), "metrics") for s in steps})
-        if not ranked:
-            raise CheckpointNotFoundError(
-                f"No step in {checkpoint_dir} has a finite metrics[{best_metric!r}] (steps: {steps}); "
-                "use step='latest' or a step number."
-            )
-        return checkpoint_dir / str(ranked[0])
-    if int(step) not in steps:
-        raise CheckpointNotFoundError(f"Step {step} is not in {checkpoint_dir}; saved steps: {steps}.")
-    return checkpoint_dir / str(int(step))
+    policy = RetentionPolicy(best_metric=best_metric, best_mode=best_mode)
+    metrics = lambda: {s: read_json_item(checkpoint_dir / str(s), "metrics") for s in steps}  # noqa: E731
+    return checkpoint_dir / str(policy.pick(step, steps, metrics, str(checkpoint_dir)))
 
 
 def _sharding_of(leaf: Any) -> jax.sharding.Sharding | None:

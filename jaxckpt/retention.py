@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
 
 _MODES = ("min", "max")
 
@@ -122,3 +124,53 @@ class RetentionPolicy:
         del context
         keep = self.steps_to_keep({info.step: info.metrics for info in checkpoints})
         return [info.step in keep for info in checkpoints]
+
+    def pick(
+        self,
+        step: int | str | None,
+        steps: Sequence[int],
+        metrics_by_step: Callable[[], Mapping[int, Mapping[str, Any] | None]],
+        where: str,
+        note: str = "",
+    ) -> int:
+        """The saved step that `step` names, or an error saying why there is none.
+
+        Args:
+          step: "latest" or None (the newest step), "best" (by `best_metric`), or a step number.
+          steps: the saved steps, oldest first.
+          metrics_by_step: returns each saved step's metrics; called only for "best".
+          where: the directory holding the steps, for the messages.
+          note: appended to "not found" messages (e.g. where corrupt steps went).
+
+        Returns:
+          The step.
+
+        Raises:
+          CheckpointNotFoundError: no step, no such step, or no step with a finite best metric.
+          ValueError: "best" without a `best_metric`, or `step` of another type.
+        """
+        from jaxckpt.stepdir import CheckpointNotFoundError  # stepdir's readers use this module
+
+        if step is None or step == "latest":
+            if not steps:
+                raise CheckpointNotFoundError(
+                    f"No checkpoint in {where}: it holds no step directories{note}. Save one first, or "
+                    "point to the directory that holds the <step>/ folders.")
+            return steps[-1]
+        if step == "best":
+            if self.best_metric is None:
+                raise ValueError(
+                    f"step='best' needs a metric to rank by, but best_metric=None for {where}. Pass "
+                    "best_metric='<name>' (and best_mode), or use step='latest'.")
+            ranked = self.ranked_best(metrics_by_step())
+            if not ranked:
+                raise CheckpointNotFoundError(
+                    f"No step in {where} has a finite metrics[{self.best_metric!r}] (saved steps: "
+                    f"{list(steps)}{note}). Save with metrics={{{self.best_metric!r}: value}}, or use "
+                    "step='latest'.")
+            return ranked[0]
+        if isinstance(step, (int, np.integer)) and not isinstance(step, bool):
+            if int(step) not in steps:
+                raise CheckpointNotFoundError(f"Step {int(step)} is not in {where}; saved steps: {list(steps)}{note}.")
+            return int(step)
+        raise ValueError(f"step must be 'latest', 'best' or an int, got {step!r}.")

@@ -1,4 +1,4 @@
-"""One step directory on disk: its items, metadata, JSON records and array checksums.
+"""One step directory on disk: its items, metadata, JSON records, and reading and checking its state.
 
 Readers here never need a `CheckpointManager`: `pretrained`, the CLI and the manager share them.
 See `jaxckpt.checkpoint` for the layout of a step directory.
@@ -10,7 +10,7 @@ import importlib.metadata
 import os
 import pathlib
 import sys
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -99,3 +99,124 @@ def read_json_item(step_dir: os.PathLike | str, item: str) -> dict[str, Any] | N
         return handler.restore(path)
     except FileNotFoundError:
         return None
+
+
+def _readable_fast(item_dir: pathlib.Path) -> bool:
+    """Whether `state_item.read_arrays` may read an item (it wrote it, and one process reads)."""
+    return state_item.layout_arrays(item_dir) is not None and jax.process_count() == 1
+
+
+def _corrupt(step_dir: pathlib.Path, paths: list[str]) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        f"Step {step_dir.name} at {step_dir} is corrupt: {state_item.ChecksumMismatch(paths)}. "
+        "Restore an earlier step, or restore with fallback=True.",
+        step_dir,
+    )
+
+
+def _on_a_device(leaf: Any) -> Any:
+    """Abstract leaf saying where a restored array goes: the target's sharding, else device 0."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        if leaf.sharding is None:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+        return leaf
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    return leaf
+
+
+def read_state(step_dir: os.PathLike | str, target: PyTree, *, verify: bool = True) -> PyTree:
+    """A step's state as nested dicts shaped like `target`, each array on the target's sharding.
+
+    Args:
+      step_dir: a step directory (holding `state/`).
+      target: nested dicts (a `flax.serialization.to_state_dict` of the state) of arrays or
+        `jax.ShapeDtypeStruct`s; their shardings say where each array goes (device 0 if none).
+      verify: check every array against the checksum recorded at save time.
+
+    Returns:
+      The restored nested dicts.
+
+    Raises:
+      ValueError: if the target's paths or shapes differ from the saved ones (one message listing all).
+      CheckpointCorruptError: if the arrays cannot be read or fail their checksums.
+    """
+    step_dir = pathlib.Path(step_dir)
+    item = step_dir / STATE_ITEM
+    _check_structure(treepath.flatten(target), read_state_metadata(step_dir), step_dir)
+    abstract = jax.tree.map(_on_a_device, target)
+    try:
+        if _readable_fast(item):
+            wanted = {p: (x.dtype, x.sharding) for p, x in treepath.flatten(abstract).items()}
+            return treepath.unflatten(state_item.read_arrays(item, wanted, check=verify), abstract)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        restored = ocp.PyTreeCheckpointHandler().restore(
+            epath.Path(item), args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args))
+    except state_item.ChecksumMismatch as e:
+        raise _corrupt(step_dir, e.paths) from None
+    except Exception as e:
+        raise CheckpointCorruptError(
+            f"Cannot read the arrays of step {step_dir.name} from {step_dir}: {type(e).__name__}: {e}", step_dir
+        ) from e
+    if verify:
+        _verify_flat(step_dir, treepath.flatten(restored))
+    return restored
+
+
+def verify_state(step_dir: os.PathLike | str) -> None:
+    """Reads every array of a step (as numpy) and checks it against its saved checksum.
+
+    Raises:
+      CheckpointCorruptError: naming the step directory, if it is unreadable or altered.
+    """
+    step_dir = pathlib.Path(step_dir)
+    item = step_dir / STATE_ITEM
+    try:
+        if _readable_fast(item):
+            state_item.read_arrays(item, {p: (None, None) for p in state_item.layout_arrays(item)}, check=True)
+            return
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), state_tree_metadata(step_dir))
+        restored = treepath.flatten(ocp.PyTreeCheckpointHandler().restore(
+            epath.Path(item), args=ocp.args.PyTreeRestore(restore_args=as_numpy)))
+    except state_item.ChecksumMismatch as e:
+        raise _corrupt(step_dir, e.paths) from None
+    except Exception as e:
+        raise CheckpointCorruptError(
+            f"Cannot read the arrays of step {step_dir.name} from {step_dir}: {type(e).__name__}: {e}", step_dir
+        ) from e
+    _verify_flat(step_dir, restored)
+
+
+def _verify_flat(step_dir: pathlib.Path, flat: Mapping[str, Any]) -> None:
+    bad = state_item.mismatched_checksums(saved_checksums(step_dir), flat)
+    if bad:
+        raise _corrupt(step_dir, bad)
+
+
+def _check_structure(
+    target: Mapping[str, Any], saved: Mapping[str, jax.ShapeDtypeStruct], step_dir: pathlib.Path
+) -> None:
+    """Raises one error listing every path/shape difference between a restore target and a step."""
+    missing = sorted(set(target) - set(saved))
+    unexpected = sorted(set(saved) - set(target))
+    shapes = [
+        f"{p}: saved {saved[p].shape}, target {tuple(np.shape(target[p]))}"
+        for p in sorted(set(target) & set(saved))
+        if tuple(np.shape(target[p])) != tuple(saved[p].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    lines = [f"The restore target does not match the state saved in {step_dir}:"]
+    for title, items in (
+        ("in the target but not saved", missing),
+        ("saved but not in the target", unexpected),
+        ("shape differs", shapes),
+    ):
+        if items:
+            lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:10]) + (", ..." if len(items) > 10 else ""))
+    lines.append(
+        "Build the target the same way as the saved state (same model and optimizer), or load the "
+        "weights alone with jaxckpt.pretrained.load_params."
+    )
+    raise ValueError("\n".join(lines))
