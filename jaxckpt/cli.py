@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pathlib
 import re
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
-from jaxckpt import zoo
+from jaxckpt import cli_tables, zoo
 from jaxckpt.errors import USER_ERROR_EXIT_CODE, USER_ERRORS, UserError, quiet_late_loop_callbacks
-from jaxckpt.metrics import format_metrics
 from jaxckpt.stepdir import CheckpointCorruptError
 from jaxckpt.workdir import flat_config
 
@@ -43,27 +41,6 @@ _CONFIG_SUMMARY = (
         "early_stop.criteria", "checkpoint.pretrained", "checkpoint.mapping", "checkpoint.skip",
         "checkpoint.adapters", "checkpoint.rename",
 )
-
-
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str], right: Sequence[int] = ()) -> str:
-    """Plain-text table; columns in `right` are right-aligned (numbers)."""
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-
-    def line(row):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-
-    return "\n".join(line(row).rstrip() for row in cells)
-
-
-def _human_bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        n /= 1024
-        if n < 1024:
-            break
-    return f"{n:.1f} {unit}"
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
@@ -94,36 +71,6 @@ def _saved_config(path: pathlib.Path) -> tuple[pathlib.Path, int | None, dict[st
     if config is None:
         config = (read_json_item(resolve_step_dir(path), EXTRA_ITEM) or {}).get("config")
     return checkpoint_dir, named_step, config
-
-
-def _training_spec(optimizer: Any) -> tuple[str, str]:
-    """`(freeze, lr_multipliers)` of an optimizer config (ConfigDict or dict); "" when absent."""
-    if optimizer is None:
-        return "", ""
-    get = optimizer.get if isinstance(optimizer, Mapping) else lambda k, d: getattr(optimizer, k, d)
-    return get("freeze", "") or "", get("lr_multipliers", "") or ""
-
-
-def _describe_training(params: Any, freeze: Any, multipliers: Any) -> dict[str, str]:
-    """`describe_trainable` as a user error when a pattern matches no param."""
-    from jaxckpt.optim import describe_trainable
-
-    try:
-        return describe_trainable(params, freeze or None, multipliers or None)
-    except ValueError as e:
-        raise UserError(f"optimizer.freeze={freeze!r} / optimizer.lr_multipliers={multipliers!r}: {e}") from e
-
-
-def _training_summary(labels: Mapping[str, str], sizes: Mapping[str, int]) -> str:
-    """One line per label: how many leaves and values are frozen, scaled or trained."""
-    totals: dict[str, tuple[int, int]] = {}
-    for path, label in labels.items():
-        leaves, values = totals.get(label, (0, 0))
-        totals[label] = (leaves + 1, values + sizes[path])
-    meaning = {"frozen": "no update, no optimizer moments", "train": "the base learning rate"}
-    return "\n".join(f"  {label:<8} {leaves} {'leaf' if leaves == 1 else 'leaves'}, {values:,} values: "
-                     f"{meaning.get(label, f'learning rate times {label[1:]}')}"
-                     for label, (leaves, values) in sorted(totals.items()))
 
 
 # inspect
@@ -173,7 +120,7 @@ def _inspect(args: argparse.Namespace) -> int:
         marks = ",".join(m for m, hit in (("latest", s == steps[-1]), ("best", s == best)) if hit)
         rows.append([s, saved_at[:19].replace("T", " ")]
                     + [f"{metrics[s][n]:.4g}" if n in metrics[s] else "-" for n in names] + [marks])
-    out += ["", _table(rows, ["step", "saved_at", *names, ""], right=range(2, 2 + len(names)))]
+    out += ["", cli_tables.table(rows, ["step", "saved_at", *names, ""], right=range(2, 2 + len(names)))]
 
     if config:
         flat = flat_config(config)
@@ -182,62 +129,13 @@ def _inspect(args: argparse.Namespace) -> int:
         out += ["", "config:"] + [f"  {k} = {flat[k]!r}" for k in keys]
 
     flat = read_state_metadata(checkpoint_dir / str(step))
-    labels, training = _saved_training(flat, (config or {}).get("optimizer"))
+    labels, training = cli_tables.saved_training(flat, (config or {}).get("optimizer"))
     out += ["", f"state of step {step} (from metadata; no array is read):"]
-    out.append(_state_table(flat, show_all=args.all, labels=labels))
+    out.append(cli_tables.state_table(flat, show_all=args.all, labels=labels))
     if training:
         out += ["", training]
     print("\n".join(out))
     return 0
-
-
-def _saved_training(flat: Mapping[str, Any], optimizer: Any) -> tuple[dict[str, str], str]:
-    """Labels `{"params/...": "frozen" | "x10" | "train"}` from a run's saved optimizer config, and a summary.
-
-    A run's saved patterns matched its own params when it trained, so a failure here means the step
-    is not that run's (a zoo entry, a moved step): say so instead of failing the whole inspection.
-    """
-    from jaxckpt.treepath import unflatten_dict
-
-    freeze, multipliers = _training_spec(optimizer)
-    if not (freeze or multipliers):
-        return {}, ""
-    prefix = "params/"
-    params = {p[len(prefix):]: leaf for p, leaf in flat.items() if p.startswith(prefix)}
-    heading = f"optimizer (saved config): freeze={freeze!r} lr_multipliers={multipliers!r}"
-    try:
-        described = _describe_training(unflatten_dict(params), freeze, multipliers)
-    except UserError as e:
-        return {}, f"{heading}\n  not applicable to these params: {e}"
-    sizes = {p: math.prod(leaf.shape) for p, leaf in params.items()}
-    summary = heading + "\n" + _training_summary(described, sizes)
-    return {prefix + p: label for p, label in described.items()}, summary
-
-
-def _state_table(flat: Mapping[str, Any], *, show_all: bool, labels: Mapping[str, str] | None = None) -> str:
-    """Rows of path/shape/dtype/bytes for params (or everything), and totals per top-level group.
-
-    With `labels` (`{path: "frozen" | "x10" | "train"}`), a `training` column shows each label.
-    """
-    rows, groups = [], {}
-    has_params = any(p.startswith("params/") for p in flat)
-    for path, leaf in sorted(flat.items()):
-        size = math.prod(leaf.shape)
-        nbytes = size * leaf.dtype.itemsize
-        group = path.split("/", 1)[0]
-        count, total, arrays = groups.get(group, (0, 0, 0))
-        groups[group] = (count + size, total + nbytes, arrays + 1)
-        if show_all or group == "params" or not has_params:
-            row = [path, str(tuple(leaf.shape)), leaf.dtype.name, f"{size:,}", _human_bytes(nbytes)]
-            rows.append(row + [labels.get(path, "")] if labels else row)
-    header = ["path", "shape", "dtype", "values", "bytes"] + (["training"] if labels else [])
-    text = _table(rows, header, right=(3, 4))
-    summary = [[g, f"{a:,}", f"{c:,}", _human_bytes(b)] for g, (c, b, a) in groups.items()]
-    all_count = sum(c for c, _, _ in groups.values())
-    all_bytes = sum(b for _, b, _ in groups.values())
-    summary.append(["total", f"{len(flat):,}", f"{all_count:,}", _human_bytes(all_bytes)])
-    hint = "" if show_all else "\n(only params are listed; --all lists every leaf)"
-    return text + "\n\n" + _table(summary, ["group", "arrays", "values", "bytes"], right=(1, 2, 3)) + hint
 
 
 # plan
@@ -373,15 +271,15 @@ def _plan(args: argparse.Namespace, config_args: Sequence[str]) -> int:
     target = jax.eval_shape(task.init_params, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
     options = dict(mapping=ck.mapping or None, skip=_split(ck.skip), adapters=ck.adapters or None)
     report = plan_graft(source_leaves, target, **options)
-    freeze, multipliers = _training_spec(config.get("optimizer"))
-    labels = _describe_training(target, freeze, multipliers) if freeze or multipliers else {}
+    freeze, multipliers = cli_tables.training_spec(config.get("optimizer"))
+    labels = cli_tables.describe_training(target, freeze, multipliers) if freeze or multipliers else {}
 
     print(f"plan: graft {described}\n      into the params of {config.task}")
     print(f"      mapping={ck.mapping or 'whole tree'} skip={ck.skip or 'none'} "
           f"adapters={ck.adapters or 'none'} strict={ck.strict}")
     print(report)
     if labels:
-        print("\n" + _training_table(report, target, labels, freeze, multipliers))
+        print("\n" + cli_tables.training_table(report, target, labels, freeze, multipliers))
     if report.ok:
         print("\nresult: the graft would succeed.")
         return 0
@@ -398,27 +296,6 @@ def _plan(args: argparse.Namespace, config_args: Sequence[str]) -> int:
             + (" A weights file's tensor names map to param paths with "
                "--config.checkpoint.rename='regex=>path;...'." if is_foreign(str(source)) else "")
     )
-
-
-def _training_table(report: Any, target: Any, labels: Mapping[str, str], freeze: str, multipliers: str) -> str:
-    """Each target leaf with where the graft takes it from and how the optimizer treats it."""
-    from jaxckpt.treepath import flatten
-
-    buckets = {}
-    for bucket in ("loaded", "adapted", "mismatched", "missing", "skipped", "untouched"):
-        buckets.update({entry.path: bucket for entry in getattr(report, bucket)})
-    shapes = {p: leaf.shape for p, leaf in flatten(target).items()}
-    rows = [[p, str(tuple(shapes[p])), buckets.get(p, ""), label] for p, label in labels.items()]
-    lines = [f"training: optimizer.freeze={freeze!r} optimizer.lr_multipliers={multipliers!r}",
-             _table(rows, ["path", "shape", "graft", "training"]),
-             _training_summary(labels, {p: math.prod(shape) for p, shape in shapes.items()})]
-    # Freezing a leaf the graft leaves fresh trains around random weights: almost always a mistake.
-    fresh_frozen = [p for p, label in labels.items()
-                    if label == "frozen" and buckets.get(p) not in ("loaded", "adapted")]
-    if fresh_frozen:
-        lines.append(f"warning: frozen but not loaded, so trained around its random initialisation: "
-                     f"{', '.join(fresh_frozen)}")
-    return "\n".join(lines)
 
 
 # export
@@ -451,9 +328,9 @@ def _export(args: argparse.Namespace) -> int:
     leaves = flatten(params)
     nbytes = sum(leaf.nbytes for leaf in leaves.values())
     print(f"exported the params of step {step_dir.name} ({args.source}) to {args.out}: {len(names)} tensors, "
-          f"{_human_bytes(nbytes)}, {args.layout} layout")
+          f"{cli_tables.human_bytes(nbytes)}, {args.layout} layout")
     rows = [[name, param, str(tuple(leaves[param].shape))] for param, name in names.items()]
-    print(_table(rows, ["tensor", "from param", "param shape"]))
+    print(cli_tables.table(rows, ["tensor", "from param", "param shape"]))
     print(f"\nload it into a model with --config.checkpoint.pretrained={args.out}")
     return 0
 
@@ -468,24 +345,15 @@ def _zoo_publish(args: argparse.Namespace) -> int:
     return 0
 
 
-def _short_metrics(metrics: Mapping[str, Any], limit: int = 3) -> str:
-    """A few metrics for a one-line listing: validation ones first (they rank checkpoints)."""
-    finite = {k: v for k, v in metrics.items() if v is not None}
-    val = {k: v for k, v in finite.items() if k.startswith("val/")}
-    chosen = dict(list((val or finite).items())[:limit])
-    more = len(val or finite) - len(chosen)
-    return format_metrics(chosen) + (f" (+{more})" if more > 0 else "")
-
-
 def _zoo_list(args: argparse.Namespace) -> int:
     entries = zoo.list_entries()
     if not entries:
         print(f"the zoo at {zoo.zoo_dir()} is empty; add to it with `python -m jaxckpt zoo publish WORKDIR NAME`.")
         return 0
     rows = [[f"zoo:{e['name']}", e.get("step"), str(e.get("published_at", ""))[:10],
-             _short_metrics(e.get("metrics") or {}), e.get("source", "")] for e in entries]
+             cli_tables.short_metrics(e.get("metrics") or {}), e.get("source", "")] for e in entries]
     print(f"zoo: {zoo.zoo_dir()}")
-    print(_table(rows, ["name", "step", "published", "metrics", "source"], right=(1,)))
+    print(cli_tables.table(rows, ["name", "step", "published", "metrics", "source"], right=(1,)))
     return 0
 
 
