@@ -240,12 +240,37 @@ def _dead_rules(rules, src_paths, tgt_paths) -> list[str]:
     return errors
 
 
+def _index_of(paths: Sequence[str]) -> Callable[[str], int | None]:
+    """Finds a path's index in `paths`, trying the one after the last found first.
+
+    A source usually lists its leaves in the target's order (the same model,
+    maybe renamed), so a lookup is mostly one comparison with the next path; the
+    dict is built at the first miss. On 100k leaves, probes into a dict that
+    size mostly miss the CPU cache, while the next path usually sits in it.
+    """
+    index: dict[str, int] = {}
+    after_last = 0
+
+    def find(path: str) -> int | None:
+        nonlocal after_last
+        if after_last < len(paths) and paths[after_last] == path:
+            j = after_last
+        else:
+            if not index:
+                index.update(zip(paths, range(len(paths))))
+            j = index.get(path)
+            if j is None:
+                return None
+        after_last = j + 1
+        return j
+    return find
+
+
 def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
     rules = parse_mapping(mapping)
     adapter_rules = parse_adapters(adapters)
     src_paths, src_leaves = _source_leaves(source)
     tgt_paths, tgt_leaves, treedef = treepath.flatten_with_treedef(target)
-    src_index = dict(zip(src_paths, range(len(src_paths))))
 
     # Called once: a bare callable's shape is only known from its value.
     for i, leaf in enumerate(src_leaves):
@@ -281,13 +306,14 @@ def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
     adapters_at: dict[int, Adapter] = {}
     used = bytearray(len(src_paths))  # 1 where a target leaf looked the source up.
     untouched_at = []
+    index_of = _index_of(src_paths)
     for i, (path, src_path) in enumerate(zip(tgt_paths, sources)):
         if src_path is None:
             untouched_at.append(i)
             continue
         tgt_shape, tgt_dtype = _shape_dtype(tgt_leaves[i], shapes)
         tgt_dtype_name = _dtype_name(tgt_dtype)
-        j = src_index.get(src_path)
+        j = index_of(src_path)
         if j is not None:
             used[j] = 1
         rule = skip_first(path) if skip_first else None

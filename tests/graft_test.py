@@ -143,6 +143,24 @@ def test_mapping_most_specific_destination_wins():
     assert report.missing == ()
 
 
+def test_sources_in_another_order_than_the_targets():
+    # Swapped prefixes put each source far from the last one found; the list
+    # then lines up leaf for leaf until the target's extra leaf.
+    source = {"a": {"w": np.full(2, 1.0), "v": np.full(2, 2.0)},
+              "z": {"w": np.full(2, 3.0)}, "m": [np.full(2, 4.0)] * 11}
+    target = {"a": {"w": np.zeros(2)}, "z": {"v": np.zeros(2), "w": np.zeros(2)},
+              "m": [np.zeros(2)] * 12}
+    tree, report = graft(source, target, mapping={"a": "z", "z": "a", "m": "m"},
+                         strict=False)
+    np.testing.assert_array_equal(tree["a"]["w"], [3.0, 3.0])
+    np.testing.assert_array_equal(tree["z"]["v"], [2.0, 2.0])
+    np.testing.assert_array_equal(tree["z"]["w"], [1.0, 1.0])
+    assert [e.source for e in report.loaded] == [
+        "z/w", *[f"m/{i}" for i in range(11)], "a/v", "a/w"]
+    assert [e.path for e in report.missing] == ["m/11"]
+    assert report.unused == ()
+
+
 @pytest.mark.parametrize("text, expected", [
     ("bert:encoder", (("bert", "encoder"),)),
     (" bert/ : encoder , cls:head ", (("bert", "encoder"), ("cls", "head"))),
