@@ -18,19 +18,18 @@ from typing import Any
 
 import flax.serialization
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jaxckpt import distributed, sources
+from jaxckpt import distributed, early_stop, sources
 from jaxckpt.checkpoint import CheckpointManager
 from jaxckpt.errors import USER_ERRORS, UserError, exit_code_of
 from jaxckpt.metrics import format_metrics, open_writers, plot_curves, truncate_after
 from jaxckpt.optim import make_optimizer
 from jaxckpt.preemption import Preempted, StopRequest
 from jaxckpt.state import TrainState
-from jaxckpt.step import COUNT, make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics
+from jaxckpt.step import make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics
 from jaxckpt.stepdir import CheckpointSaveError
 from jaxckpt.task import Task, load_task
 from jaxckpt.workdir import (WorkdirLock, entries, log, quiet_library_logs, remove_bookkeeping, setup_logging,
@@ -149,12 +148,12 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> TrainState:
         task = load_task(config, artifacts=start.artifacts)
         abstract, tx = _abstract_state(task, config, mesh)
         if config.run_type == "train_val":
-            _check_criteria(config.early_stop.criteria, task, abstract, config.eval.batch_size)
+            early_stop.check_criteria(config.early_stop.criteria, task, abstract, config.eval.batch_size)
         sources.check_same_experiment(start, flax.serialization.to_state_dict(abstract), workdir, config,
                                       training=True)
         state, loop_state, data_state = sources.load_start(start, task, config, abstract, tx, mesh,
                                                            workdir=workdir, fresh=_fresh_state)
-        if _already_stopped(config, loop_state):
+        if early_stop.already_stopped(config, loop_state):
             return state
         if primary:
             write_json(workdir / "config.json", config.to_dict())
@@ -163,39 +162,6 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> TrainState:
         return _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_state)
     finally:
         manager.close()
-
-
-def _check_criteria(criteria: str, task: Task, abstract: TrainState, batch_size: int) -> None:
-    """Refuses an `early_stop.criteria` the evaluation will not return, before any step is trained.
-
-    The metric names come from tracing the eval step on one val batch (nothing is computed).
-    `num_examples` is the example count, not a metric, so it is not offered.
-    """
-    if not criteria:
-        return
-    batch = {k: v for k, v in next(iter(task.eval_batches("val", batch_size))).items() if k != "id"}
-    names = sorted(k for k in jax.eval_shape(make_eval_step(task.metrics_fn), abstract, batch) if k != COUNT)
-    if criteria not in [f"val/{name}" for name in names]:
-        raise UserError(
-            f"early_stop.criteria={criteria!r} is not a validation metric of this task; use one of "
-            f"{', '.join('val/' + name for name in names)}, or '' to rank no checkpoint best and never stop early.")
-
-
-def _already_stopped(config: Any, loop_state: dict[str, Any]) -> bool:
-    """Whether the resumed run stopped early and still would under this config (then says so).
-
-    Early stopping is final: rerunning the command must not train one more step and stop again.
-    With a larger `early_stop.patience` (or -1) the run goes on from where it stopped.
-    """
-    stopped = loop_state.pop("stopped_early_at", None)
-    patience = config.early_stop.patience
-    if stopped is None or patience < 0 or loop_state["bad_evals"] <= patience:
-        return False
-    log.info("the run already stopped early at step %d (%s did not improve for %d evaluations; best %.6g at "
-             "step %s): nothing to train. To train on, raise early_stop.patience (-1 turns early stopping off) "
-             "or pass a new --workdir.", stopped, config.early_stop.criteria, loop_state["bad_evals"],
-             loop_state["best_value"], loop_state["best_step"])
-    return True
 
 
 def _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_state) -> TrainState:
@@ -274,7 +240,7 @@ def _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_sta
                     if primary:
                         writers.write(step, "val", val_metrics)
                         log.info("step %d val %s", step, format_metrics(val_metrics))
-                    improved = _update_early_stop(loop_state, val_metrics, criteria, minimize, step)
+                    improved = early_stop.update(loop_state, val_metrics, criteria, minimize, step)
                     if primary:
                         plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
                 else:
@@ -327,26 +293,6 @@ def _check_finite(train_metrics: dict[str, float], step: int, manager: Checkpoin
             f"training {format_metrics(bad)} at step {step}. Stopped without saving; the last "
             f"good checkpoint is step {manager.latest_step()}. Lower optimizer.learning_rate or set "
             "optimizer.grad_clip_norm, then rerun (it resumes from that checkpoint).")
-
-
-def _update_early_stop(loop_state: dict[str, Any], val_metrics: dict[str, float], criteria: str,
-                       minimize: bool, step: int) -> bool:
-    """Updates best value / bad-eval count in place; returns whether this evaluation is a new best."""
-    if not criteria:
-        return False
-    split, _, name = criteria.partition("/")
-    if split != "val" or name not in val_metrics or name == "num_examples":
-        raise ValueError(
-            f"early_stop.criteria={criteria!r} is not a validation metric; use one of "
-            f"{', '.join('val/' + k for k in val_metrics if k != 'num_examples')}.")
-    value = val_metrics[name]
-    best = loop_state["best_value"]
-    better = math.isfinite(value) and (best is None or (value < best if minimize else value > best))
-    if better:
-        loop_state.update(best_value=value, best_step=step, bad_evals=0)
-    else:
-        loop_state["bad_evals"] += 1
-    return better
 
 
 def _evaluate_split(task: Task, state: TrainState, eval_step: Any, split: str, batch_size: int,
