@@ -217,14 +217,17 @@ def _source_finder(rules) -> Callable[[str], str | None]:
     return source_of
 
 
-def _in_scope(rules, src_paths: Sequence[str]) -> Sequence[int]:
-    """Indices of the source paths under some mapping rule's source prefix."""
+def _unused(rules, src_paths: Sequence[str], used: bytearray) -> list[int]:
+    """Indices of the source leaves in scope (under some mapping rule's source
+    prefix) that no target leaf looked up, in order; the scope is only tested on
+    the few not looked up."""
+    not_used = [j for j, was_used in enumerate(used) if not was_used]
     prefixes = None if rules is None else {src for src, _ in rules}
     if prefixes is None or "" in prefixes:
-        return range(len(src_paths))
+        return not_used
     below = tuple(p + treepath.SEP for p in prefixes)
-    return [j for j, p in enumerate(src_paths)
-            if p.startswith(below) or p in prefixes]
+    return [j for j in not_used
+            if src_paths[j].startswith(below) or src_paths[j] in prefixes]
 
 
 def _dead_rules(rules, src_paths, tgt_paths) -> list[str]:
@@ -358,7 +361,7 @@ def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
     buckets["unused"] = [
         GraftEntry(src_paths[j], src_paths[j], src_info[j][0], None,
                    _dtype_name(src_info[j][1]))
-        for j in _in_scope(rules, src_paths) if not used[j]]
+        for j in _unused(rules, src_paths, used)]
     report = GraftReport(**{k: tuple(v) for k, v in buckets.items()})
     return _Plan(report, fill_from, adapters_at, src_leaves, tgt_paths, tgt_leaves,
                  treedef)
