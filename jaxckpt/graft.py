@@ -190,31 +190,25 @@ def _any_under(paths: Sequence[str], prefix: str) -> bool:
         else bool(paths)
 
 
-def _source_finder(rules) -> Callable[[str], str | None]:
-    """Maps a target path to the source path it is grafted from (None: untouched).
+def _source_paths(rules, tgt_paths: Sequence[str]) -> list[str | None]:
+    """Per target path, the source path it is grafted from (None: untouched).
 
-    The most specific destination wins. Each rule costs one `startswith` per
-    path (what `treepath.is_under` and `rebase` do, without their calls), so
-    mapping stays a few string operations per leaf.
+    The most specific destination wins: rules go longest destination first, each
+    filling the paths no earlier rule took. A path costs a `startswith` and a slice
+    per rule (what `treepath.is_under` and `rebase` do, without their calls).
     """
     if rules is None:
-        return lambda path: path
-    by_length = [(dst, dst + treepath.SEP, src)
-                 for src, dst in sorted(rules, key=lambda pair: -len(pair[1]))]
-
-    def source_of(path: str) -> str | None:
-        for dst, below, src in by_length:
-            if path.startswith(below):
-                rest = path[len(below):]
-            elif not dst:
-                rest = path
-            elif path == dst:
-                rest = ""
-            else:
-                continue
-            return f"{src}{treepath.SEP}{rest}" if src and rest else src or rest
-        return None
-    return source_of
+        return list(tgt_paths)
+    sources: list[str | None] = [None] * len(tgt_paths)
+    for src, dst in sorted(rules, key=lambda pair: -len(pair[1])):
+        below, cut = dst + treepath.SEP, len(dst) + 1 if dst else 0
+        for i, path in enumerate(tgt_paths):
+            if sources[i] is None and (not dst or path.startswith(below)
+                                       or path == dst):
+                rest = path[cut:]  # "" for the destination itself.
+                sources[i] = (f"{src}{treepath.SEP}{rest}" if src and rest
+                              else src or rest)
+    return sources
 
 
 def _unused(rules, src_paths: Sequence[str], used: bytearray) -> list[int]:
@@ -282,9 +276,7 @@ def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
     shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
     src_info = [_shape_dtype(leaf, shapes) for leaf in src_leaves]
 
-    # One pass over the target paths gives every leaf its source path.
-    source_of = _source_finder(rules)
-    sources = [source_of(p) for p in tgt_paths]
+    sources = _source_paths(rules, tgt_paths)
     errors = _dead_rules(rules, src_paths, tgt_paths)
     skip_matcher = treepath.PathMatcher(skip, syntax="regex")
     adapt_matcher = treepath.PathMatcher([p for p, _ in adapter_rules],
