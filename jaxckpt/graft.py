@@ -428,37 +428,41 @@ def _filled_leaves(planned: _Plan) -> list[Any]:
     """The target leaves, with each planned fill read, adapted, cast and placed.
 
     Raises:
-        TypeError: if a concrete target leaf would be filled from an abstract one.
+        TypeError: if a concrete target leaf would be filled from an abstract
+            one; raised before anything is read.
     """
+    leaves = list(planned.target_leaves)
+    to_read = []  # (target, source) indices of the fills that read or convert.
+    for i, j in enumerate(planned.fill_from):
+        if j is None:
+            continue
+        target_leaf, source_leaf = leaves[i], planned.source_leaves[j]
+        if (type(source_leaf) is np.ndarray and type(target_leaf) is np.ndarray
+                and source_leaf.dtype == target_leaf.dtype
+                and i not in planned.adapters):
+            leaves[i] = source_leaf  # What _read and _place give; nothing is read.
+        else:
+            to_read.append((i, j))
     abstract_reads = [
-        planned.target_paths[i] for i, j in enumerate(planned.fill_from)
-        if j is not None
-        and isinstance(planned.source_leaves[j], jax.ShapeDtypeStruct)
-        and not isinstance(planned.target_leaves[i], jax.ShapeDtypeStruct)]
+        planned.target_paths[i] for i, j in to_read
+        if isinstance(planned.source_leaves[j], jax.ShapeDtypeStruct)
+        and not isinstance(leaves[i], jax.ShapeDtypeStruct)]
     if abstract_reads:
         raise TypeError(
             f"Source leaves for {abstract_reads} are abstract"
             " (jax.ShapeDtypeStruct) but their target leaves are concrete arrays."
             " Pass arrays or lazy readers as the source, or an abstract target to"
             " get only the plan.")
-    leaves = list(planned.target_leaves)
-    for i, j in enumerate(planned.fill_from):
-        if j is None:
-            continue
-        target_leaf, source_leaf = leaves[i], planned.source_leaves[j]
-        adapter = planned.adapters.get(i)
-        if (adapter is None and type(source_leaf) is np.ndarray
-                and type(target_leaf) is np.ndarray
-                and source_leaf.dtype == target_leaf.dtype):
-            leaves[i] = source_leaf  # What _read and _place give it, without the calls.
-            continue
+    for i, j in to_read:
+        target_leaf = leaves[i]
         if isinstance(target_leaf, jax.ShapeDtypeStruct):
             continue  # Planning only: nothing is read for abstract targets.
-        path = planned.target_paths[i]
         shape, dtype = _shape_dtype(target_leaf)
-        value = _read(source_leaf)
+        value = _read(planned.source_leaves[j])
+        adapter = planned.adapters.get(i)
         if adapter is not None:
-            value = adapt(adapter, value, target_leaf, shape, dtype, path)
+            value = adapt(adapter, value, target_leaf, shape, dtype,
+                          planned.target_paths[i])
         leaves[i] = _place(value, target_leaf, dtype)
     return leaves
 
