@@ -110,8 +110,9 @@ def _dtype_name(dtype: np.dtype) -> str:
     return name
 
 
-def _shape_dtype(leaf: Any, shapes: dict | None = None,
-                 ) -> tuple[tuple[int, ...], np.dtype]:
+def _shape_dtype(
+    leaf: Any, shapes: dict | None = None,
+) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype; a numpy leaf's shape is taken from `shapes` when equal.
 
     A numpy shape is a tuple of ints, so one equal to it is the same value: sharing
@@ -153,8 +154,8 @@ def _rule_errors(kind: str, rules: Sequence[str], side: str) -> list[str]:
 @dataclasses.dataclass
 class _Plan:
     report: GraftReport
-    # Per target leaf: the index of the source leaf that fills it, or None. A
-    # flat list of ints the source index already holds: no objects per leaf.
+    # Per target leaf: the index of the source leaf that fills it, or None (a
+    # list rather than a dict of tuples: fewer objects per leaf).
     fill_from: list[int | None]
     adapters: dict[int, Adapter]  # By target index, for the adapted leaves.
     source_leaves: list[Any]
