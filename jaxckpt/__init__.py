@@ -20,6 +20,8 @@ from jaxckpt.optim import describe_trainable
 from jaxckpt.optim import freeze_and_scale
 from jaxckpt.optim import make_optimizer
 from jaxckpt.optim import make_schedule
+from jaxckpt.pathmatch import label_tree
+from jaxckpt.pathmatch import match
 from jaxckpt.preemption import PREEMPTED_EXIT_CODE
 from jaxckpt.preemption import Preempted
 from jaxckpt.pretrained import load_params
@@ -37,8 +39,6 @@ from jaxckpt.stepdir import CheckpointSaveError
 from jaxckpt.task import Task
 from jaxckpt.task import load_task
 from jaxckpt.treepath import flatten
-from jaxckpt.treepath import label_tree
-from jaxckpt.treepath import match
 from jaxckpt.treepath import unflatten
 from jaxckpt.treepath import unflatten_dict
 from jaxckpt.workdir import WorkdirError

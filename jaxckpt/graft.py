@@ -38,66 +38,12 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from jaxckpt import treepath
+from jaxckpt import pathmatch, treepath
 # Adapter, GraftEntry and parse_adapters are also imported from here by callers.
 from jaxckpt.adapters import Adapter, adapt, adapter_name, parse_adapters
+from jaxckpt.graft_mapping import dead_rules, parse_mapping, source_paths, strip_prefix, unused_sources
 from jaxckpt.graft_report import GraftEntry, GraftReport
 from jaxckpt.types import PyTree
-
-
-def _strip(prefix: str) -> str:
-    return prefix.strip().strip(treepath.SEP)
-
-
-def parse_mapping(
-    mapping: str | Mapping[str, str] | None,
-) -> tuple[tuple[str, str], ...] | None:
-    """Normalises a mapping to `((source_prefix, target_prefix), ...)`.
-
-    Args:
-        mapping: None (the whole tree onto itself), a dict of source prefix to
-            target prefix, or `"src:dst,src2:dst2"`. An empty side is the root; an
-            empty or blank string means None.
-
-    Returns:
-        The pairs, or None for the whole tree onto itself.
-
-    Raises:
-        ValueError: for a malformed rule, or two rules sharing a source or a
-            destination prefix.
-
-    Example:
-        >>> parse_mapping("bert:encoder, cls/head:head")
-        (('bert', 'encoder'), ('cls/head', 'head'))
-    """
-    if mapping is None or (isinstance(mapping, str) and not mapping.strip()):
-        return None
-    if isinstance(mapping, str):
-        pairs = []
-        for rule in mapping.split(","):
-            if rule.count(":") != 1:
-                raise ValueError(
-                    f"Mapping rule {rule.strip()!r} in {mapping!r} must be"
-                    " 'source_prefix:target_prefix' (one ':'); separate rules with ','.")
-            src, dst = rule.split(":")
-            pairs.append((_strip(src), _strip(dst)))
-    elif isinstance(mapping, Mapping):
-        pairs = []
-        for src, dst in mapping.items():
-            if not isinstance(src, str) or not isinstance(dst, str):
-                raise ValueError(f"Mapping rule {src!r}: {dst!r} must map a path prefix"
-                                 " string to a path prefix string.")
-            pairs.append((_strip(src), _strip(dst)))
-    else:
-        raise ValueError(f"mapping must be None, a dict or 'src:dst,...'; got"
-                         f" {type(mapping).__name__}.")
-    for side, name in ((0, "source"), (1, "target")):
-        prefixes = [pair[side] for pair in pairs]
-        dupes = sorted({p for p in prefixes if prefixes.count(p) > 1})
-        if dupes:
-            raise ValueError(f"Mapping {mapping!r} names the {name} prefix(es) {dupes}"
-                             " in more than one rule; each may appear once.")
-    return tuple(pairs)
 
 
 _DTYPE_NAMES: dict[Any, str] = {}
@@ -137,7 +83,7 @@ def _source_leaves(source: PyTree) -> tuple[list[str], list[Any]]:
         paths, leaves = [], []
         for key, value in source.items():
             sub_paths, sub_leaves, _ = treepath.flatten_with_treedef(value)
-            paths += [treepath.join(_strip(str(key)), p) for p in sub_paths]
+            paths += [treepath.join(strip_prefix(str(key)), p) for p in sub_paths]
             leaves += sub_leaves
         if len(set(paths)) != len(paths):
             raise ValueError("The flat source dict names some path twice (e.g. 'a/b'"
@@ -179,65 +125,6 @@ def _gc_paused():
             gc.enable()
 
 
-def _top_level(paths: Sequence[str]) -> str:
-    names = sorted({p.split(treepath.SEP, 1)[0] for p in paths})
-    return "empty" if not names else "rooted at " + ", ".join(
-        repr(n) for n in names[:12]) + (" ..." if len(names) > 12 else "")
-
-
-def _any_under(paths: Sequence[str], prefix: str) -> bool:
-    below = prefix + treepath.SEP
-    return any(p.startswith(below) or p == prefix for p in paths) if prefix \
-        else bool(paths)
-
-
-def _source_paths(rules, tgt_paths: Sequence[str]) -> list[str | None]:
-    """Per target path, the source path it is grafted from (None: untouched).
-
-    The most specific destination wins: rules go longest destination first, each
-    filling the paths no earlier rule took. A path costs a `startswith` and a slice
-    per rule (what `treepath.is_under` and `rebase` do, without their calls).
-    """
-    if rules is None:
-        return list(tgt_paths)
-    sources: list[str | None] = [None] * len(tgt_paths)
-    for src, dst in sorted(rules, key=lambda pair: -len(pair[1])):
-        below, cut = dst + treepath.SEP, len(dst) + 1 if dst else 0
-        for i, path in enumerate(tgt_paths):
-            if sources[i] is None and (not dst or path.startswith(below)
-                                       or path == dst):
-                rest = path[cut:]  # "" for the destination itself.
-                sources[i] = (f"{src}{treepath.SEP}{rest}" if src and rest
-                              else src or rest)
-    return sources
-
-
-def _unused(rules, src_paths: Sequence[str], used: bytearray) -> list[int]:
-    """Indices of the source leaves in scope (under some mapping rule's source
-    prefix) that no target leaf looked up, in order; the scope is only tested on
-    the few not looked up."""
-    not_used = [j for j, was_used in enumerate(used) if not was_used]
-    prefixes = None if rules is None else {src for src, _ in rules}
-    if prefixes is None or "" in prefixes:
-        return not_used
-    below = tuple(p + treepath.SEP for p in prefixes)
-    return [j for j in not_used
-            if src_paths[j].startswith(below) or src_paths[j] in prefixes]
-
-
-def _dead_rules(rules, src_paths, tgt_paths) -> list[str]:
-    """Errors for mapping rules that match no source or no target path."""
-    errors = []
-    for src, dst in rules or ():
-        if not _any_under(src_paths, src):
-            errors.append(f"mapping rule {src!r}:{dst!r} matches no source path"
-                          f" (source is {_top_level(src_paths)})")
-        if not _any_under(tgt_paths, dst):
-            errors.append(f"mapping rule {src!r}:{dst!r} matches no target path"
-                          f" (target is {_top_level(tgt_paths)})")
-    return errors
-
-
 def _index_of(paths: Sequence[str]) -> Callable[[str], int | None]:
     """Finds a path's index in `paths`, trying the one after the last found first.
 
@@ -277,10 +164,10 @@ def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
     shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
     src_info = [_shape_dtype(leaf, shapes) for leaf in src_leaves]
 
-    sources = _source_paths(rules, tgt_paths)
-    errors = _dead_rules(rules, src_paths, tgt_paths)
-    skip_matcher = treepath.PathMatcher(skip, syntax="regex")
-    adapt_matcher = treepath.PathMatcher([p for p, _ in adapter_rules],
+    sources = source_paths(rules, tgt_paths)
+    errors = dead_rules(rules, src_paths, tgt_paths)
+    skip_matcher = pathmatch.PathMatcher(skip, syntax="regex")
+    adapt_matcher = pathmatch.PathMatcher([p for p, _ in adapter_rules],
                                          syntax="regex")
     candidate_paths = [p for p, s in zip(tgt_paths, sources) if s is not None]
     errors += _rule_errors("skip pattern", skip_matcher.unmatched(candidate_paths),
@@ -354,7 +241,7 @@ def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
     buckets["unused"] = [
         GraftEntry(src_paths[j], src_paths[j], src_info[j][0], None,
                    _dtype_name(src_info[j][1]))
-        for j in _unused(rules, src_paths, used)]
+        for j in unused_sources(rules, src_paths, used)]
     report = GraftReport(**{k: tuple(v) for k, v in buckets.items()})
     return _Plan(report, fill_from, adapters_at, src_leaves, tgt_paths, tgt_leaves,
                  treedef)

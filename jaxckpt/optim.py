@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import optax
 
-from jaxckpt import treepath
+from jaxckpt import pathmatch, treepath
 from jaxckpt.types import Params
 
 FROZEN = "frozen"
@@ -396,21 +396,21 @@ def _field(config: Any, name: str, default: Any = None) -> Any:
 
 def _check_regex(pattern: str, where: str) -> None:
     try:
-        treepath.compile_pattern(pattern, syntax="regex")
+        pathmatch.compile_pattern(pattern, syntax="regex")
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
 
 def _label_tree(tree: Params, rules: list[tuple[str, str]], default: str, names: list[str], *,
                 num_freeze: int) -> Params:
-    """`treepath.label_tree` (first match wins), refusing rules that would label no leaf.
+    """`pathmatch.label_tree` (first match wins), refusing rules that would label no leaf.
 
     `names[i]` says how the user wrote `rules[i]` (`"freeze 'encoder'"`), for the errors; the first
     `num_freeze` rules are freeze patterns, the rest multipliers.
     """
     patterns = [pattern for pattern, _ in rules]
     paths = treepath.tree_paths(tree)
-    unmatched = treepath.unmatched_patterns(paths, patterns, syntax="regex")
+    unmatched = pathmatch.unmatched_patterns(paths, patterns, syntax="regex")
     if unmatched:
         shown = ", ".join(paths[:20]) + (", ..." if len(paths) > 20 else "")
         raise ValueError(
@@ -418,12 +418,12 @@ def _label_tree(tree: Params, rules: list[tuple[str, str]], default: str, names:
             f"regexes matching a whole path or a whole ancestor (e.g. 'encoder', '.*/bias'); "
             f"paths are: {shown}"
         )
-    matcher = treepath.PathMatcher(patterns, syntax="regex")
+    matcher = pathmatch.PathMatcher(patterns, syntax="regex")
     winner = {path: matcher.first(path) for path in paths}
     labelling = set(winner.values())
     problems = []
     for i in (i for i in range(len(rules)) if i not in labelling):
-        matched = treepath.PathMatcher([patterns[i]], syntax="regex").filter(paths)
+        matched = pathmatch.PathMatcher([patterns[i]], syntax="regex").filter(paths)
         earlier = sorted({winner[path] for path in matched})
         shown = ", ".join(matched[:5]) + (", ..." if len(matched) > 5 else "")
         if i >= num_freeze and all(j < num_freeze for j in earlier):
@@ -438,4 +438,4 @@ def _label_tree(tree: Params, rules: list[tuple[str, str]], default: str, names:
         )
     if problems:
         raise ValueError(" ".join(problems))
-    return treepath.label_tree(tree, rules, default, syntax="regex")
+    return pathmatch.label_tree(tree, rules, default, syntax="regex")

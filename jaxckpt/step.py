@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxckpt.state import TrainState
-from jaxckpt.types import Batch, LossFn, Params
+from jaxckpt.types import Batch, LossFn
 
 TrainStep = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
 EvalStep = Callable[[TrainState, Batch], dict[str, jax.Array]]
