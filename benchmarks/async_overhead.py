@@ -6,7 +6,7 @@ round: without checkpoints, and with `CheckpointManager(async_save=True).save` e
 after compilation to the last step's result; the background write of the last save is waited
 for outside the window only when it would fall past the end (saves land at 100, 200, ... < N).
 Also reported: the time `save` blocks the caller (async) vs a synchronous save of the same state,
-and the CRC-32C checksums jaxckpt computes on the host at save time.
+and the XXH3 checksums jaxckpt computes on the host at save time.
 
   python -m benchmarks.async_overhead [--quick | --smoke]
 """
@@ -110,7 +110,7 @@ def run(mode: str, workdir: pathlib.Path) -> list[Record]:
         Record(NAME + "_blocking", block, "s", sync,
                f"a synchronous save of the same {state_bytes / MiB:.0f} MiB state", sync / block, None),
         Record(NAME + "_checksum", crc, "s", sync,
-               f"CRC-32C of the {state_bytes / MiB:.0f} MiB state vs a synchronous save of it", sync / crc, None),
+               f"XXH3 hash of the {state_bytes / MiB:.0f} MiB state vs a synchronous save of it", sync / crc, None),
     ]
 
 

@@ -3,7 +3,7 @@
 Each candidate's files are written once, then every read starts from a cold page cache: the files
 are evicted with `posix_fadvise(DONTNEED)` before each read (no root needed), so every candidate
 reads from the disk. jaxckpt restores onto the target's device shardings and checks every array's
-CRC-32C (its default); `np.load` returns host arrays and checks nothing: the strict baseline.
+XXH3 hash (its default); `np.load` returns host arrays and checks nothing: the strict baseline.
 
   python -m benchmarks.restore_large [--quick | --smoke]
 """

@@ -5,7 +5,7 @@ logging every step). The clock starts just before the process is spawned and sto
 stderr shows the first "step N/M" line, which the loop logs right after that step's update.
 Fresh: an empty workdir, first step 1. Resume: a copy of a workdir holding a checkpoint of step
 K (written once, untimed), first step K+1; the resume path reads the checkpoint, verifies its
-CRC-32Cs, restores the data iterator and then compiles the same train step as the fresh one.
+checksums, restores the data iterator and then compiles the same train step as the fresh one.
 `ratio` = fresh / resume: 1.0 means resuming costs nothing extra.
 
   python -m benchmarks.resume_latency [--quick | --smoke]

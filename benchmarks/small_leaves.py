@@ -3,7 +3,7 @@
 A tree of N leaves of 4 KiB each (1024 float32; N = 4096, and 20480), saved synchronously then
 restored onto the same device shardings, warm page cache (the files are small and fresh).
 Candidates: plain Orbax's `StandardCheckpointer` (its defaults: OCDBT, zstd) and jaxckpt's
-`CheckpointManager` (with its CRC-32C of every leaf on save and restore). Figure: seconds for save +
+`CheckpointManager` (with its XXH3 hash of every leaf on save and restore). Figure: seconds for save +
 restore; `ratio` = Orbax's time / jaxckpt's.
 
   python -m benchmarks.small_leaves [--quick | --smoke]

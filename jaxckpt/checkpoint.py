@@ -6,7 +6,7 @@ Each saved step is one directory, readable by plain Orbax:
       <step>/
         state/              Orbax PyTree item: the state as nested dicts
                             ({"step", "params", "opt_state", "rng", ...}; params at state["params"]);
-                            its _METADATA also records the CRC-32C of every array (integrity check).
+                            its _METADATA also records an XXH3 hash of every array (integrity check).
                             Written by `jaxckpt.state_item` in one transaction where it can.
         extra/metadata      JSON item: the caller's `extra` (config, data-iterator position, ...)
         jaxckpt/metadata    JSON item: versions and save time
@@ -368,7 +368,7 @@ class CheckpointManager:
         return read_json_item(self.step_dir(step), INFO_ITEM) or {}
 
     def checksums(self, step: int | str = "latest") -> dict[str, list]:
-        """`{path: [crc32c, dtype, shape]}` of every array, as recorded when the step was saved."""
+        """`{path: [xxh3_64, dtype, shape]}` of every array, as recorded when the step was saved."""
         return saved_checksums(self.step_dir(self._resolve_step(step)))
 
     def metadata(self, step: int | str = "latest") -> dict[str, jax.ShapeDtypeStruct]:

@@ -71,7 +71,7 @@ def _pick_step(manager: CheckpointManager, best: bool, where: str, criteria: str
 def _intact_step(manager: CheckpointManager, best: bool, where: Path, criteria: str) -> int | None:
     """The step to resume from, after checking its arrays; corrupt candidates are moved aside.
 
-    Each candidate (latest, or best) is read in full and compared with the CRC-32C checksums saved
+    Each candidate (latest, or best) is read in full and compared with the checksums saved
     with it. A corrupt one is logged as a warning and moved to `checkpoints/corrupt/<step>` (never
     deleted), and the next candidate is tried, so a run killed while its disk was failing resumes
     from the newest step that is still whole.

@@ -6,6 +6,7 @@ See `jaxckpt.checkpoint` for the layout of a step directory.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import pathlib
@@ -43,6 +44,7 @@ class CheckpointSaveError(RuntimeError):
     """A save failed (e.g. the disk is full); earlier checkpoints are left as they were."""
 
 
+@functools.cache  # a metadata lookup (~1 ms) on every save otherwise
 def library_version() -> str:
     """The installed jaxckpt version (or the package's `__version__` when run from a source tree)."""
     try:
@@ -71,7 +73,7 @@ def read_state_metadata(step_dir: os.PathLike | str) -> dict[str, jax.ShapeDtype
 
 
 def saved_checksums(step_dir: os.PathLike | str) -> dict[str, list]:
-    """`{path: [crc32c, dtype, shape]}` recorded when the step was saved ({} if none was)."""
+    """`{path: [xxh3_64, dtype, shape]}` recorded when the step was saved ({} if none was)."""
     record = state_item.read_custom_metadata(pathlib.Path(step_dir) / STATE_ITEM).get(state_item.CUSTOM_KEY) or {}
     return record.get("arrays", {}) if record.get("checksum") == state_item.CHECKSUM else {}
 
