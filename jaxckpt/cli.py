@@ -22,7 +22,6 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import re
@@ -43,15 +42,6 @@ _CONFIG_SUMMARY = (
 )
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); fix or remove it.") from e
-
-
 def _parse_step(text: str) -> int | str:
     if text in ("latest", "best"):
         return text
@@ -67,7 +57,7 @@ def _saved_config(path: pathlib.Path) -> tuple[pathlib.Path, int | None, dict[st
     from jaxckpt.stepdir import EXTRA_ITEM, read_json_item
 
     checkpoint_dir, named_step = resolve_checkpoint_path(path)
-    config = _read_json(checkpoint_dir.parent / "config.json")
+    config = zoo.read_json(checkpoint_dir.parent / "config.json")
     if config is None:
         config = (read_json_item(resolve_step_dir(path), EXTRA_ITEM) or {}).get("config")
     return checkpoint_dir, named_step, config
@@ -104,7 +94,7 @@ def _inspect(args: argparse.Namespace) -> int:
         manager.close()
 
     out = [f"checkpoints: {checkpoint_dir}"]
-    entry = _read_json(checkpoint_dir.parent / zoo.ENTRY_FILE)
+    entry = zoo.read_json(checkpoint_dir.parent / zoo.ENTRY_FILE)
     if entry:
         out.append(f"zoo entry:   {entry.get('name')} (step {entry.get('step')} of {entry.get('source')}, "
                    f"published {entry.get('published_at')})")

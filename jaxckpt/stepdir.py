@@ -6,12 +6,13 @@ See `jaxckpt.checkpoint` for the layout of a step directory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import os
 import pathlib
 import sys
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -148,19 +149,13 @@ def read_state(step_dir: os.PathLike | str, target: PyTree, *, verify: bool = Tr
     item = step_dir / STATE_ITEM
     _check_structure(treepath.flatten(target), read_state_metadata(step_dir), step_dir)
     abstract = jax.tree.map(_on_a_device, target)
-    try:
+    with _reading(step_dir):
         if _readable_fast(item):
             wanted = {p: (x.dtype, x.sharding) for p, x in treepath.flatten(abstract).items()}
             return treepath.unflatten(state_item.read_arrays(item, wanted, check=verify), abstract)
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
         restored = ocp.PyTreeCheckpointHandler().restore(
             epath.Path(item), args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args))
-    except state_item.ChecksumMismatch as e:
-        raise _corrupt(step_dir, e.paths) from None
-    except Exception as e:
-        raise CheckpointCorruptError(
-            f"Cannot read the arrays of step {step_dir.name} from {step_dir}: {type(e).__name__}: {e}", step_dir
-        ) from e
     if verify:
         _verify_flat(step_dir, treepath.flatten(restored))
     return restored
@@ -174,20 +169,29 @@ def verify_state(step_dir: os.PathLike | str) -> None:
     """
     step_dir = pathlib.Path(step_dir)
     item = step_dir / STATE_ITEM
-    try:
+    with _reading(step_dir):
         if _readable_fast(item):
             state_item.read_arrays(item, {p: (None, None) for p in state_item.layout_arrays(item)}, check=True)
             return
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), state_tree_metadata(step_dir))
         restored = treepath.flatten(ocp.PyTreeCheckpointHandler().restore(
             epath.Path(item), args=ocp.args.PyTreeRestore(restore_args=as_numpy)))
+    _verify_flat(step_dir, restored)
+
+
+@contextlib.contextmanager
+def _reading(step_dir: pathlib.Path) -> Iterator[None]:
+    """Turns any failure to read a step's arrays into a `CheckpointCorruptError` naming it."""
+    try:
+        yield
     except state_item.ChecksumMismatch as e:
         raise _corrupt(step_dir, e.paths) from None
+    except CheckpointCorruptError:
+        raise
     except Exception as e:
         raise CheckpointCorruptError(
             f"Cannot read the arrays of step {step_dir.name} from {step_dir}: {type(e).__name__}: {e}", step_dir
         ) from e
-    _verify_flat(step_dir, restored)
 
 
 def _verify_flat(step_dir: pathlib.Path, flat: Mapping[str, Any]) -> None:

@@ -86,7 +86,8 @@ def best_rule(config: Mapping[str, Any] | None) -> tuple[str | None, str]:
     return metric, ("min" if early_stop.get("minimize", True) else "max")
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
+def read_json(path: pathlib.Path) -> dict[str, Any] | None:
+    """A JSON file's contents, None if there is no such file; invalid JSON is a ValueError naming it."""
     if not path.is_file():
         return None
     try:
@@ -97,7 +98,7 @@ def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
 
 def _run_config(checkpoint_dir: pathlib.Path, step_dir: pathlib.Path) -> dict[str, Any] | None:
     """The run's config: `config.json` beside `checkpoints/`, else the one saved in `step_dir`."""
-    config = _read_json(checkpoint_dir.parent / "config.json")
+    config = read_json(checkpoint_dir.parent / "config.json")
     if config is None:
         config = (read_json_item(step_dir, EXTRA_ITEM) or {}).get("config")
     return config
@@ -211,7 +212,7 @@ def publish(
 
 
 def _entry_record(entry: pathlib.Path) -> dict[str, Any] | None:
-    record = _read_json(entry / ENTRY_FILE)
+    record = read_json(entry / ENTRY_FILE)
     if record is None:
         return None
     step_dir = entry / "checkpoints" / str(record.get("step"))
