@@ -24,11 +24,6 @@ SHORT = {"train.num_steps": 20, "train.eval_every_steps": 10, "checkpoint.every_
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.fixture(scope="module")
 def source_run(tmp_path_factory, data_dir):
     """A finished 20-step run with checkpoints 10 and 20 (copied, never written to)."""
     workdir = tmp_path_factory.mktemp("source")

@@ -23,11 +23,6 @@ _ADAM_MOMENTS = 2
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, data_dir):
     """A finished 20-step digits run that the tests finetune from (never write to)."""
     workdir = tmp_path_factory.mktemp("pretrained")

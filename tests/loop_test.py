@@ -17,11 +17,6 @@ from tests.runs import read_jsonl, tiny_config
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory, data_dir):
     """One finished 40-step train_val run that other tests read from (never write to)."""
     workdir = tmp_path_factory.mktemp("pretrained")

@@ -123,11 +123,6 @@ def leftovers(workdir) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
     """One uninterrupted run (it also prepares the dataset for the others)."""
     workdir = tmp_path_factory.mktemp("reference")

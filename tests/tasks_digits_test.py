@@ -34,11 +34,6 @@ def _config(data_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.fixture(scope="module")
 def task(data_dir):
     return digits.build(_config(data_dir))
 
