@@ -141,6 +141,23 @@ def mbps(nbytes: int, seconds: float) -> float:
     return nbytes / MiB / seconds
 
 
+def throughput_records(name: str, speed: Mapping[str, float], baselines: Mapping[str, str], goal: str) -> list[Record]:
+    """jaxckpt's MB/s (`speed["jaxckpt"]`) against each baseline that ran.
+
+    Args:
+      name: the record name; the first baseline's record carries it and `goal`, the others are
+        `name_<baseline>` without a goal.
+      speed: MB/s by candidate name.
+      baselines: candidate name -> what it is, in words, in order.
+      goal: the first record's goal.
+    """
+    records = []
+    for i, (baseline, what) in enumerate((b, w) for b, w in baselines.items() if b in speed):
+        records.append(Record(name if i == 0 else f"{name}_{baseline}", speed["jaxckpt"], "MB/s", speed[baseline],
+                              what, speed["jaxckpt"] / speed[baseline], goal if i == 0 else None))
+    return records
+
+
 def format_table(records: list[Record]) -> str:
     """A fixed-width table of records, with a column saying whether each goal is met."""
     head = ("name", "value", "unit", "baseline", "ratio", "goal", "met", "baseline is")

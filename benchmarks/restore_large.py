@@ -87,16 +87,11 @@ def run(mode: str, workdir: pathlib.Path) -> list[Record]:
               "cache was not evicted and every candidate read warm")
     speed = {k: harness.mbps(total, v) for k, v in t.items()}
     note = f"{total / MiB:.0f} MiB, {count} arrays, cold cache"
-    records = [
-        Record(NAME, speed["jaxckpt"], "MB/s", speed["numpy"], f"np.load per array ({note})",
-               speed["jaxckpt"] / speed["numpy"], "ratio >= 0.9"),
-        Record(NAME + "_orbax", speed["jaxckpt"], "MB/s", speed["orbax"],
-               "plain Orbax StandardCheckpointer.restore (defaults)", speed["jaxckpt"] / speed["orbax"], None),
-    ]
-    if torch_ok:
-        records.append(Record(NAME + "_torch", speed["jaxckpt"], "MB/s", speed["torch"], "torch.load",
-                              speed["jaxckpt"] / speed["torch"], None))
-    return records
+    return harness.throughput_records(NAME, speed, {
+        "numpy": f"np.load per array ({note})",
+        "orbax": "plain Orbax StandardCheckpointer.restore (defaults)",
+        "torch": "torch.load",
+    }, "ratio >= 0.9")
 
 
 if __name__ == "__main__":

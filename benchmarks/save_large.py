@@ -116,16 +116,11 @@ def run(mode: str, workdir: pathlib.Path) -> list[Record]:
     shutil.rmtree(out, ignore_errors=True)
     speed = {k: harness.mbps(total, v) for k, v in t.items()}
     size_note = f"{total / MiB:.0f} MiB, {len(jax.tree.leaves(state))} arrays"
-    records = [
-        Record(NAME, speed["jaxckpt"], "MB/s", speed["numpy"], f"np.save + fsync per array ({size_note})",
-               speed["jaxckpt"] / speed["numpy"], "ratio >= 0.9"),
-        Record(NAME + "_orbax", speed["jaxckpt"], "MB/s", speed["orbax"],
-               "plain Orbax StandardCheckpointer (defaults)", speed["jaxckpt"] / speed["orbax"], None),
-    ]
-    if "torch" in speed:
-        records.append(Record(NAME + "_torch", speed["jaxckpt"], "MB/s", speed["torch"], "torch.save + fsync",
-                              speed["jaxckpt"] / speed["torch"], None))
-    return records
+    return harness.throughput_records(NAME, speed, {
+        "numpy": f"np.save + fsync per array ({size_note})",
+        "orbax": "plain Orbax StandardCheckpointer (defaults)",
+        "torch": "torch.save + fsync",
+    }, "ratio >= 0.9")
 
 
 if __name__ == "__main__":
