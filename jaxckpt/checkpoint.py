@@ -178,7 +178,8 @@ class CheckpointManager:
         handlers = {
             # Plain Orbax's PyTree format without zstd (trained float weights shrink by <10% under
             # it, while compressing cost more than the disk write), written in one transaction.
-            STATE_ITEM: state_item.StateItemHandler(copy_arrays=async_save and not self._own_thread),
+            # Never copies: an async save hands it a snapshot, and several processes go through Orbax.
+            STATE_ITEM: state_item.StateItemHandler(copy_arrays=False),
             EXTRA_ITEM: ocp.JsonCheckpointHandler(),
             INFO_ITEM: ocp.JsonCheckpointHandler(),
         }

@@ -421,7 +421,7 @@ class StateSave(ocp.args.PyTreeSave):
 @ocp.args.register_with_handler(StateItemHandler, for_restore=True)
 @dataclasses.dataclass
 class StateRestore(ocp.args.PyTreeRestore):
-    """`ocp.args.PyTreeRestore` for `StateItemHandler`."""
+    """`ocp.args.PyTreeRestore` for `StateItemHandler`: Orbax registers a handler only with both."""
 
 
 def _with_checksums(args: Any) -> Any:
