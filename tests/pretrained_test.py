@@ -86,14 +86,20 @@ def test_strict_fails_before_reading_any_array(run_dir, monkeypatch):
         load_params(run_dir, target)
 
 
-def test_reads_only_what_the_graft_loads(run_dir, monkeypatch):
+def _spy_on_reads(monkeypatch) -> list:
+    """Records the sorted paths of every `_read_arrays` call; returns that list."""
     asked = []
     real = pretrained._read_arrays
 
-    def spy(step_dir, wanted):
+    def spy(checkpoint, wanted):
         asked.append(sorted(wanted))
-        return real(step_dir, wanted)
+        return real(checkpoint, wanted)
     monkeypatch.setattr(pretrained, "_read_arrays", spy)
+    return asked
+
+
+def test_reads_only_what_the_graft_loads(run_dir, monkeypatch):
+    asked = _spy_on_reads(monkeypatch)
     target = jax.tree.map(jnp.zeros_like, _params(0, head=7))  # head is mismatched: kept fresh
     params, report = load_params(run_dir, target, strict=False)
     assert asked == [["params/encoder/bias", "params/encoder/kernel"]]
@@ -190,13 +196,7 @@ def orbax_tree(tmp_path):
 
 
 def test_bare_orbax_tree_reads_only_the_loaded_arrays_onto_their_shardings(orbax_tree, monkeypatch):
-    asked = []
-    real = pretrained._read_arrays
-
-    def spy(checkpoint, wanted):
-        asked.append(sorted(wanted))
-        return real(checkpoint, wanted)
-    monkeypatch.setattr(pretrained, "_read_arrays", spy)
+    asked = _spy_on_reads(monkeypatch)
     sharding = jax.sharding.NamedSharding(jax.make_mesh((4,), ("d",)), P("d"))
     target = {"encoder": {"kernel": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=sharding),
                           "bias": jax.ShapeDtypeStruct((4,), jnp.float32)},
