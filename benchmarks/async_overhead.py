@@ -24,8 +24,8 @@ import optax
 
 from benchmarks import harness
 from benchmarks.harness import MiB, Record
-from jaxckpt import state_item
-from jaxckpt.checkpoint import CheckpointManager
+from jaxckpt.checkpoint import state_item
+from jaxckpt.checkpoint.manager import CheckpointManager
 
 NAME = "async_overhead"
 EVERY = 100

@@ -16,7 +16,7 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks.harness import Record
-from jaxckpt.graft import graft, plan
+from jaxckpt.grafting.graft import graft, plan
 
 NAME = "graft_scaling"
 

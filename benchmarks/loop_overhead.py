@@ -2,7 +2,7 @@
 
 Same task (digits: `experiments.tasks.digits.build`), model, batch size, optimizer (Adam, the
 config's learning rate), grain data iterator and dropout randomness. The jaxckpt side is
-`jaxckpt.loop.run` with `run_type="train"` (no validation) and one checkpoint at the end; the
+`jaxckpt.runner.loop.run` with `run_type="train"` (no validation) and one checkpoint at the end; the
 hand-written side jits `value_and_grad` + `optax` and reads the loss every `log_every_steps`,
 as a minimal loop would. Both are timed from the end of the first logging window (compilation
 and start-up excluded) to the last step, so the figure is steady-state steps/s.
@@ -58,9 +58,9 @@ class _StepTimes(logging.Filter):
 
 
 def jaxckpt_steps_per_second(config, workdir: pathlib.Path) -> float:
-    """Steady-state steps/s of `jaxckpt.loop.run`, from the first logged window to the last step."""
-    from jaxckpt import loop
-    from jaxckpt.workdir import log
+    """Steady-state steps/s of `jaxckpt.runner.loop.run`, from the first logged window to the last step."""
+    from jaxckpt.runner import loop
+    from jaxckpt.runner.workdir import log
 
     times = _StepTimes()
     log.addFilter(times)

@@ -1,7 +1,7 @@
 """Loading only the encoder from a train-state checkpoint: how many bytes come off the disk?
 
 A checkpoint of a full train state (params `encoder` + `head` of equal size, plus Adam-like
-`mu`/`nu` for each) is written with `CheckpointManager`; then `jaxckpt.pretrained.load_params`
+`mu`/`nu` for each) is written with `CheckpointManager`; then `jaxckpt.weights.pretrained.load_params`
 grafts only `encoder` into a new model (`mapping={"encoder": "encoder"}`, `strict=False`).
 Method: the checkpoint's files are evicted from the page cache (`posix_fadvise(DONTNEED)`), so
 every byte the load needs comes from the disk, and `read_bytes` of `/proc/self/io` (all threads
@@ -21,8 +21,8 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks.harness import MiB, Record
-from jaxckpt.checkpoint import CheckpointManager
-from jaxckpt.pretrained import load_params
+from jaxckpt.checkpoint.manager import CheckpointManager
+from jaxckpt.weights.pretrained import load_params
 
 NAME = "partial_read"
 

@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from benchmarks import harness
 from benchmarks.harness import MiB, Record
 from benchmarks.save_large import has_torch, nbytes, np_save, state_of_size, torch_save
-from jaxckpt.checkpoint import CheckpointManager
+from jaxckpt.checkpoint.manager import CheckpointManager
 
 NAME = "restore_large"
 

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 
 from benchmarks import harness
 from benchmarks.harness import MiB, Record
-from jaxckpt.checkpoint import CheckpointManager
+from jaxckpt.checkpoint.manager import CheckpointManager
 
 NAME = "save_large"
 

@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 
 from benchmarks import harness
 from benchmarks.harness import Record
-from jaxckpt.checkpoint import CheckpointManager
+from jaxckpt.checkpoint.manager import CheckpointManager
 
 NAME = "small_leaves"
 LEAF_FLOATS = 1024  # 4 KiB of float32

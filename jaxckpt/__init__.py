@@ -1,93 +1,106 @@
-"""jaxckpt: pure-functional JAX training with pretrained grafts, checkpoint retention and exact resume."""
+"""jaxckpt: pure-functional JAX training with pretrained grafts, checkpoint retention and exact resume.
 
-from jaxckpt import distributed
-from jaxckpt.checkpoint import CheckpointManager
-from jaxckpt.errors import UserError
-from jaxckpt.foreign import graft_foreign
-from jaxckpt.foreign import read_foreign
-from jaxckpt.foreign import write_safetensors
-from jaxckpt.graft import GraftEntry
-from jaxckpt.graft import GraftReport
-from jaxckpt.graft import graft
-from jaxckpt.graft import plan
-from jaxckpt.loop import NonFiniteLossError
-from jaxckpt.loop import evaluate
-from jaxckpt.loop import predict
-from jaxckpt.loop import run
-from jaxckpt.loop import run_or_exit
-from jaxckpt.loop import train_and_evaluate
-from jaxckpt.optim import describe_trainable
-from jaxckpt.optim import freeze_and_scale
-from jaxckpt.optim import make_optimizer
-from jaxckpt.optim import make_schedule
-from jaxckpt.pathmatch import label_tree
-from jaxckpt.pathmatch import match
-from jaxckpt.preemption import PREEMPTED_EXIT_CODE
-from jaxckpt.preemption import Preempted
-from jaxckpt.pretrained import load_params
-from jaxckpt.pretrained import resolve_checkpoint_path
-from jaxckpt.retention import RetentionPolicy
-from jaxckpt.state import TrainState
-from jaxckpt.step import make_eval_step
-from jaxckpt.step import make_predict_step
-from jaxckpt.step import make_train_step
-from jaxckpt.step import mean_metrics
-from jaxckpt.step import sum_metrics
-from jaxckpt.stepdir import CheckpointCorruptError
-from jaxckpt.stepdir import CheckpointNotFoundError
-from jaxckpt.stepdir import CheckpointSaveError
-from jaxckpt.task import Task
-from jaxckpt.task import load_task
-from jaxckpt.treepath import flatten
-from jaxckpt.treepath import unflatten
-from jaxckpt.treepath import unflatten_dict
-from jaxckpt.workdir import WorkdirError
-from jaxckpt.workdir import WorkdirLock
+This module is the one public face. Names are loaded on first use (PEP 562), so
+`from jaxckpt import graft` imports the graft layer only, not the runner, tfds, grain or matplotlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = (
-    "CheckpointCorruptError",
-    "CheckpointManager",
-    "CheckpointNotFoundError",
-    "CheckpointSaveError",
-    "GraftEntry",
-    "GraftReport",
-    "NonFiniteLossError",
-    "PREEMPTED_EXIT_CODE",
-    "Preempted",
-    "RetentionPolicy",
-    "Task",
-    "TrainState",
-    "UserError",
-    "WorkdirError",
-    "WorkdirLock",
-    "describe_trainable",
-    "distributed",
-    "evaluate",
-    "flatten",
-    "freeze_and_scale",
-    "graft",
-    "graft_foreign",
-    "label_tree",
-    "load_params",
-    "load_task",
-    "make_eval_step",
-    "make_optimizer",
-    "make_predict_step",
-    "make_schedule",
-    "make_train_step",
-    "match",
-    "mean_metrics",
-    "plan",
-    "predict",
-    "read_foreign",
-    "resolve_checkpoint_path",
-    "run",
-    "run_or_exit",
-    "sum_metrics",
-    "train_and_evaluate",
-    "unflatten",
-    "unflatten_dict",
-    "write_safetensors",
-)
+# Public name -> module that defines it.
+_EXPORTS: dict[str, str] = {
+    "CheckpointCorruptError": "jaxckpt.errors",
+    "CheckpointManager": "jaxckpt.checkpoint.manager",
+    "CheckpointNotFoundError": "jaxckpt.errors",
+    "CheckpointSaveError": "jaxckpt.errors",
+    "GraftEntry": "jaxckpt.grafting.report",
+    "GraftReport": "jaxckpt.grafting.report",
+    "NonFiniteLossError": "jaxckpt.errors",
+    "PREEMPTED_EXIT_CODE": "jaxckpt.errors",
+    "Preempted": "jaxckpt.errors",
+    "RetentionPolicy": "jaxckpt.checkpoint.retention",
+    "Task": "jaxckpt.runner.task",
+    "TrainState": "jaxckpt.train.state",
+    "UserError": "jaxckpt.errors",
+    "WorkdirError": "jaxckpt.errors",
+    "WorkdirLock": "jaxckpt.runner.workdir",
+    "describe_trainable": "jaxckpt.train.optim",
+    "distributed": "jaxckpt.runner.distributed",
+    "evaluate": "jaxckpt.runner.loop",
+    "flatten": "jaxckpt.tree.treepath",
+    "freeze_and_scale": "jaxckpt.train.optim",
+    "graft": "jaxckpt.grafting.graft",
+    "graft_foreign": "jaxckpt.weights.foreign",
+    "label_tree": "jaxckpt.tree.pathmatch",
+    "load_params": "jaxckpt.weights.pretrained",
+    "load_task": "jaxckpt.runner.task",
+    "make_eval_step": "jaxckpt.train.step",
+    "make_optimizer": "jaxckpt.train.optim",
+    "make_predict_step": "jaxckpt.train.step",
+    "make_schedule": "jaxckpt.train.optim",
+    "make_train_step": "jaxckpt.train.step",
+    "match": "jaxckpt.tree.pathmatch",
+    "mean_metrics": "jaxckpt.train.step",
+    "plan": "jaxckpt.grafting.graft",
+    "predict": "jaxckpt.runner.loop",
+    "read_foreign": "jaxckpt.weights.foreign",
+    "resolve_checkpoint_path": "jaxckpt.weights.pretrained",
+    "run": "jaxckpt.runner.loop",
+    "run_or_exit": "jaxckpt.runner.loop",
+    "sum_metrics": "jaxckpt.train.step",
+    "train_and_evaluate": "jaxckpt.runner.loop",
+    "unflatten": "jaxckpt.tree.treepath",
+    "unflatten_dict": "jaxckpt.tree.treepath",
+    "write_safetensors": "jaxckpt.weights.foreign",
+}
+
+# Public names that are modules rather than attributes of one.
+_MODULES = frozenset({"distributed"})
+
+__all__ = tuple(sorted(_EXPORTS))
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'jaxckpt' has no attribute {name!r}")
+    module = importlib.import_module(module_name)
+    value = module if name in _MODULES else getattr(module, name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from jaxckpt.checkpoint.manager import CheckpointManager
+    from jaxckpt.checkpoint.retention import RetentionPolicy
+    from jaxckpt.errors import (
+        PREEMPTED_EXIT_CODE,
+        CheckpointCorruptError,
+        CheckpointNotFoundError,
+        CheckpointSaveError,
+        NonFiniteLossError,
+        Preempted,
+        UserError,
+        WorkdirError,
+    )
+    from jaxckpt.grafting.graft import graft, plan
+    from jaxckpt.grafting.report import GraftEntry, GraftReport
+    from jaxckpt.runner import distributed
+    from jaxckpt.runner.loop import evaluate, predict, run, run_or_exit, train_and_evaluate
+    from jaxckpt.runner.task import Task, load_task
+    from jaxckpt.runner.workdir import WorkdirLock
+    from jaxckpt.train.optim import describe_trainable, freeze_and_scale, make_optimizer, make_schedule
+    from jaxckpt.train.state import TrainState
+    from jaxckpt.train.step import make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics
+    from jaxckpt.tree.pathmatch import label_tree, match
+    from jaxckpt.tree.treepath import flatten, unflatten, unflatten_dict
+    from jaxckpt.weights.foreign import graft_foreign, read_foreign, write_safetensors
+    from jaxckpt.weights.pretrained import load_params, resolve_checkpoint_path

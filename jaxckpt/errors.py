@@ -1,13 +1,15 @@
-"""How command-line entry points report failures: user errors get one line, bugs a traceback."""
+"""Every exception type jaxckpt raises, in one place.
+
+`UserError` and its subclasses are failures the user resolves by changing an input; their messages
+name the culprit (a path, a key, a shape) and the fix. The others are conditions a caller may want
+to handle: a missing or corrupt checkpoint, a failed save, a preempted run.
+"""
 
 from __future__ import annotations
 
-import sys
-from typing import Any, Callable
-
-from jaxckpt.preemption import PREEMPTED_EXIT_CODE, Preempted
-
-USER_ERROR_EXIT_CODE = 2
+import os
+import pathlib
+import signal
 
 
 class UserError(RuntimeError):
@@ -22,44 +24,61 @@ class MissingDependencyError(UserError, ImportError):
     """
 
 
-# Errors a user can cause with a bad path, config or input; their messages say what to do.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, OSError)
+PREEMPTED_EXIT_CODE = 75
+"""Exit code of a run stopped by SIGTERM/SIGINT after saving (EX_TEMPFAIL: rerun to continue)."""
 
 
-def _drop_late_loop_callbacks(unraisable: Any) -> None:
-    """`sys.unraisablehook` that drops one known-harmless message and passes the rest on.
+class Preempted(Exception):
+    """Raised by the loop after it saved and committed a checkpoint because a signal asked it to stop."""
 
-    When one array read of an Orbax restore fails (a corrupt file), Orbax closes its event loop
-    while the other reads are still in flight; each of those then raises "Event loop is closed"
-    from a tensorstore callback, which Python prints as an ignored exception with a traceback.
-    The failure itself is reported by the caller, so these add nothing but noise.
-    """
-    exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-        return
-    sys.__unraisablehook__(unraisable)
+    def __init__(self, step: int, signum: int):
+        self.step = step
+        self.signum = signum
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after saving step {step}; rerun the same "
+            f"command to continue (exit code {PREEMPTED_EXIT_CODE}).")
 
 
-def quiet_late_loop_callbacks() -> None:
-    """Installs `_drop_late_loop_callbacks` for this process; for command-line entry points only."""
-    sys.unraisablehook = _drop_late_loop_callbacks
+class CheckpointNotFoundError(FileNotFoundError):
+    """No checkpoint where one was asked for (an empty directory, a missing step, no best step)."""
 
 
-def exit_code_of(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
-    """Calls `fn`; returns 0, or prints a user error to stderr (no traceback) and returns its code.
+class CheckpointCorruptError(RuntimeError):
+    """A step directory whose arrays cannot be read or do not match their saved checksums."""
 
-    `Preempted` returns `PREEMPTED_EXIT_CODE`; exceptions outside `USER_ERRORS` propagate with their
-    traceback, because they are bugs to report rather than inputs to fix.
-    """
-    quiet_late_loop_callbacks()
-    try:
-        fn(*args, **kwargs)
-    except Preempted as e:
-        print(f"jaxckpt: {e}", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
-    except USER_ERRORS as e:
-        name = type(e).__name__
-        label = "error" if isinstance(e, (UserError, ValueError)) else name
-        print(f"jaxckpt: {label}: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT_CODE
-    return 0
+    def __init__(self, message: str, step_dir: os.PathLike | str):
+        super().__init__(message)
+        self.step_dir = pathlib.Path(step_dir)
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed (e.g. the disk is full); earlier checkpoints are left as they were."""
+
+
+class ChecksumMismatch(ValueError):
+    """Arrays whose bytes differ from the hash recorded when they were written."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+        super().__init__(f"{len(paths)} array(s) differ from the checksums recorded at save time "
+                         f"({', '.join(paths[:5])}{', ...' if len(paths) > 5 else ''})")
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or inf; the last good checkpoint is kept and never marked best."""
+
+
+class SaveFailedError(UserError, CheckpointSaveError):
+    """A checkpoint save failed during a run (e.g. the disk is full); earlier checkpoints are intact."""
+
+
+class CorruptCheckpointsError(UserError):
+    """The checkpoint to start from is unreadable or fails its checksums; the message names it."""
+
+
+class WorkdirError(UserError):
+    """A problem with the run directory that the user must resolve (message says how)."""
+
+
+class ZooEntryNotFoundError(CheckpointNotFoundError):
+    """`zoo:NAME` names no entry in the zoo folder."""

@@ -14,15 +14,12 @@ import numpy as np
 import optax
 import pytest
 
-from jaxckpt import checkpoint as ckpt
-from jaxckpt import state_item, treepath
-from jaxckpt.checkpoint import (
-    CheckpointCorruptError,
-    CheckpointManager,
-    CheckpointNotFoundError,
-    CheckpointSaveError,
-)
-from jaxckpt.state import TrainState
+from jaxckpt.checkpoint import manager as ckpt
+from jaxckpt.checkpoint import state_item
+from jaxckpt.checkpoint.manager import CheckpointManager
+from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError, CheckpointSaveError
+from jaxckpt.train.state import TrainState
+from jaxckpt.tree import treepath
 
 P = jax.sharding.PartitionSpec
 NAN, INF = float("nan"), float("inf")

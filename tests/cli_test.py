@@ -1,4 +1,4 @@
-"""Tests for `python -m jaxckpt inspect|plan|zoo` through `jaxckpt.cli.main` and one real subprocess."""
+"""Tests for `python -m jaxckpt inspect|plan|zoo` through `jaxckpt.cli.commands` and one real subprocess."""
 
 import json
 import os
@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from jaxckpt import cli, foreign
-from jaxckpt.checkpoint import CheckpointManager
+from jaxckpt.checkpoint.manager import CheckpointManager
+from jaxckpt.cli import commands as cli
+from jaxckpt.weights import foreign
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import math
 import pytest
 from ml_collections import ConfigDict
 
-from jaxckpt import early_stop
+from jaxckpt.runner import early_stop
 
 
 def _fresh():

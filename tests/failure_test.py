@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 
 import jaxckpt
-from jaxckpt.checkpoint import CheckpointManager
-from jaxckpt.errors import UserError
-from jaxckpt.loop import SaveFailedError, run_or_exit
-from jaxckpt.stepdir import CheckpointSaveError
+from jaxckpt.checkpoint.manager import CheckpointManager
+from jaxckpt.errors import CheckpointSaveError, SaveFailedError, UserError
+from jaxckpt.runner.loop import run_or_exit
 from tests.preemption_test import CLI_ENV, Running, cli_args, committed_steps
 from tests.runs import ROOT, run_cli, tiny_config
 

@@ -11,11 +11,13 @@ from safetensors.numpy import save_file
 
 import jaxckpt
 from experiments.configs import digits
-from jaxckpt import cli, foreign, treepath
+from jaxckpt.checkpoint.stepdir import read_state_metadata
+from jaxckpt.cli import commands as cli
 from jaxckpt.errors import UserError
-from jaxckpt.sources import load_pretrained
-from jaxckpt.stepdir import read_state_metadata
-from jaxckpt.task import load_task
+from jaxckpt.runner.sources import load_pretrained
+from jaxckpt.runner.task import load_task
+from jaxckpt.tree import treepath
+from jaxckpt.weights import foreign
 from tests.runs import ROOT, override, tiny_config
 
 # Adam keeps two moments (mu, nu) per trainable float32 value.

@@ -11,9 +11,11 @@ import pytest
 import safetensors
 from safetensors.numpy import save_file
 
-from jaxckpt import foreign, treepath
-from jaxckpt.errors import USER_ERROR_EXIT_CODE, UserError, exit_code_of
-from jaxckpt.graft import graft
+from jaxckpt.cli.exits import USER_ERROR_EXIT_CODE, exit_code_of
+from jaxckpt.errors import UserError
+from jaxckpt.grafting.graft import graft
+from jaxckpt.tree import treepath
+from jaxckpt.weights import foreign
 
 HIDDEN = 16
 

@@ -4,13 +4,13 @@ import itertools
 import re
 
 import hypothesis
-from hypothesis import strategies as st
 import jax
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
-from jaxckpt import treepath
-from jaxckpt.graft import graft
+from jaxckpt.grafting.graft import graft
+from jaxckpt.tree import treepath
 
 _SETTINGS = hypothesis.settings(
     max_examples=80, deadline=None,

@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxckpt.graft import GraftReport, graft, parse_adapters, parse_mapping, plan
+from jaxckpt.grafting.graft import GraftReport, graft, parse_adapters, parse_mapping, plan
 
 SDS = jax.ShapeDtypeStruct
 

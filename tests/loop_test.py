@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 import jaxckpt
-from jaxckpt import zoo
-from jaxckpt.checkpoint import CheckpointManager
-from jaxckpt.errors import UserError
-from jaxckpt.workdir import WorkdirError
+from jaxckpt.checkpoint.manager import CheckpointManager
+from jaxckpt.errors import UserError, WorkdirError
+from jaxckpt.weights import zoo
 from tests.runs import read_jsonl, tiny_config
 
 
@@ -55,7 +54,7 @@ def test_train_val_writes_the_run_directory(pretrained_run):
 
 
 def test_on_a_terminal_log_lines_do_not_run_into_the_progress_bar(tmp_path, data_dir, monkeypatch, capsys):
-    from jaxckpt import loop
+    from jaxckpt.runner import loop
 
     monkeypatch.setattr(loop, "_is_terminal", lambda: True)
     jaxckpt.run(tiny_config(data_dir, **{"train.num_steps": 20, "train.eval_every_steps": 10}), tmp_path / "run")
@@ -86,7 +85,7 @@ def test_rerun_resumes_from_latest_without_duplicated_points(tmp_path, data_dir,
 @pytest.mark.parametrize("stop_at", [7, 20, 33])
 def test_preempted_run_resumes_bitwise(tmp_path, data_dir, pretrained_run, monkeypatch, stop_at):
     """A signal at any step (mid-window, at a save, between evals): saving, rerun, same final state."""
-    from jaxckpt import preemption
+    from jaxckpt.runner import preemption
 
     workdir = tmp_path / "run"
     calls = {"n": 0}
@@ -196,7 +195,7 @@ def test_resume_file_of_another_model_names_the_config_fields_that_differ(tmp_pa
     message = str(excinfo.value)
     assert "params/head/kernel: checkpoint (16, 10) vs config (16, 2)" in message
     assert "data.target: checkpoint 'digit' vs config 'parity'" in message
-    assert "train.num_steps" not in message and "jaxckpt.pretrained.load_params" not in message
+    assert "train.num_steps" not in message and "jaxckpt.weights.pretrained.load_params" not in message
     config = tiny_config(data_dir, **{"checkpoint.resume_file": str(pretrained_run), "model.fusion_dims": (8,)})
     with pytest.raises(UserError) as excinfo:
         jaxckpt.run(config, tmp_path / "train")

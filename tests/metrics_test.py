@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxckpt import metrics
+from jaxckpt.runner import metrics
 
 
 def test_jsonl_writer_appends_one_object_per_point(tmp_path):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import jaxckpt
-from jaxckpt.checkpoint import CheckpointManager
+from jaxckpt.checkpoint.manager import CheckpointManager
 from tests.preemption_test import CLI_ENV, cli_args
 from tests.runs import ROOT, read_jsonl, run_cli, tiny_config
 

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxckpt import optim
+from jaxckpt.train import optim
 
 
 def _params():

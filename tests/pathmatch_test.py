@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from jaxckpt import pathmatch
+from jaxckpt.tree import pathmatch
 
 PATHS = ["encoder/layer_0/kernel", "encoder/layer_0/bias",
          "encoder/layer_10/kernel", "lm_head/kernel", "head/kernel",

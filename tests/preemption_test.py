@@ -13,11 +13,11 @@ import tempfile
 import threading
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import jax
 from experiments.configs import digits
 from tests.runs import ROOT, read_jsonl, run_cli, tiny_config
 

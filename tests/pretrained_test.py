@@ -10,12 +10,12 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxckpt import foreign, pretrained
-from jaxckpt.checkpoint import CheckpointManager, CheckpointNotFoundError
-from jaxckpt.errors import UserError
-from jaxckpt.sources import load_pretrained
-from jaxckpt.pretrained import load_params, resolve_checkpoint_path, resolve_step_dir
-from jaxckpt.state import TrainState
+from jaxckpt.checkpoint.manager import CheckpointManager
+from jaxckpt.errors import CheckpointNotFoundError, UserError
+from jaxckpt.runner.sources import load_pretrained
+from jaxckpt.train.state import TrainState
+from jaxckpt.weights import foreign, pretrained
+from jaxckpt.weights.pretrained import load_params, resolve_checkpoint_path, resolve_step_dir
 
 P = jax.sharding.PartitionSpec
 

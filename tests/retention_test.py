@@ -1,11 +1,11 @@
-"""Tests for jaxckpt.retention.RetentionPolicy: which steps survive, with no checkpoint on disk."""
+"""Tests for jaxckpt.checkpoint.retention.RetentionPolicy: which steps survive, with no checkpoint on disk."""
 
 import math
 from types import SimpleNamespace
 
 import pytest
 
-from jaxckpt.retention import RetentionPolicy
+from jaxckpt.checkpoint.retention import RetentionPolicy
 
 NAN, INF = math.nan, math.inf
 

@@ -10,8 +10,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 
-from jaxckpt import state_item
-from jaxckpt.checkpoint import CheckpointManager
+from jaxckpt.checkpoint import state_item
+from jaxckpt.checkpoint.manager import CheckpointManager
 
 P = jax.sharding.PartitionSpec
 

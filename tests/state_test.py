@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxckpt.state import TrainState
+from jaxckpt.train.state import TrainState
 
 
 def _state(tx=None):

@@ -5,8 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxckpt.state import TrainState
-from jaxckpt.step import make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics
+from jaxckpt.train.state import TrainState
+from jaxckpt.train.step import make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics
 
 
 def _state():

@@ -7,9 +7,9 @@ import optax
 import pytest
 
 import jaxckpt
-from jaxckpt import stepdir
-from jaxckpt.checkpoint import CheckpointManager
-from jaxckpt.state import TrainState
+from jaxckpt.checkpoint import stepdir
+from jaxckpt.checkpoint.manager import CheckpointManager
+from jaxckpt.train.state import TrainState
 
 
 @pytest.fixture
@@ -53,11 +53,13 @@ def test_read_state_metadata_of_a_damaged_state_item_names_it(tmp_path):
 
 
 def test_errors_are_the_public_ones_and_keep_their_standard_bases():
-    # Callers catch them as jaxckpt.X, or as the built-in errors they extend.
-    assert jaxckpt.CheckpointNotFoundError is stepdir.CheckpointNotFoundError
-    assert issubclass(stepdir.CheckpointNotFoundError, FileNotFoundError)
-    assert issubclass(stepdir.CheckpointCorruptError, RuntimeError)
-    assert issubclass(stepdir.CheckpointSaveError, RuntimeError)
+    # Callers catch them as jaxckpt.X, or as the built-in errors they extend; errors.py owns them all.
+    from jaxckpt import errors
+
+    assert jaxckpt.CheckpointNotFoundError is errors.CheckpointNotFoundError
+    assert issubclass(errors.CheckpointNotFoundError, FileNotFoundError)
+    assert issubclass(errors.CheckpointCorruptError, RuntimeError)
+    assert issubclass(errors.CheckpointSaveError, RuntimeError)
 
 
 def test_library_version_is_the_package_version():

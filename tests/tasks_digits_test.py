@@ -12,10 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from experiments.tasks import data
-from experiments.tasks import digits
-from experiments.tasks import digits_builder
-from jaxckpt.task import Task
+from experiments.tasks import data, digits, digits_builder
+from jaxckpt.runner.task import Task
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,10 +18,8 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.datasets.imdb_reviews import imdb_reviews_dataset_builder as tfds_imdb
 
-from experiments.tasks import imdb
-from experiments.tasks import imdb_builder
-from experiments.tasks import tokenizer
-from jaxckpt.task import Task
+from experiments.tasks import imdb, imdb_builder, tokenizer
+from jaxckpt.runner.task import Task
 
 NUM_MOCK_EXAMPLES = 40
 

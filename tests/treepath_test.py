@@ -3,14 +3,14 @@
 from typing import NamedTuple
 
 import flax
-from flax.core import FrozenDict
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax.core import FrozenDict
 
-from jaxckpt import treepath
+from jaxckpt.tree import treepath
 
 
 class Pair(NamedTuple):

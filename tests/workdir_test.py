@@ -5,7 +5,7 @@ import logging
 import ml_collections
 import pytest
 
-from jaxckpt import workdir
+from jaxckpt.runner import workdir
 
 
 def test_config_changes_compares_a_saved_config_with_a_live_one():

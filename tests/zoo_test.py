@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxckpt import zoo
-from jaxckpt.checkpoint import CheckpointManager
-from jaxckpt.metrics import JsonlWriter
-from jaxckpt.stepdir import CheckpointNotFoundError
+from jaxckpt.checkpoint.manager import CheckpointManager
+from jaxckpt.errors import CheckpointNotFoundError
+from jaxckpt.runner.metrics import JsonlWriter
+from jaxckpt.weights import zoo
 
 
 def _state(step):

@@ -1,4 +1,4 @@
-"""Tasks: each module exposes `build(config) -> jaxckpt.task.Task`.
+"""Tasks: each module exposes `build(config) -> jaxckpt.runner.task.Task`.
 
 - `experiments.tasks.digits`: UCI handwritten digits (shipped in scikit-learn, works offline).
 - `experiments.tasks.imdb`: IMDB movie-review sentiment through tfds `imdb_reviews`.

@@ -1,4 +1,4 @@
-"""A classification task over named splits: the `jaxckpt.task.Task` that digits and IMDB build.
+"""A classification task over named splits: the `jaxckpt.runner.task.Task` that digits and IMDB build.
 
 It joins a Flax model (logits from `batch[input_key]`), the splits' data sources and a per-record
 transform into the functions the loop calls. The loss is softmax cross-entropy averaged over the
@@ -31,7 +31,7 @@ class Split:
 
 
 class ClassifierTask:
-    """Softmax classification of `batch[input_key]` into `class_names`; satisfies `jaxckpt.task.Task`.
+    """Softmax classification of `batch[input_key]` into `class_names`; satisfies `jaxckpt.runner.task.Task`.
 
     Example:
         >>> task = ClassifierTask(model=model, class_names=["neg", "pos"], input_key="tokens",

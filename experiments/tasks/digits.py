@@ -21,9 +21,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
-from experiments.tasks import data
-from experiments.tasks import digits_builder
-from experiments.tasks import models
+from experiments.tasks import data, digits_builder, models
 from experiments.tasks.classifier import ClassifierTask, Split
 
 TARGETS = {
@@ -66,7 +64,7 @@ def build(config: Any, artifacts: Mapping[str, Any] | None = None) -> Classifier
         artifacts: accepted for symmetry with other tasks and ignored: digits keep no artifacts.
 
     Returns:
-        A `jaxckpt.task.Task` whose batches hold `image` (float32 `[B, 8, 8]`) and `label` (int32).
+        A `jaxckpt.runner.task.Task` whose batches hold `image` (float32 `[B, 8, 8]`) and `label` (int32).
 
     Raises:
         ValueError: if `config.data.target` is unknown, or a model width or `val_fraction` is invalid.

@@ -25,9 +25,8 @@ import functools
 from typing import Any, Mapping
 
 import numpy as np
-from experiments.tasks import data
-from experiments.tasks import imdb_builder
-from experiments.tasks import models
+
+from experiments.tasks import data, imdb_builder, models
 from experiments.tasks import tokenizer as tokenizer_lib
 from experiments.tasks.classifier import ClassifierTask, Split
 
@@ -65,7 +64,7 @@ def build(config: Any, artifacts: Mapping[str, Any] | None = None) -> Classifier
             vocabulary is used instead of counting words again. None builds a new vocabulary.
 
     Returns:
-        A `jaxckpt.task.Task` whose artifacts are `{"vocab": [...]}` and whose batches hold
+        A `jaxckpt.runner.task.Task` whose artifacts are `{"vocab": [...]}` and whose batches hold
         `tokens` (int32 `[B, max_length]`) and `label` (int32).
 
     Raises:

@@ -20,7 +20,6 @@ from tensorflow_datasets.core.download import extractor
 from tensorflow_datasets.datasets.imdb_reviews import imdb_reviews_dataset_builder as tfds_imdb
 
 from experiments.tasks import data
-
 from jaxckpt.errors import UserError
 
 NAME = "imdb_reviews/plain_text"

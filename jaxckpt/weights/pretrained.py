@@ -19,18 +19,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxckpt.foreign import RenameSpec, is_foreign, read_foreign
-from jaxckpt.graft import GraftReport, graft, plan
-from jaxckpt import state_item, treepath, zoo
-from jaxckpt.retention import RetentionPolicy
-from jaxckpt.stepdir import (
-    STATE_ITEM,
-    CheckpointCorruptError,
-    CheckpointNotFoundError,
-    read_json_item,
-    read_state_metadata,
-)
+from jaxckpt.checkpoint import state_item
+from jaxckpt.checkpoint.retention import RetentionPolicy
+from jaxckpt.checkpoint.stepdir import STATE_ITEM, read_json_item, read_state_metadata
+from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError
+from jaxckpt.grafting.graft import GraftReport, graft, plan
+from jaxckpt.tree import treepath
 from jaxckpt.types import Params
+from jaxckpt.weights import zoo
+from jaxckpt.weights.foreign import RenameSpec, is_foreign, read_foreign
 
 PARAMS_KEY = "params"
 _EXPECTED = (
@@ -294,7 +291,7 @@ def load_params(
       best_metric: the metric ranking steps for `step="best"`.
       best_mode: "min" or "max" for `step="best"`.
       rename: for weights files only: rules mapping tensor names to tree paths (see
-        `jaxckpt.foreign.parse_rename`), e.g. `r"bert\.(.*)=>encoder/\1"`.
+        `jaxckpt.weights.foreign.parse_rename`), e.g. `r"bert\.(.*)=>encoder/\1"`.
 
     Returns:
       `(params, report)`: params shaped like `target_params`, and the `GraftReport`.

@@ -19,7 +19,7 @@ import functools
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
-from jaxckpt.treepath import SEP, flatten_with_treedef, preview
+from jaxckpt.tree.treepath import SEP, flatten_with_treedef, preview
 from jaxckpt.types import PyTree
 
 _SYNTAXES = ("glob", "regex")

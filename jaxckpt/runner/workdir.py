@@ -19,14 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from jaxckpt.errors import UserError
+from jaxckpt.errors import WorkdirError
 
 LOG_NAME = "jaxckpt"
 log = logging.getLogger(LOG_NAME)
-
-
-class WorkdirError(UserError):
-    """A problem with the run directory that the user must resolve (message says how)."""
 
 
 class WorkdirLock:

@@ -1,7 +1,7 @@
 r"""Weights from outside JAX: safetensors files and PyTorch state dicts, grafted like any checkpoint.
 
 `read_foreign(path)` turns a file of named tensors into a flat `{"encoder/Dense_0/kernel": lazy}`
-dict that `jaxckpt.graft.graft` accepts as its source. Nothing is read up front: each value is a
+dict that `jaxckpt.grafting.graft.graft` accepts as its source. Nothing is read up front: each value is a
 `LazyTensor` that knows its (converted) shape and dtype from the file header and reads its bytes
 only when the graft loads it, so skipped, mismatched or unused tensors never leave the disk.
 `write_safetensors(params, path)` goes the other way: it writes a params tree under the names and
@@ -38,9 +38,9 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_dtypes  # Registers bfloat16/float8 with numpy, so BF16 tensors can be read.
 import numpy as np
 
-from jaxckpt import treepath
 from jaxckpt.errors import MissingDependencyError
-from jaxckpt.graft import GraftReport, graft
+from jaxckpt.grafting.graft import GraftReport, graft
+from jaxckpt.tree import treepath
 from jaxckpt.types import Params
 
 RenameSpec = str | Mapping[str, str] | Sequence[tuple[str, str]] | None
@@ -250,7 +250,7 @@ def graft_foreign(
 ) -> tuple[Params, GraftReport]:
     r"""Grafts a safetensors file or PyTorch state dict into `target_params`.
 
-    `read_foreign` followed by `jaxckpt.graft.graft`: only the tensors the graft loads are read.
+    `read_foreign` followed by `jaxckpt.grafting.graft.graft`: only the tensors the graft loads are read.
 
     Args:
         path: the weights file (see `read_foreign`).

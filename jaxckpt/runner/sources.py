@@ -16,20 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxckpt import treepath
-from jaxckpt.checkpoint import CheckpointManager
-from jaxckpt.errors import UserError
-from jaxckpt.foreign import is_foreign
-from jaxckpt.metrics import truncate_after
-from jaxckpt.pretrained import load_params, resolve_checkpoint_path
-from jaxckpt.state import TrainState
-from jaxckpt.stepdir import CheckpointCorruptError
-from jaxckpt.task import Task
-from jaxckpt.workdir import WorkdirError, config_changes, log, set_aside, write_json
-
-
-class CorruptCheckpointsError(UserError):
-    """The checkpoint to start from is unreadable or fails its checksums; the message names it."""
+from jaxckpt.checkpoint.manager import CheckpointManager
+from jaxckpt.errors import CheckpointCorruptError, CorruptCheckpointsError, UserError, WorkdirError
+from jaxckpt.runner.metrics import truncate_after
+from jaxckpt.runner.task import Task
+from jaxckpt.runner.workdir import config_changes, log, set_aside, write_json
+from jaxckpt.train.state import TrainState
+from jaxckpt.tree import treepath
+from jaxckpt.weights.foreign import is_foreign
+from jaxckpt.weights.pretrained import load_params, resolve_checkpoint_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +312,7 @@ def split_patterns(spec: str | Any) -> tuple[str, ...]:
 def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
     """Weights-only load of `path` into `fresh_params` through `load_params`, per the checkpoint config.
 
-    `path` is anything `jaxckpt.pretrained.load_params` takes: a run, checkpoint or step directory,
+    `path` is anything `jaxckpt.weights.pretrained.load_params` takes: a run, checkpoint or step directory,
     a step's `state/` item, `zoo:NAME`, a bare Orbax PyTree checkpoint, a `.safetensors` file or a
     PyTorch state dict (`.pt`/`.pth`/`.bin`). Only the arrays the graft loads are read.
 

@@ -6,20 +6,6 @@ import signal
 import threading
 from typing import Any
 
-PREEMPTED_EXIT_CODE = 75
-"""Exit code of a run stopped by SIGTERM/SIGINT after saving (EX_TEMPFAIL: rerun to continue)."""
-
-
-class Preempted(Exception):
-    """Raised by the loop after it saved and committed a checkpoint because a signal asked it to stop."""
-
-    def __init__(self, step: int, signum: int):
-        self.step = step
-        self.signum = signum
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name} after saving step {step}; rerun the same "
-            f"command to continue (exit code {PREEMPTED_EXIT_CODE}).")
-
 
 class StopRequest:
     """Records SIGTERM/SIGINT instead of dying mid-step; restores the old handlers on exit.

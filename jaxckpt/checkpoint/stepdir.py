@@ -19,30 +19,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxckpt import treepath
-from jaxckpt import state_item
+from jaxckpt.checkpoint import state_item
+from jaxckpt.errors import CheckpointCorruptError
+from jaxckpt.tree import treepath
 from jaxckpt.types import PyTree
 
 STATE_ITEM = "state"
 EXTRA_ITEM = "extra"
 INFO_ITEM = "jaxckpt"
 CORRUPT_DIR = "corrupt"
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-    """No checkpoint where one was asked for (an empty directory, a missing step, no best step)."""
-
-
-class CheckpointCorruptError(RuntimeError):
-    """A step directory whose arrays cannot be read or do not match their saved checksums."""
-
-    def __init__(self, message: str, step_dir: os.PathLike | str):
-        super().__init__(message)
-        self.step_dir = pathlib.Path(step_dir)
-
-
-class CheckpointSaveError(RuntimeError):
-    """A save failed (e.g. the disk is full); earlier checkpoints are left as they were."""
 
 
 @functools.cache  # a metadata lookup (~1 ms) on every save otherwise
@@ -223,6 +208,6 @@ def _check_structure(
             lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:10]) + (", ..." if len(items) > 10 else ""))
     lines.append(
         "Build the target the same way as the saved state (same model and optimizer), or load the "
-        "weights alone with jaxckpt.pretrained.load_params."
+        "weights alone with jaxckpt.weights.pretrained.load_params."
     )
     raise ValueError("\n".join(lines))

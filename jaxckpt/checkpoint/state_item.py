@@ -39,7 +39,8 @@ from etils import epath
 from orbax.checkpoint._src.futures import future as ocp_future
 from orbax.checkpoint._src.metadata import sharding as ocp_sharding
 
-from jaxckpt import treepath
+from jaxckpt.errors import ChecksumMismatch
+from jaxckpt.tree import treepath
 from jaxckpt.types import PyTree
 
 LAYOUT = "one-chunk-v1"
@@ -299,15 +300,6 @@ def layout_arrays(item_dir: os.PathLike | str) -> dict[str, list] | None:
     """`{path: [xxh3_64, dtype, shape]}` of an item this module wrote; None for any other item."""
     record = read_custom_metadata(item_dir).get(CUSTOM_KEY) or {}
     return record.get("arrays") if record.get("layout") == LAYOUT else None
-
-
-class ChecksumMismatch(ValueError):
-    """Arrays whose bytes differ from the hash recorded when they were written."""
-
-    def __init__(self, paths: list[str]):
-        self.paths = paths
-        super().__init__(f"{len(paths)} array(s) differ from the checksums recorded at save time "
-                         f"({', '.join(paths[:5])}{', ...' if len(paths) > 5 else ''})")
 
 
 def read_arrays(item_dir: os.PathLike | str, wanted: Mapping[str, tuple[Any, Any]], *,

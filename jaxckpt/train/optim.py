@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import optax
 
-from jaxckpt import pathmatch, treepath
+from jaxckpt.tree import pathmatch, treepath
 from jaxckpt.types import Params
 
 FROZEN = "frozen"

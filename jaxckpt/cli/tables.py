@@ -6,7 +6,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from jaxckpt.errors import UserError
-from jaxckpt.metrics import format_metrics
+from jaxckpt.runner.metrics import format_metrics
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str], right: Sequence[int] = ()) -> str:
@@ -40,7 +40,7 @@ def training_spec(optimizer: Any) -> tuple[str, str]:
 
 def describe_training(params: Any, freeze: Any, multipliers: Any) -> dict[str, str]:
     """`describe_trainable` as a user error when a pattern matches no param."""
-    from jaxckpt.optim import describe_trainable
+    from jaxckpt.train.optim import describe_trainable
 
     try:
         return describe_trainable(params, freeze or None, multipliers or None)
@@ -66,7 +66,7 @@ def saved_training(flat: Mapping[str, Any], optimizer: Any) -> tuple[dict[str, s
     A run's saved patterns matched its own params when it trained, so a failure here means the step
     is not that run's (a zoo entry, a moved step): say so instead of failing the whole inspection.
     """
-    from jaxckpt.treepath import unflatten_dict
+    from jaxckpt.tree.treepath import unflatten_dict
 
     freeze, multipliers = training_spec(optimizer)
     if not (freeze or multipliers):
@@ -111,7 +111,7 @@ def state_table(flat: Mapping[str, Any], *, show_all: bool, labels: Mapping[str,
 
 def training_table(report: Any, target: Any, labels: Mapping[str, str], freeze: str, multipliers: str) -> str:
     """Each target leaf with where the graft takes it from and how the optimizer treats it."""
-    from jaxckpt.treepath import flatten
+    from jaxckpt.tree.treepath import flatten
 
     buckets = {}
     for bucket in ("loaded", "adapted", "mismatched", "missing", "skipped", "untouched"):

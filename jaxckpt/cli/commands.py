@@ -28,10 +28,11 @@ import re
 import sys
 from typing import Any, Sequence
 
-from jaxckpt import cli_tables, zoo
-from jaxckpt.errors import USER_ERROR_EXIT_CODE, USER_ERRORS, UserError, quiet_late_loop_callbacks
-from jaxckpt.stepdir import CheckpointCorruptError
-from jaxckpt.workdir import flat_config
+from jaxckpt.cli import tables as cli_tables
+from jaxckpt.cli.exits import USER_ERROR_EXIT_CODE, USER_ERRORS, quiet_late_loop_callbacks
+from jaxckpt.errors import CheckpointCorruptError, UserError
+from jaxckpt.runner.workdir import flat_config
+from jaxckpt.weights import zoo
 
 # Config fields worth a line in `inspect`; absent ones are left out (model.* is shown whole).
 _CONFIG_SUMMARY = (
@@ -53,8 +54,8 @@ def _parse_step(text: str) -> int | str:
 
 def _saved_config(path: pathlib.Path) -> tuple[pathlib.Path, int | None, dict[str, Any] | None]:
     """`(checkpoint_dir, named_step, config)`: the run's `config.json`, else the one saved in the step."""
-    from jaxckpt.pretrained import resolve_checkpoint_path, resolve_step_dir
-    from jaxckpt.stepdir import EXTRA_ITEM, read_json_item
+    from jaxckpt.checkpoint.stepdir import EXTRA_ITEM, read_json_item
+    from jaxckpt.weights.pretrained import resolve_checkpoint_path, resolve_step_dir
 
     checkpoint_dir, named_step = resolve_checkpoint_path(path)
     config = zoo.read_json(checkpoint_dir.parent / "config.json")
@@ -68,8 +69,8 @@ def _saved_config(path: pathlib.Path) -> tuple[pathlib.Path, int | None, dict[st
 
 def _inspect(args: argparse.Namespace) -> int:
     # Imported per command: `zoo list` should not pay for Orbax and JAX start-up.
-    from jaxckpt.checkpoint import CheckpointManager
-    from jaxckpt.stepdir import INFO_ITEM, read_json_item, read_state_metadata
+    from jaxckpt.checkpoint.manager import CheckpointManager
+    from jaxckpt.checkpoint.stepdir import INFO_ITEM, read_json_item, read_state_metadata
 
     checkpoint_dir, named_step, config = _saved_config(zoo.resolve(args.path))
     best_metric, best_mode = zoo.best_rule(config)
@@ -221,9 +222,9 @@ def _split(spec: Any) -> tuple[str, ...]:
 
 def _source_metadata(source: str, ck: Any) -> tuple[dict[str, Any], str]:
     """The source's leaves as abstract or lazy values (nothing is read), and a description."""
-    from jaxckpt.foreign import is_foreign, read_foreign
-    from jaxckpt.pretrained import PARAMS_KEY, resolve_step_dir
-    from jaxckpt.stepdir import read_state_metadata
+    from jaxckpt.checkpoint.stepdir import read_state_metadata
+    from jaxckpt.weights.foreign import is_foreign, read_foreign
+    from jaxckpt.weights.pretrained import PARAMS_KEY, resolve_step_dir
 
     if is_foreign(source):
         rename = getattr(ck, "rename", "") or None
@@ -240,10 +241,10 @@ def _source_metadata(source: str, ck: Any) -> tuple[dict[str, Any], str]:
 def _plan(args: argparse.Namespace, config_args: Sequence[str]) -> int:
     import jax
 
-    from jaxckpt.foreign import is_foreign
     # `jaxckpt.graft` the name is the function once the package re-exports it: import from the module.
-    from jaxckpt.graft import plan as plan_graft
-    from jaxckpt.task import load_task
+    from jaxckpt.grafting.graft import plan as plan_graft
+    from jaxckpt.runner.task import load_task
+    from jaxckpt.weights.foreign import is_foreign
 
     # Configs name their task module relative to the repository root; `python -m` puts the
     # working directory on sys.path but the `jaxckpt` console script does not.
@@ -292,10 +293,10 @@ def _plan(args: argparse.Namespace, config_args: Sequence[str]) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from jaxckpt.foreign import SAFETENSORS_SUFFIXES, write_safetensors
-    from jaxckpt.pretrained import PARAMS_KEY, load_params, resolve_step_dir
-    from jaxckpt.stepdir import read_state_metadata
-    from jaxckpt.treepath import flatten, unflatten_dict
+    from jaxckpt.checkpoint.stepdir import read_state_metadata
+    from jaxckpt.tree.treepath import flatten, unflatten_dict
+    from jaxckpt.weights.foreign import SAFETENSORS_SUFFIXES, write_safetensors
+    from jaxckpt.weights.pretrained import PARAMS_KEY, load_params, resolve_step_dir
 
     if not args.out.endswith(SAFETENSORS_SUFFIXES):
         raise UserError(f"OUT={args.out!r} must end in .safetensors (e.g. model.safetensors).")

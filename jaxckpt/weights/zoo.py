@@ -31,16 +31,13 @@ import shutil
 import tempfile
 from typing import Any, Mapping
 
-from jaxckpt.metrics import read_metrics
-from jaxckpt.stepdir import EXTRA_ITEM, CheckpointNotFoundError, library_version, read_json_item
+from jaxckpt.checkpoint.stepdir import EXTRA_ITEM, library_version, read_json_item
+from jaxckpt.errors import ZooEntryNotFoundError
+from jaxckpt.runner.metrics import read_metrics
 
 PREFIX = "zoo:"
 ENTRY_FILE = "zoo.json"
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
-
-
-class ZooEntryNotFoundError(CheckpointNotFoundError):
-    """`zoo:NAME` names no entry in the zoo folder."""
 
 
 def zoo_dir() -> pathlib.Path:
@@ -155,7 +152,7 @@ def publish(
         path = publish("runs/digits", "digits-mlp", step="best")
     """
     # pretrained resolves `zoo:` references through this module, so import it here, not at the top.
-    from jaxckpt.pretrained import resolve_checkpoint_path, resolve_step_dir
+    from jaxckpt.weights.pretrained import resolve_checkpoint_path, resolve_step_dir
 
     check_name(name)
     source = resolve(workdir)

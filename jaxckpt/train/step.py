@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxckpt.state import TrainState
+from jaxckpt.train.state import TrainState
 from jaxckpt.types import Batch, LossFn
 
 TrainStep = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]

@@ -14,10 +14,10 @@ from typing import Any
 import jax
 
 from jaxckpt.errors import UserError
-from jaxckpt.state import TrainState
-from jaxckpt.step import COUNT, make_eval_step
-from jaxckpt.task import Task
-from jaxckpt.workdir import log
+from jaxckpt.runner.task import Task
+from jaxckpt.runner.workdir import log
+from jaxckpt.train.state import TrainState
+from jaxckpt.train.step import COUNT, make_eval_step
 
 
 def check_criteria(criteria: str, task: Task, abstract: TrainState, batch_size: int) -> None:

@@ -149,7 +149,7 @@ class RetentionPolicy:
           CheckpointNotFoundError: no step, no such step, or no step with a finite best metric.
           ValueError: "best" without a `best_metric`, or `step` of another type.
         """
-        from jaxckpt.stepdir import CheckpointNotFoundError  # stepdir's readers use this module
+        from jaxckpt.errors import CheckpointNotFoundError
 
         if step is None or step == "latest":
             if not steps:

@@ -1,6 +1,6 @@
 """The config-driven loop: `run` dispatches to train / train_val / val / test / predict.
 
-Where a run starts from is decided once, by `jaxckpt.sources.decide_start`, and logged in one
+Where a run starts from is decided once, by `jaxckpt.runner.sources.decide_start`, and logged in one
 line: the workdir's own checkpoint (auto-resume) > `checkpoint.resume_file` > `checkpoint.pretrained`
 > scratch. Everything that decides the future (params, optimizer state, step, rng, the data
 iterator's position, best-metric and early-stopping state) is saved in each checkpoint, so a
@@ -22,28 +22,33 @@ import numpy as np
 import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jaxckpt import distributed, early_stop, sources
-from jaxckpt.checkpoint import CheckpointManager
-from jaxckpt.errors import USER_ERRORS, UserError, exit_code_of
-from jaxckpt.metrics import format_metrics, open_writers, plot_curves, truncate_after
-from jaxckpt.optim import make_optimizer
-from jaxckpt.preemption import Preempted, StopRequest
-from jaxckpt.state import TrainState
-from jaxckpt.step import make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics
-from jaxckpt.stepdir import CheckpointSaveError
-from jaxckpt.task import Task, load_task
-from jaxckpt.workdir import (WorkdirLock, entries, log, quiet_library_logs, remove_bookkeeping, setup_logging,
-                             write_json)
+from jaxckpt.checkpoint.manager import CheckpointManager
+from jaxckpt.cli.exits import USER_ERRORS, exit_code_of
+from jaxckpt.errors import (
+    CheckpointSaveError,
+    NonFiniteLossError,
+    Preempted,
+    SaveFailedError,
+    UserError,
+)
+from jaxckpt.runner import distributed, early_stop, sources
+from jaxckpt.runner.metrics import format_metrics, open_writers, plot_curves, truncate_after
+from jaxckpt.runner.preemption import StopRequest
+from jaxckpt.runner.task import Task, load_task
+from jaxckpt.runner.workdir import (
+    WorkdirLock,
+    entries,
+    log,
+    quiet_library_logs,
+    remove_bookkeeping,
+    setup_logging,
+    write_json,
+)
+from jaxckpt.train.optim import make_optimizer
+from jaxckpt.train.state import TrainState
+from jaxckpt.train.step import make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics
 
 RUN_TYPES = ("train", "train_val", "val", "test", "predict")
-
-
-class NonFiniteLossError(UserError):
-    """The training loss became NaN or inf; the last good checkpoint is kept and never marked best."""
-
-
-class SaveFailedError(UserError, CheckpointSaveError):
-    """A checkpoint save failed during a run (e.g. the disk is full); earlier checkpoints are intact."""
 
 
 def run(config: Any, workdir: str | Path) -> Any:

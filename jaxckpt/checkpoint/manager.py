@@ -46,16 +46,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxckpt import state_item
-from jaxckpt.retention import RetentionPolicy
-from jaxckpt.stepdir import (
+from jaxckpt.checkpoint import state_item
+from jaxckpt.checkpoint.retention import RetentionPolicy
+from jaxckpt.checkpoint.stepdir import (
     CORRUPT_DIR,
     EXTRA_ITEM,
     INFO_ITEM,
     STATE_ITEM,
-    CheckpointCorruptError,
-    CheckpointNotFoundError,
-    CheckpointSaveError,
     library_version,
     read_json_item,
     read_state,
@@ -63,6 +60,7 @@ from jaxckpt.stepdir import (
     saved_checksums,
     verify_state,
 )
+from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError, CheckpointSaveError
 from jaxckpt.types import PyTree
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
@@ -107,7 +105,7 @@ class CheckpointManager:
     """Saves and restores train states under one directory, keeping the right checkpoints.
 
     Retention: the latest `max_to_keep` steps, plus the best `keep_best` by `metrics[best_metric]`,
-    plus every `keep_every_steps`-th step (see `jaxckpt.retention.RetentionPolicy`). The best is
+    plus every `keep_every_steps`-th step (see `jaxckpt.checkpoint.retention.RetentionPolicy`). The best is
     recomputed from the metrics saved on disk, so it survives a restart.
 
     Example:

@@ -38,13 +38,12 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from jaxckpt import pathmatch, treepath
 # Adapter, GraftEntry and parse_adapters are also imported from here by callers.
-from jaxckpt.adapters import Adapter, adapt, adapter_name, parse_adapters
-from jaxckpt.graft_mapping import dead_rules, parse_mapping, source_paths, strip_prefix, unused_sources
-from jaxckpt.graft_report import GraftEntry, GraftReport
+from jaxckpt.grafting.adapters import Adapter, adapt, adapter_name, parse_adapters
+from jaxckpt.grafting.mapping import dead_rules, parse_mapping, source_paths, strip_prefix, unused_sources
+from jaxckpt.grafting.report import GraftEntry, GraftReport
+from jaxckpt.tree import pathmatch, treepath
 from jaxckpt.types import PyTree
-
 
 _DTYPE_NAMES: dict[Any, str] = {}
 

@@ -7,7 +7,7 @@ target subtree under `target_prefix`; with rules, target leaves under no destina
 
 from typing import Mapping, Sequence
 
-from jaxckpt import treepath
+from jaxckpt.tree import treepath
 
 
 def strip_prefix(prefix: str) -> str:

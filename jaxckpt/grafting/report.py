@@ -1,6 +1,6 @@
 """Where every leaf of a graft went: `GraftReport` and its `GraftEntry`s.
 
-`jaxckpt.graft.graft` and `jaxckpt.graft.plan` build these; this module only
+`jaxckpt.grafting.graft.graft` and `jaxckpt.grafting.graft.plan` build these; this module only
 holds, checks and formats them.
 """
 

@@ -1,0 +1,56 @@
+"""How command-line entry points report failures: user errors get one line, bugs a traceback.
+
+Everything here changes or reads process-wide state (stderr, `sys.unraisablehook`), so only entry
+points (`python -m jaxckpt`, `experiments/run.py`) call it; the library itself never does.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from jaxckpt.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
+
+USER_ERROR_EXIT_CODE = 2
+
+# Errors a user can cause with a bad path, config or input; their messages say what to do.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, OSError)
+
+
+def _drop_late_loop_callbacks(unraisable: Any) -> None:
+    """`sys.unraisablehook` that drops one known-harmless message and passes the rest on.
+
+    When one array read of an Orbax restore fails (a corrupt file), Orbax closes its event loop
+    while the other reads are still in flight; each of those then raises "Event loop is closed"
+    from a tensorstore callback, which Python prints as an ignored exception with a traceback.
+    The failure itself is reported by the caller, so these add nothing but noise.
+    """
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def quiet_late_loop_callbacks() -> None:
+    """Installs `_drop_late_loop_callbacks` for this process; for command-line entry points only."""
+    sys.unraisablehook = _drop_late_loop_callbacks
+
+
+def exit_code_of(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """Calls `fn`; returns 0, or prints a user error to stderr (no traceback) and returns its code.
+
+    `Preempted` returns `PREEMPTED_EXIT_CODE`; exceptions outside `USER_ERRORS` propagate with their
+    traceback, because they are bugs to report rather than inputs to fix.
+    """
+    quiet_late_loop_callbacks()
+    try:
+        fn(*args, **kwargs)
+    except Preempted as e:
+        print(f"jaxckpt: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except USER_ERRORS as e:
+        name = type(e).__name__
+        label = "error" if isinstance(e, (UserError, ValueError)) else name
+        print(f"jaxckpt: {label}: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    return 0
