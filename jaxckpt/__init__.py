@@ -17,6 +17,7 @@ _EXPORTS: dict[str, str] = {
     "CheckpointManager": "jaxckpt.checkpoint.manager",
     "CheckpointNotFoundError": "jaxckpt.errors",
     "CheckpointSaveError": "jaxckpt.errors",
+    "ConfigError": "jaxckpt.errors",
     "GraftEntry": "jaxckpt.grafting.report",
     "GraftReport": "jaxckpt.grafting.report",
     "NonFiniteLossError": "jaxckpt.errors",
@@ -28,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "UserError": "jaxckpt.errors",
     "WorkdirError": "jaxckpt.errors",
     "WorkdirLock": "jaxckpt.runner.workdir",
+    "default_config": "jaxckpt.runner.config",
     "describe_trainable": "jaxckpt.train.optim",
     "distributed": "jaxckpt.runner.distributed",
     "evaluate": "jaxckpt.runner.loop",
@@ -50,7 +52,7 @@ _EXPORTS: dict[str, str] = {
     "read_foreign": "jaxckpt.weights.foreign",
     "resolve_checkpoint_path": "jaxckpt.weights.pretrained",
     "run": "jaxckpt.runner.loop",
-    "run_or_exit": "jaxckpt.runner.loop",
+    "run_or_exit": "jaxckpt.cli.exits",
     "sum_metrics": "jaxckpt.train.step",
     "train_and_evaluate": "jaxckpt.runner.loop",
     "unflatten": "jaxckpt.tree.treepath",
@@ -94,7 +96,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from jaxckpt.grafting.graft import graft, plan
     from jaxckpt.grafting.report import GraftEntry, GraftReport
     from jaxckpt.runner import distributed
-    from jaxckpt.runner.loop import evaluate, predict, run, run_or_exit, train_and_evaluate
+    from jaxckpt.runner.config import default_config
+    from jaxckpt.runner.loop import evaluate, predict, run, train_and_evaluate
     from jaxckpt.runner.task import Task, load_task
     from jaxckpt.runner.workdir import WorkdirLock
     from jaxckpt.train.optim import describe_trainable, freeze_and_scale, make_optimizer, make_schedule

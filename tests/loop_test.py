@@ -55,8 +55,10 @@ def test_train_val_writes_the_run_directory(pretrained_run):
 
 def test_on_a_terminal_log_lines_do_not_run_into_the_progress_bar(tmp_path, data_dir, monkeypatch, capsys):
     from jaxckpt.runner import loop
+    from jaxckpt.runner.workdir import setup_logging
 
     monkeypatch.setattr(loop, "_is_terminal", lambda: True)
+    setup_logging()  # the library logs to the `jaxckpt` logger; the command line sends it to stderr
     jaxckpt.run(tiny_config(data_dir, **{"train.num_steps": 20, "train.eval_every_steps": 10}), tmp_path / "run")
     err = capsys.readouterr().err
     assert "10/20" in err  # the bar was drawn

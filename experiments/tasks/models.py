@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxckpt.errors import ConfigError
+
 
 class MLP(nn.Module):
     """Dense layers of the given widths, each followed by relu and (optionally) dropout.
@@ -149,9 +151,9 @@ def parse_dims(value: Sequence[int], field: str, allow_empty: bool = False) -> t
         value = (value,)
     dims = tuple(int(d) for d in value)
     if any(d < 1 or d != w for d, w in zip(dims, value)):
-        raise ValueError(f"config.{field}={tuple(value)!r}: every width must be a positive integer.")
+        raise ConfigError(f"config.{field}={tuple(value)!r}: every width must be a positive integer.")
     if not dims and not allow_empty:
-        raise ValueError(
+        raise ConfigError(
                 f"config.{field} is empty; give at least one width so that the module exists in the "
                 "parameter tree (grafting and skip rules refer to it by name)."
         )

@@ -29,8 +29,8 @@ import sys
 from typing import Any, Sequence
 
 from jaxckpt.cli import tables as cli_tables
-from jaxckpt.cli.exits import USER_ERROR_EXIT_CODE, USER_ERRORS, quiet_late_loop_callbacks
-from jaxckpt.errors import CheckpointCorruptError, UserError
+from jaxckpt.cli.exits import USER_ERROR_EXIT_CODE, quiet_late_loop_callbacks
+from jaxckpt.errors import CheckpointCorruptError, UserError, is_user_error
 from jaxckpt.runner.workdir import flat_config
 from jaxckpt.weights import zoo
 
@@ -431,7 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plan":
             return _plan(args, ["--config", args.config, *extra])
         return args.run(args)
-    except USER_ERRORS + (CheckpointCorruptError,) as e:
+    except Exception as e:
+        if not (is_user_error(e) or isinstance(e, CheckpointCorruptError)):
+            raise
         sys.stdout.flush()
         print(f"jaxckpt {args.command}: error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE

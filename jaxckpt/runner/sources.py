@@ -226,23 +226,29 @@ def check_same_experiment(start: Start, abstract: Mapping[str, Any], workdir: Pa
         f"({len(differ)} paths differ):\n" + "\n".join(lines) + hint)
 
 
-def load_for_inference(start: Start, abstract_params: Any) -> TrainState:
-    """The state val/test/predict use: the step's params, read alone (never its optimizer state).
+def load_for_inference(start: Start, abstract_params: Any, abstract_model_state: Any = None) -> TrainState:
+    """The state val/test/predict use: the step's params (and model state), never its optimizer state.
 
-    So a run can be evaluated under any optimizer config. The loop's states carry no
-    `model_state`, so params are all an evaluation needs. `decide_start` verified the step's
+    So a run can be evaluated under any optimizer config. `decide_start` verified the step's
     checksums already, and `check_same_experiment` its shapes.
 
     Args:
       start: a "resume" or "resume_file" start.
       abstract_params: the params the config builds, as `jax.ShapeDtypeStruct`s with shardings.
+      abstract_model_state: the model state the task builds (e.g. batch statistics), or None.
 
     Returns:
-      A `TrainState` at the step, holding the params on the target shardings and no optimizer state.
+      A `TrainState` at the step, holding the params (and model state) on the target shardings
+      and no optimizer state.
     """
     log.info("start: %s", start.reason)
-    params, _ = load_params(start.manager.step_dir(start.step), abstract_params)
-    return TrainState(step=jnp.asarray(start.step, jnp.int32), params=params, opt_state=None, rng=None)
+    step_dir = start.manager.step_dir(start.step)
+    params, _ = load_params(step_dir, abstract_params)
+    model_state = None
+    if abstract_model_state is not None:
+        model_state, _ = load_params(step_dir, abstract_model_state, tree="model_state")
+    return TrainState(step=jnp.asarray(start.step, jnp.int32), params=params, opt_state=None, rng=None,
+                      model_state=model_state)
 
 
 def load_start(start: Start, task: Task, config: Any, abstract: TrainState, tx: Any, mesh: Any, *,

@@ -131,8 +131,9 @@ def quiet_library_logs() -> None:
                 logger.addFilter(kind())
 
 
-def setup_logging(workdir: str | os.PathLike | None, *, write: bool = True) -> logging.Logger:
-    """Sends the `jaxckpt` logger to stderr and (when `write`) to `WORKDIR/train.log`."""
+def setup_logging(workdir: str | os.PathLike | None = None, *, write: bool = True) -> logging.Logger:
+    """For command-line entry points: sends the `jaxckpt` logger to stderr (and, with a `workdir`
+    and `write`, to `WORKDIR/train.log`) and quiets the libraries' INFO logs (process-wide)."""
     log.setLevel(logging.INFO)
     log.propagate = False
     quiet_library_logs()

@@ -216,8 +216,9 @@ def _open_source(
     rename: RenameSpec,
     best_metric: str | None,
     best_mode: str,
+    tree: str = PARAMS_KEY,
 ) -> tuple[dict[str, Any], _Reader]:
-    """The source's params as `{path: abstract or lazy leaf}` (nothing read), and their reader.
+    """The source's `tree` (params) as `{path: abstract or lazy leaf}` (nothing read), and their reader.
 
     The reader takes `{source path: sharding or None}` and returns those arrays.
     """
@@ -241,7 +242,10 @@ def _open_source(
         checkpoint = resolve_step_dir(ref, step, best_metric=best_metric, best_mode=best_mode)
     saved = _read_metadata(checkpoint)
     # jaxckpt steps hold the whole train state; a params-only tree is used as it is.
-    prefix = PARAMS_KEY + "/" if any(p.startswith(PARAMS_KEY + "/") for p in saved) else ""
+    prefix = tree + "/" if tree != PARAMS_KEY or any(p.startswith(PARAMS_KEY + "/") for p in saved) else ""
+    if prefix and not any(p.startswith(prefix) for p in saved):
+        raise CheckpointNotFoundError(
+            f"{checkpoint} holds no {tree!r} tree (it has {sorted({p.split('/', 1)[0] for p in saved})}).")
     leaves = {p[len(prefix) :]: sds for p, sds in saved.items() if p.startswith(prefix)}
 
     def read(wanted: Mapping[str, Any]) -> dict[str, Any]:
@@ -263,6 +267,7 @@ def load_params(
     best_metric: str | None = None,
     best_mode: str = "min",
     rename: RenameSpec = None,
+    tree: str = PARAMS_KEY,
 ) -> tuple[Params, GraftReport]:
     r"""Grafts a checkpoint's or weights file's params into `target_params`, reading only what it loads.
 
@@ -292,6 +297,8 @@ def load_params(
       best_mode: "min" or "max" for `step="best"`.
       rename: for weights files only: rules mapping tensor names to tree paths (see
         `jaxckpt.weights.foreign.parse_rename`), e.g. `r"bert\.(.*)=>encoder/\1"`.
+      tree: which top-level subtree of a jaxckpt step is the source: "params" (default), or another
+        field of the saved `TrainState` such as "model_state" (batch statistics).
 
     Returns:
       `(params, report)`: params shaped like `target_params`, and the `GraftReport`.
@@ -311,7 +318,7 @@ def load_params(
       ...                              strict=False)
       >>> print(report)
     """
-    source, read = _open_source(path, step, rename, best_metric, best_mode)
+    source, read = _open_source(path, step, rename, best_metric, best_mode, tree)
     report = plan(source, target_params, mapping=mapping, skip=skip, adapters=adapters)
     if strict:
         report.check()
