@@ -151,7 +151,8 @@ def test_loss_decreases_under_the_jitted_train_step(task, params):
 
 def test_predictions_are_deterministic_strings_of_the_sample_length(task, params):
     predict = jax.jit(task.predict_fn)
-    batch = next(task.eval_batches("val", 4))
+    batch = list(task.eval_batches("val", 4))[-1]
+    assert batch["mask"].tolist() == [1, 1, 0, 0]  # padding rows (id -1) are predicted too, harmlessly
     columns = jax.device_get(predict(params, batch))
     assert {k: v.shape for k, v in columns.items()} == {"prompt": (4, 8), "sample": (4, 12), "reference": (4, 12)}
     np.testing.assert_array_equal(columns["prompt"], batch["inputs"][:, :8])
