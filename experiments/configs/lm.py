@@ -1,6 +1,7 @@
 """Offline language model: a byte-level transformer trained on the Python standard library's sources.
 
-Run it (a few minutes on 2 CPU cores):
+Run it (about 7 minutes on 2 busy CPU cores: 1000 steps at ~0.4 s, loss 6.0 at the
+start, val loss 1.26 nats/byte at the end):
 
   python experiments/run.py --config experiments/configs/lm.py --workdir runs/lm
 
@@ -20,10 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0  # seeds init, dropout and data order
 
     config.train = ml_collections.ConfigDict()
-    config.train.num_steps = 1500  # optimizer updates in total (a resumed run continues to this)
+    config.train.num_steps = 1000  # optimizer updates in total (a resumed run continues to this)
     config.train.batch_size = 32  # global batch size, split over all devices
     config.train.grad_accum_steps = 1  # micro-batches per update (must divide batch_size)
-    config.train.eval_every_steps = 500  # validate every N steps (train_val only)
+    config.train.eval_every_steps = 250  # validate every N steps (train_val only)
     config.train.log_every_steps = 50  # write averaged train metrics every N steps
 
     config.eval = ml_collections.ConfigDict()
@@ -55,13 +56,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.test_fraction = 0.05  # share of files (by hash of path) in the test split
 
     config.predict = ml_collections.ConfigDict()
-    config.predict.prompt_len = 64  # bytes of each eval window given as the prompt
-    config.predict.sample_len = 64  # bytes generated after it (prompt + sample <= model.seq_len)
+    config.predict.prompt_len = 32  # bytes of each eval window given as the prompt (prompt + sample <= seq_len)
+    config.predict.sample_len = 32  # bytes generated, each by a full pass over prompt + sample (no KV cache)
     config.predict.temperature = 0.0  # sampling temperature; 0 = greedy
     config.predict.seed = 0  # sampling seed (folded with each example id)
 
     config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.every_steps = 500  # save every N steps (and at the end, and at a new best)
+    config.checkpoint.every_steps = 250  # save every N steps (and at the end, and at a new best)
     config.checkpoint.max_to_keep = 3  # keep the latest N checkpoints; -1 keeps all
     config.checkpoint.keep_best = 1  # also keep the best K by early_stop.criteria
     config.checkpoint.keep_every_steps = 0  # also keep every N-th step forever; 0 = off

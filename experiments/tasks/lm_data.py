@@ -58,7 +58,9 @@ def list_sources(root: str) -> list[str]:
         ValueError: if `root` is not a directory or holds no `.py` file.
     """
     if not os.path.isdir(root):
-        raise ValueError(f"Corpus directory {root!r} does not exist; set config.data.source_dir to a folder of .py files.")
+        raise ValueError(
+                f"Corpus directory {root!r} does not exist; set config.data.source_dir to a folder of .py files."
+        )
     paths = []
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = [d for d in subfolders if d not in _EXCLUDED_DIRS]
