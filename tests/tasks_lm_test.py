@@ -135,6 +135,24 @@ def test_metrics_are_per_example_and_summarize_adds_perplexity(task, params):
     assert summary["perplexity"] == pytest.approx(math.exp(2.0)) and summary["loss"] == 2.0
 
 
+def test_masked_eval_sums_give_the_exact_token_mean(task, params):
+    state = jaxckpt.TrainState.create(apply_fn=None, params=params, tx=optax.sgd(0.0), rng=jax.random.PRNGKey(0))
+    eval_step = jax.jit(jaxckpt.make_eval_step(task.metrics_fn))
+    totals = None
+    for batch in task.eval_batches("val", 64):  # 86 windows: the second batch is padded
+        totals = jaxckpt.sum_metrics(totals, eval_step(state, batch))
+    summary = task.summarize(jaxckpt.mean_metrics(totals))
+
+    split = lm_data.Windows(task.corpus.splits["val"], SEQ_LEN)
+    windows = [split[i] for i in range(len(split))]
+    inputs, targets = (np.stack([w[key] for w in windows]) for key in ("inputs", "targets"))
+    logits = jax.jit(task.model.apply)({"params": params}, inputs)
+    token_mean = float(optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean())
+    assert summary["num_examples"] == 86
+    assert summary["loss"] == pytest.approx(token_mean, rel=1e-5)
+    assert summary["perplexity"] == pytest.approx(math.exp(token_mean), rel=1e-5)
+
+
 def test_loss_decreases_under_the_jitted_train_step(task, params):
     tx = optax.adam(3e-3)
     state = jaxckpt.TrainState.create(apply_fn=None, params=params, tx=tx, rng=jax.random.PRNGKey(0))
