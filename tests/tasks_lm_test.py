@@ -184,7 +184,9 @@ def test_predictions_are_deterministic_strings_of_the_sample_length(task, params
     assert formatted["prompt"][0] == bytes(batch["inputs"][0, :8].astype(np.uint8)).decode("utf-8", "replace")
     for row, text in zip(columns["sample"], formatted["sample"]):
         assert isinstance(text, str) and text == bytes(row.astype(np.uint8)).decode("utf-8", "replace")
-    assert [len(t) for t in task.format_predictions({"s": np.full((2, 12), ord("a"))})["s"]] == [12, 12]
+    ascii_only = task.format_predictions({"sample": np.full((2, 12), ord("a")), "id": np.array([5, -1])})
+    assert ascii_only == {"sample": ["a" * 12] * 2, "id": [5, -1]}
+    assert task.format_predictions({"sample": np.array([[0xE2, 0x82, 0xAC, 0xFF]])})["sample"] == ["\u20ac\ufffd"]
 
 
 def test_greedy_decoding_matches_the_model_step_by_step(task, params):

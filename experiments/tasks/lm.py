@@ -34,6 +34,9 @@ from jaxckpt.types import Batch, Params
 VOCAB_SIZE = 256
 """One token per byte value."""
 
+_BYTE_COLUMNS = ("prompt", "sample", "reference")
+"""The `predict_fn` outputs that `format_predictions` decodes to text."""
+
 _LOG = logging.getLogger(__name__)
 
 
@@ -223,11 +226,18 @@ class LanguageModelTask:
         }
 
     def format_predictions(self, columns: Mapping[str, np.ndarray]) -> dict[str, list]:
-        """Decodes byte columns `[batch, n]` to UTF-8 strings (undecodable bytes become U+FFFD)."""
-        return {
-                name: [bytes(row.astype(np.uint8)).decode("utf-8", errors="replace") for row in np.asarray(value)]
-                for name, value in columns.items()
-        }
+        """Decodes the byte columns `[batch, n]` to UTF-8 strings (undecodable bytes become U+FFFD).
+
+        Any other column (e.g. ids the caller added) is passed through as a list of its rows.
+        """
+        formatted = {}
+        for name, value in columns.items():
+            value = np.asarray(value)
+            if name in _BYTE_COLUMNS:
+                formatted[name] = [bytes(row.astype(np.uint8)).decode("utf-8", errors="replace") for row in value]
+            else:
+                formatted[name] = value.tolist()
+        return formatted
 
     def train_iterator(self, batch_size: int, seed: int) -> grain.DatasetIterator:
         """Endless shuffled training windows; `get_state()`/`set_state()` resume exactly."""
