@@ -50,6 +50,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
         h = nn.LayerNorm(name="attn_norm")(x)
+        # Dropout acts on the block's two outputs below, not on the attention weights.
         h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, name="attn")(
                 h, mask=mask, deterministic=True
         )
