@@ -245,3 +245,45 @@ def test_invalid_sizes_fail_with_the_field_name():
         lm.build(_config(**{"model.num_heads": 3}))
     with pytest.raises(ValueError, match="corpus_mb"):
         lm.build(_config(**{"data.corpus_mb": 0.001}))
+
+
+def test_pretrain_grow_and_predict_through_run_py(tmp_path):
+    """The README flow at test size: pretrain 2 layers, grow to 4 (strict=False), sample as predictions."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tiny = ["--config.model.d_model=32", "--config.model.d_ff=64", "--config.model.num_heads=2",
+            f"--config.model.seq_len={SEQ_LEN}", "--config.data.corpus_mb=0.3", "--config.data.val_fraction=0.2",
+            "--config.data.test_fraction=0.2", "--config.train.num_steps=20", "--config.train.batch_size=8",
+            "--config.train.eval_every_steps=10", "--config.checkpoint.every_steps=10", "--config.eval.batch_size=32",
+            "--config.optimizer.warmup_steps=5", "--config.predict.prompt_len=8", "--config.predict.sample_len=8",
+            "--config.predict.max_examples=5"]
+
+    def run(workdir, *flags):
+        done = subprocess.run([sys.executable, "experiments/run.py", "--config", "experiments/configs/lm.py",
+                               "--workdir", str(tmp_path / workdir), *tiny, *flags], cwd=root, capture_output=True,
+                              text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    run("lm")
+    run("lm4", "--config.model.num_layers=4", f"--config.checkpoint.pretrained={tmp_path / 'lm'}",
+        "--config.checkpoint.strict=False")
+    report = json.loads((tmp_path / "lm4" / "graft_report.json").read_text())
+    fresh = {e["path"].split("/")[0] for e in report["missing"]}
+    assert fresh == {"blocks_2", "blocks_3"}
+    assert {e["path"].split("/")[0] for e in report["loaded"]} == {"embed", "pos_embed", "blocks_0", "blocks_1",
+                                                                    "final_norm", "head"}
+    points = [json.loads(line) for line in (tmp_path / "lm4" / "metrics.jsonl").read_text().splitlines()]
+    assert any(p["split"] == "val" and "perplexity" in p for p in points)
+    run("lm4", "--config.model.num_layers=4", "--config.run_type=predict")
+    import csv
+
+    with open(tmp_path / "lm4" / "predictions.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["id", "prompt", "reference", "sample"] and len(rows) == 6  # header + max_examples
+    assert all(len(row[1]) == 8 for row in rows[1:] if "\ufffd" not in row[1])  # prompt_len bytes of text

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from experiments.tasks import lm_data
+from jaxckpt.errors import ConfigError
 from jaxckpt.types import Batch, Params
 
 VOCAB_SIZE = 256
@@ -139,12 +140,12 @@ class LanguageModelTask:
                 has no complete window.
         """
         if prompt_len < 1 or sample_len < 1 or prompt_len + sample_len > model.max_len:
-            raise ValueError(
+            raise ConfigError(
                     f"predict.prompt_len={prompt_len} and predict.sample_len={sample_len} must be positive and "
                     f"sum to at most model.seq_len={model.max_len}."
             )
         if temperature < 0:
-            raise ValueError(f"predict.temperature must be >= 0 (0 is greedy), got {temperature}.")
+            raise ConfigError(f"predict.temperature must be >= 0 (0 is greedy), got {temperature}.")
         self.model = model
         self.corpus = corpus
         self.prompt_len = prompt_len
@@ -258,7 +259,7 @@ class LanguageModelTask:
 
     def _split(self, split: str) -> lm_data.Windows:
         if split not in self._windows:
-            raise ValueError(f"Unknown split {split!r}; this task has {sorted(self._windows)}.")
+            raise ConfigError(f"Unknown split {split!r}; this task has {sorted(self._windows)}.")
         return self._windows[split]
 
 
@@ -284,7 +285,7 @@ def build(config: Any, artifacts: Mapping[str, Any] | None = None) -> LanguageMo
     """
     d_model, num_heads = int(config.model.d_model), int(config.model.num_heads)
     if num_heads < 1 or d_model % num_heads:
-        raise ValueError(f"config.model.num_heads={num_heads} must be positive and divide model.d_model={d_model}.")
+        raise ConfigError(f"config.model.num_heads={num_heads} must be positive and divide model.d_model={d_model}.")
     model = TransformerLM(
             num_layers=int(config.model.num_layers),
             num_heads=num_heads,

@@ -28,6 +28,7 @@ import grain
 import numpy as np
 
 from experiments.tasks import data
+from jaxckpt.errors import ConfigError
 from jaxckpt.types import Batch
 
 SPLITS = ("train", "val", "test")
@@ -58,7 +59,7 @@ def list_sources(root: str) -> list[str]:
         ValueError: if `root` is not a directory or holds no `.py` file.
     """
     if not os.path.isdir(root):
-        raise ValueError(
+        raise ConfigError(
                 f"Corpus directory {root!r} does not exist; set config.data.source_dir to a folder of .py files."
         )
     paths = []
@@ -70,7 +71,7 @@ def list_sources(root: str) -> list[str]:
                 path = name if relative == "." else os.path.join(relative, name)
                 paths.append(path.replace(os.sep, "/"))
     if not paths:
-        raise ValueError(f"Corpus directory {root!r} holds no .py files; set config.data.source_dir to one that does.")
+        raise ConfigError(f"Corpus directory {root!r} holds no .py files; set config.data.source_dir to one that does.")
     return sorted(paths)
 
 
@@ -133,9 +134,9 @@ def read_corpus(root: str, max_bytes: int, val_fraction: float, test_fraction: f
         ValueError: if the budget is not positive or the fractions leave no room for training.
     """
     if max_bytes < 1:
-        raise ValueError(f"The corpus budget must be positive, got {max_bytes} bytes; raise config.data.corpus_mb.")
+        raise ConfigError(f"The corpus budget must be positive, got {max_bytes} bytes; raise config.data.corpus_mb.")
     if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
-        raise ValueError(
+        raise ConfigError(
                 f"val_fraction={val_fraction} and test_fraction={test_fraction} must be positive and sum to "
                 "less than 1."
         )
@@ -166,7 +167,7 @@ class Windows:
 
     def __init__(self, text: np.ndarray, seq_len: int):
         if seq_len < 1:
-            raise ValueError(f"seq_len must be positive, got {seq_len}.")
+            raise ConfigError(f"seq_len must be positive, got {seq_len}.")
         self._text = text
         self.seq_len = seq_len
 
@@ -198,7 +199,7 @@ def check_sizes(windows: Mapping[str, Windows], splits: Sequence[str]) -> None:
     """Raises a ValueError naming the split if any of `splits` has no complete window."""
     for name in splits:
         if len(windows[name]) == 0:
-            raise ValueError(
+            raise ConfigError(
                     f"The {name} split of the corpus holds no window of {windows[name].seq_len + 1} bytes; "
                     "raise config.data.corpus_mb or lower config.model.seq_len."
             )

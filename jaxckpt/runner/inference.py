@@ -135,7 +135,8 @@ def predict(config: Any, workdir: str | Path, *, split: str = "test", task: Task
     seen = 0
     for batch in task.eval_batches(split, config.eval.batch_size):
         ids, mask = np.asarray(batch["id"]), np.asarray(batch["mask"])
-        inputs = {k: v for k, v in batch.items() if k != "id"}
+        # Ids reach predict_fn (e.g. to seed each example's sampling) as int32, JAX's default width.
+        inputs = {**batch, "id": ids.astype(np.int32)}
         outputs = distributed.to_host(predict_step(state, distributed.shard_batch(inputs, mesh)))
         rows = np.flatnonzero(mask > 0)
         if limit is not None:
