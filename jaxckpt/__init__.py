@@ -27,7 +27,7 @@ _EXPORTS: dict[str, str] = {
     "TrainState": "jaxckpt.train.state",
     "UserError": "jaxckpt.errors",
     "WorkdirError": "jaxckpt.errors",
-    "WorkdirLock": "jaxckpt.runner.workdir",
+    "WorkdirLock": "jaxckpt.runner.lock",
     "describe_trainable": "jaxckpt.train.optim",
     "distributed": "jaxckpt.runner.distributed",
     "evaluate": "jaxckpt.runner.loop",
@@ -96,7 +96,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from jaxckpt.runner import distributed
     from jaxckpt.runner.loop import evaluate, predict, run, run_or_exit, train_and_evaluate
     from jaxckpt.runner.task import Task, load_task
-    from jaxckpt.runner.workdir import WorkdirLock
+    from jaxckpt.runner.lock import WorkdirLock
     from jaxckpt.train.optim import describe_trainable, freeze_and_scale, make_optimizer, make_schedule
     from jaxckpt.train.state import TrainState
     from jaxckpt.train.step import make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics

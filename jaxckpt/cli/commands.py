@@ -31,7 +31,9 @@ from typing import Any, Sequence
 from jaxckpt.cli import tables as cli_tables
 from jaxckpt.cli.exits import USER_ERROR_EXIT_CODE, USER_ERRORS, quiet_late_loop_callbacks
 from jaxckpt.errors import CheckpointCorruptError, UserError
-from jaxckpt.runner.workdir import flat_config
+from jaxckpt.runner.config_diff import flat_config
+from jaxckpt.runner.publish import publish
+from jaxckpt.runner.rundir import best_rule
 from jaxckpt.weights import zoo
 
 # Config fields worth a line in `inspect`; absent ones are left out (model.* is shown whole).
@@ -73,7 +75,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from jaxckpt.checkpoint.stepdir import INFO_ITEM, read_json_item, read_state_metadata
 
     checkpoint_dir, named_step, config = _saved_config(zoo.resolve(args.path))
-    best_metric, best_mode = zoo.best_rule(config)
+    best_metric, best_mode = best_rule(config)
     manager = CheckpointManager(checkpoint_dir, read_only=True, best_metric=best_metric, best_mode=best_mode)
     try:
         steps = manager.all_steps()
@@ -304,7 +306,7 @@ def _export(args: argparse.Namespace) -> int:
     best_metric, best_mode = None, "min"
     if args.best:
         _, _, config = _saved_config(path)
-        best_metric, best_mode = zoo.best_rule(config)
+        best_metric, best_mode = best_rule(config)
         if best_metric is None:
             raise UserError(f"--best: {args.source} has no early_stop.criteria in its config to rank steps; "
                             "pass --step N instead.")
@@ -331,7 +333,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _zoo_publish(args: argparse.Namespace) -> int:
     step = "best" if args.best else args.step
-    path = zoo.publish(args.workdir, args.name, step=step, overwrite=args.overwrite)
+    path = publish(args.workdir, args.name, step=step, overwrite=args.overwrite)
     print(f"published zoo:{args.name} (step {path.name} of {args.workdir}) at {path.parent.parent}")
     return 0
 

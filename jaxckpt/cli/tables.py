@@ -6,7 +6,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from jaxckpt.errors import UserError
-from jaxckpt.runner.metrics import format_metrics
+from jaxckpt.runner.writers import format_metrics
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str], right: Sequence[int] = ()) -> str:

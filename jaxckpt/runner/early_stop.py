@@ -15,7 +15,7 @@ import jax
 
 from jaxckpt.errors import UserError
 from jaxckpt.runner.task import Task
-from jaxckpt.runner.workdir import log
+from jaxckpt.runner.logs import log
 from jaxckpt.train.state import TrainState
 from jaxckpt.train.step import COUNT, make_eval_step
 

@@ -32,18 +32,14 @@ from jaxckpt.errors import (
     UserError,
 )
 from jaxckpt.runner import distributed, early_stop, sources
-from jaxckpt.runner.metrics import format_metrics, open_writers, plot_curves, truncate_after
+from jaxckpt.runner.curves import plot_curves
+from jaxckpt.runner.lock import WorkdirLock
+from jaxckpt.runner.logs import log, quiet_library_logs, setup_logging
+from jaxckpt.runner.metrics_jsonl import truncate_after
 from jaxckpt.runner.preemption import StopRequest
+from jaxckpt.runner.rundir import entries, remove_bookkeeping, write_json
 from jaxckpt.runner.task import Task, load_task
-from jaxckpt.runner.workdir import (
-    WorkdirLock,
-    entries,
-    log,
-    quiet_library_logs,
-    remove_bookkeeping,
-    setup_logging,
-    write_json,
-)
+from jaxckpt.runner.writers import format_metrics, open_writers
 from jaxckpt.train.optim import make_optimizer
 from jaxckpt.train.state import TrainState
 from jaxckpt.train.step import make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics

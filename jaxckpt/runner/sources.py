@@ -18,9 +18,11 @@ from jax.experimental import multihost_utils
 
 from jaxckpt.checkpoint.manager import CheckpointManager
 from jaxckpt.errors import CheckpointCorruptError, CorruptCheckpointsError, UserError, WorkdirError
-from jaxckpt.runner.metrics import truncate_after
+from jaxckpt.runner.config_diff import config_changes
+from jaxckpt.runner.logs import log
+from jaxckpt.runner.metrics_jsonl import truncate_after
+from jaxckpt.runner.rundir import set_aside, write_json
 from jaxckpt.runner.task import Task
-from jaxckpt.runner.workdir import config_changes, log, set_aside, write_json
 from jaxckpt.train.state import TrainState
 from jaxckpt.tree import treepath
 from jaxckpt.weights.foreign import is_foreign
@@ -296,7 +298,7 @@ def load_start(start: Start, task: Task, config: Any, abstract: TrainState, tx: 
 def resolve_ref(path: str) -> str:
     """`zoo:NAME` -> that zoo entry's step directory; any other path unchanged."""
     if path.startswith("zoo:"):
-        from jaxckpt import zoo  # the zoo is only needed when a config names it
+        from jaxckpt.weights import zoo  # the zoo is only needed when a config names it
 
         return str(zoo.resolve(path))
     return path
