@@ -28,6 +28,7 @@ import re
 import sys
 from typing import Any, Sequence
 
+from jaxckpt import config_strings
 from jaxckpt.cli import tables as cli_tables
 from jaxckpt.cli.exits import USER_ERROR_EXIT_CODE, USER_ERRORS, quiet_late_loop_callbacks
 from jaxckpt.errors import CheckpointCorruptError, UserError
@@ -215,21 +216,13 @@ def _load_config(config_args: Sequence[str]) -> Any:
     return config
 
 
-def _split(spec: Any) -> tuple[str, ...]:
-    """`"a,b"` -> `("a", "b")`, as the loop reads `checkpoint.skip`."""
-    if isinstance(spec, str):
-        return tuple(p.strip() for p in spec.split(",") if p.strip())
-    return tuple(spec or ())
-
-
-def _source_metadata(source: str, ck: Any) -> tuple[dict[str, Any], str]:
+def _source_metadata(source: str, rename: Any) -> tuple[dict[str, Any], str]:
     """The source's leaves as abstract or lazy values (nothing is read), and a description."""
     from jaxckpt.checkpoint.stepdir import read_state_metadata
     from jaxckpt.weights.foreign import is_foreign, read_foreign
     from jaxckpt.weights.pretrained import PARAMS_KEY, resolve_step_dir
 
     if is_foreign(source):
-        rename = getattr(ck, "rename", "") or None
         return read_foreign(source, rename=rename), f"weights file {source}"
     step_dir = resolve_step_dir(zoo.resolve(source))
     saved = read_state_metadata(step_dir)
@@ -258,11 +251,11 @@ def _plan(args: argparse.Namespace, config_args: Sequence[str]) -> int:
     if not source:
         raise UserError("plan needs a SOURCE (run dir, step dir, zoo:NAME, .safetensors or .pt), "
                         "or --config.checkpoint.pretrained=SOURCE.")
-    source_leaves, described = _source_metadata(str(source), ck)
+    options = config_strings.checkpoint_options(ck)
+    source_leaves, described = _source_metadata(str(source), options.pop("rename"))
     task = load_task(config)
     # The same abstract params the loop builds: shapes only, nothing is computed.
     target = jax.eval_shape(task.init_params, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
-    options = dict(mapping=ck.mapping or None, skip=_split(ck.skip), adapters=ck.adapters or None)
     report = plan_graft(source_leaves, target, **options)
     freeze, multipliers = cli_tables.training_spec(config.get("optimizer"))
     labels = cli_tables.describe_training(target, freeze, multipliers) if freeze or multipliers else {}

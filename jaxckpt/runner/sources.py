@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxckpt import config_strings
 from jaxckpt.checkpoint.manager import CheckpointManager
 from jaxckpt.errors import CheckpointCorruptError, CorruptCheckpointsError, UserError, WorkdirError
 from jaxckpt.runner.config_diff import config_changes
@@ -304,13 +305,6 @@ def resolve_ref(path: str) -> str:
     return path
 
 
-def split_patterns(spec: str | Any) -> tuple[str, ...]:
-    """`"a,b"` -> `("a", "b")`; sequences pass through; "" -> `()`."""
-    if isinstance(spec, str):
-        return tuple(p.strip() for p in spec.split(",") if p.strip())
-    return tuple(spec or ())
-
-
 def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
     """Weights-only load of `path` into `fresh_params` through `load_params`, per the checkpoint config.
 
@@ -328,8 +322,7 @@ def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
     if is_foreign(path) and not Path(path).exists():
         raise UserError(f"checkpoint.pretrained={path} does not exist.")
     try:
-        return load_params(path, fresh_params, mapping=ck.mapping or None, skip=split_patterns(ck.skip),
-                           strict=ck.strict, adapters=ck.adapters or None, rename=ck.rename or None)
+        return load_params(path, fresh_params, strict=ck.strict, **config_strings.checkpoint_options(ck))
     except ValueError as e:
         raise UserError(
             f"{e}\nIn a config these are --config.checkpoint.strict=False, checkpoint.mapping='src:dst,...', "
