@@ -19,6 +19,7 @@ _EXPORTS: dict[str, str] = {
     "CheckpointSaveError": "jaxckpt.errors",
     "GraftEntry": "jaxckpt.grafting.report",
     "GraftReport": "jaxckpt.grafting.report",
+    "MissingDependencyError": "jaxckpt.errors",
     "NonFiniteLossError": "jaxckpt.errors",
     "PREEMPTED_EXIT_CODE": "jaxckpt.errors",
     "Preempted": "jaxckpt.errors",
@@ -28,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "UserError": "jaxckpt.errors",
     "WorkdirError": "jaxckpt.errors",
     "WorkdirLock": "jaxckpt.runner.lock",
+    "config_strings": "jaxckpt.config_strings",
     "describe_trainable": "jaxckpt.train.optim",
     "distributed": "jaxckpt.runner.distributed",
     "evaluate": "jaxckpt.runner.loop",
@@ -59,7 +61,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 # Public names that are modules rather than attributes of one.
-_MODULES = frozenset({"distributed"})
+_MODULES = frozenset({"config_strings", "distributed"})
 
 __all__ = tuple(sorted(_EXPORTS))
 
@@ -79,6 +81,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from jaxckpt import config_strings
     from jaxckpt.checkpoint.manager import CheckpointManager
     from jaxckpt.checkpoint.retention import RetentionPolicy
     from jaxckpt.errors import (
@@ -86,6 +89,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         CheckpointCorruptError,
         CheckpointNotFoundError,
         CheckpointSaveError,
+        MissingDependencyError,
         NonFiniteLossError,
         Preempted,
         UserError,

@@ -1,4 +1,4 @@
-"""Tests for jaxckpt.optim: freezing, learning-rate multipliers, schedules, config parsing."""
+"""Tests for jaxckpt.train.optim: freezing, learning-rate multipliers, schedules, config parsing."""
 
 import jax
 import jax.numpy as jnp
