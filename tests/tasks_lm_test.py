@@ -12,8 +12,7 @@ import pytest
 
 import jaxckpt
 from experiments.configs import lm as lm_config
-from experiments.tasks import lm
-from experiments.tasks import lm_data
+from experiments.tasks import lm, lm_data
 
 SEQ_LEN = 32
 

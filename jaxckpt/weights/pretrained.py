@@ -259,11 +259,11 @@ def load_params(
     path: os.PathLike | str,
     target_params: Params,
     *,
-    mapping: str | Mapping[str, str] | None = None,
+    mapping: Mapping[str, str] | None = None,
     skip: Sequence[str] = (),
     strict: bool = True,
     step: int | str | None = None,
-    adapters: str | Mapping[str, Any] | None = None,
+    adapters: Mapping[str, Any] | None = None,
     best_metric: str | None = None,
     best_mode: str = "min",
     rename: RenameSpec = None,
@@ -296,7 +296,7 @@ def load_params(
       best_metric: the metric ranking steps for `step="best"`.
       best_mode: "min" or "max" for `step="best"`.
       rename: for weights files only: rules mapping tensor names to tree paths (see
-        `jaxckpt.weights.foreign.parse_rename`), e.g. `r"bert\.(.*)=>encoder/\1"`.
+        `jaxckpt.weights.foreign.rename_rules`), e.g. `{r"bert\.(.*)": r"encoder/\1"}`.
       tree: which top-level subtree of a jaxckpt step is the source: "params" (default), or another
         field of the saved `TrainState` such as "model_state" (batch statistics).
 
@@ -314,7 +314,7 @@ def load_params(
     Example:
       >>> params, report = load_params("runs/pretrain", fresh_params, mapping={"encoder": "encoder"},
       ...                              strict=False)
-      >>> params, report = load_params("bert.safetensors", fresh_params, rename=r"bert\.(.*)=>encoder/\1",
+      >>> params, report = load_params("bert.safetensors", fresh_params, rename={r"bert\.(.*)": r"encoder/\1"},
       ...                              strict=False)
       >>> print(report)
     """
