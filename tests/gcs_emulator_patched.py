@@ -1,13 +1,13 @@
 """Runs gcp-storage-emulator with the GCS semantics that tensorstore and a lock object rely on.
 
 The stock emulator (gcp-storage-emulator 2026.7.19) ignores the generation preconditions
-`ifGenerationMatch` and `ifGenerationNotMatch`, omits `x-goog-generation` on media reads and ignores `startOffset` and
-`endOffset` when listing. tensorstore's `gcs` driver takes the generation of every read from that
-header (a missing one reads as generation 0, and the next conditional request on it fails with
-"Malformed StorageGeneration"), makes every OCDBT write conditional, and lists key ranges with
-offsets. This module wraps the emulator's handlers to behave like GCS does, as tensorstore's own
-GCS mock (`tensorstore/kvstore/gcs_http/gcs_mock.cc`) does, adds `objects.move` (gcsfs' rename),
-then serves in memory.
+`ifGenerationMatch` and `ifGenerationNotMatch`, omits `x-goog-generation` on media reads and
+ignores `startOffset` and `endOffset` when listing. tensorstore's `gcs` driver takes the generation
+of every read from that header (a missing one reads as generation 0, and the next conditional
+request on it fails with "Malformed StorageGeneration"), makes every OCDBT write conditional, and
+lists key ranges with offsets. This module wraps the emulator's handlers to behave like GCS does,
+as tensorstore's own GCS mock (`tensorstore/kvstore/gcs_http/gcs_mock.cc`) does, adds
+`objects.move` (gcsfs' rename), then serves in memory.
 
 The emulator serves one request at a time, so a precondition check and the write it guards cannot
 interleave with another request. Resumable uploads are checked when they are started.

@@ -183,5 +183,6 @@ def orbax_s3_kvstore(monkeypatch: pytest.MonkeyPatch) -> None:
         return spec
 
     monkeypatch.setattr(tensorstore_utils, "_normalize_path", normalize_path)
-    monkeypatch.setattr(tensorstore_utils, "_use_gcs_driver", lambda d: d.startswith("s3://") or use_remote_driver(d))
+    monkeypatch.setattr(tensorstore_utils, "_use_gcs_driver",
+                        lambda directory: directory.startswith("s3://") or use_remote_driver(directory))
     monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", kvstore)
