@@ -60,7 +60,8 @@ def test_a_live_holder_renews_its_lease(workdir):
 
 
 def test_an_expired_lease_is_taken_over_and_the_log_says_so(workdir, caplog):
-    dead = {"holder": "deadbeef", "host": "gone-host", "pid": 4242, "lease_s": 1, "expires_at": time.time() - 5}
+    dead = {"holder": "deadbeef", "host": "gone-host", "pid": 4242, "lease_s": 1,
+            "expires_at": time.time() - 5}
     storage.write_bytes_atomic(f"{workdir}/.lock", json.dumps(dead).encode())
     with caplog.at_level(logging.WARNING, logger="jaxckpt"), ObjectLock(workdir) as lock:
         assert _record(workdir)["holder"] == lock.holder
@@ -71,7 +72,8 @@ def test_an_expired_lease_is_taken_over_and_the_log_says_so(workdir, caplog):
 def test_a_holder_notices_that_its_lock_was_taken_over(workdir, caplog):
     lock = ObjectLock(workdir, lease_s=1.5).acquire()
     try:
-        intruder = {"holder": "intruder", "host": "h", "pid": 1, "lease_s": 60, "expires_at": time.time() + 60}
+        intruder = {"holder": "intruder", "host": "h", "pid": 1, "lease_s": 60,
+                    "expires_at": time.time() + 60}
         storage.write_bytes_atomic(f"{workdir}/.lock", json.dumps(intruder).encode())
         deadline = time.monotonic() + 10
         while lock.held and time.monotonic() < deadline:

@@ -67,7 +67,8 @@ def test_kvstore_specs(tmp_path, monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
-    assert storage.kvstore_spec(tmp_path / "a" / ".." / "item") == {"driver": "file", "path": f"{tmp_path}/item/"}
+    local = {"driver": "file", "path": f"{tmp_path}/item/"}
+    assert storage.kvstore_spec(tmp_path / "a" / ".." / "item") == local
     assert storage.kvstore_spec(tmp_path, single_writer=True)["file_io_locking"] == {"mode": "non_atomic"}
     assert storage.kvstore_spec("gs://bucket/run/3/state", single_writer=True) == {
         "driver": "gcs", "bucket": "bucket", "path": "run/3/state/"}
@@ -154,12 +155,14 @@ def test_state_item_through_kvstore_spec_reads_back_with_tensorstore_and_plain_o
     _write_item(item, tree)
 
     base = {"driver": "ocdbt", "base": storage.kvstore_spec(item)}
-    read = ts.open({"driver": "zarr", "kvstore": {**base, "path": "params.w/"}, "open": True}).result().read().result()
+    array = ts.open({"driver": "zarr", "kvstore": {**base, "path": "params.w/"}, "open": True}).result()
+    read = array.read().result()
     np.testing.assert_array_equal(read, np.asarray(tree["params"]["w"]))
 
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
     with orbax_s3.orbax_s3():  # a no-op wrapper for gs://
-        restored = ocp.PyTreeCheckpointHandler().restore(epath.Path(item), args=ocp.args.PyTreeRestore(target))
+        restored = ocp.PyTreeCheckpointHandler().restore(epath.Path(item),
+                                                         args=ocp.args.PyTreeRestore(target))
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(tree), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -174,13 +177,16 @@ def test_orbax_checkpoint_manager_on_s3(s3_emulator, use_ocdbt, tmp_path, monkey
     monkeypatch.chdir(tmp_path)  # where Orbax without the wrapper would put "s3:" folders
     directory = storage.as_path(f"{s3_emulator}/manager_ocdbt_{use_ocdbt}")
     tree = _tree()
-    handler = lambda: ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)  # noqa: E731
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, atomicity_options=storage.atomicity_options(directory))
+    def handler():
+        return ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)
+
+    atomicity = storage.atomicity_options(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, atomicity_options=atomicity)
     with orbax_s3.orbax_s3():
         assert orbax_s3.installed()
         with ocp.CheckpointManager(directory, item_handlers=handler(), options=options) as mngr:
             for step in range(3):
-                mngr.save(step, args=ocp.args.PyTreeSave(jax.tree.map(lambda x: x + step, tree)))
+                mngr.save(step, args=ocp.args.PyTreeSave(jax.tree.map(lambda x, step=step: x + step, tree)))
             mngr.wait_until_finished()
         with ocp.CheckpointManager(directory, item_handlers=handler()) as mngr:
             assert mngr.all_steps() == [1, 2]
@@ -201,11 +207,11 @@ def test_orbax_checkpoint_manager_on_s3(s3_emulator, use_ocdbt, tmp_path, monkey
 
 def test_orbax_s3_changes_only_s3_specs(tmp_path):
     stock = tensorstore_utils.build_kvstore_tspec
-    expected = {str(d): stock(str(d), "x", use_ocdbt=o) for d in (tmp_path, "gs://bucket/c") for o in (True, False)}
+    cases = [(str(d), ocdbt) for d in (tmp_path, "gs://bucket/c") for ocdbt in (True, False)]
+    expected = [stock(d, "x", use_ocdbt=ocdbt) for d, ocdbt in cases]
     with orbax_s3.orbax_s3(), orbax_s3.orbax_s3():  # re-entrant
         built = tensorstore_utils.build_kvstore_tspec
-        assert {str(d): built(str(d), "x", use_ocdbt=o) for d in (tmp_path, "gs://bucket/c")
-                for o in (True, False)} == expected
+        assert [built(d, "x", use_ocdbt=ocdbt) for d, ocdbt in cases] == expected
         s3 = built("s3://bucket/run//checkpoints/3/state/", use_ocdbt=True)
         assert s3["base"]["driver"] == "s3" and s3["base"]["bucket"] == "bucket"
         assert s3["base"]["path"] == "run/checkpoints/3/state"
@@ -214,16 +220,18 @@ def test_orbax_s3_changes_only_s3_specs(tmp_path):
 
 def test_orbax_s3_refuses_an_untested_orbax(monkeypatch):
     monkeypatch.setattr(ocp, "__version__", "0.99.0")
-    with pytest.raises(UserError, match=r"0\.99\.0 is installed.*orbax-checkpoint==0\.12\.8"):
-        with orbax_s3.orbax_s3():
-            pass
+    refused = pytest.raises(UserError, match=r"0\.99\.0 is installed.*orbax-checkpoint==0\.12\.8")
+    with refused, orbax_s3.orbax_s3():
+        pass
     assert not orbax_s3.installed()
     with orbax_s3.orbax_s3(allow_untested=True):
         assert orbax_s3.installed()
 
 
 def test_orbax_s3_installs_nothing_when_orbax_handles_s3(monkeypatch):
-    native = lambda directory, name=None, **kw: {"driver": "s3", "bucket": "b", "path": ""}  # noqa: E731
+    def native(directory, name=None, **kwargs):
+        return {"driver": "s3", "bucket": "b", "path": ""}
+
     monkeypatch.setattr(tensorstore_utils, "build_kvstore_tspec", native)
     with orbax_s3.orbax_s3():
         assert tensorstore_utils.build_kvstore_tspec is native

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.serialization import tensorstore_utils

@@ -56,11 +56,13 @@ class _Store(Protocol):
 class _GcsStore:
     def __init__(self, bucket: str, key: str):
         try:
-            import google.api_core.exceptions as exceptions
+            # Not `from google.cloud import storage`, which finds the attribute of an imported
+            # `google.cloud` even where the module cannot be imported.
             import google.cloud.storage as gcs
+            from google.api_core import exceptions
         except ImportError:
-            raise MissingDependencyError(
-                f"a workdir lock on gs://{bucket} needs google-cloud-storage: pip install 'jaxckpt[gcs]'") from None
+            raise MissingDependencyError(f"a workdir lock on gs://{bucket} needs google-cloud-storage: "
+                                         "pip install 'jaxckpt[gcs]'") from None
         self._failed = (exceptions.PreconditionFailed, exceptions.NotFound)
         self._bucket = gcs.Client().bucket(bucket)
         self._key = key
@@ -112,7 +114,9 @@ class _S3Store:
 
     def _put(self, data: bytes, **condition: str) -> str | None:
         try:
-            return self._s3.put_object(Body=data, ContentType="application/json", **self._where, **condition)["ETag"]
+            response = self._s3.put_object(Body=data, ContentType="application/json", **self._where,
+                                           **condition)
+            return response["ETag"]
         except self._client_error as error:
             if self._refused(error):
                 return None
@@ -146,6 +150,15 @@ class _S3Store:
 def _store_for(url: str) -> _Store:
     scheme, bucket, key = storage.split_url(url)
     return (_GcsStore if scheme == "gs" else _S3Store)(bucket, key)
+
+
+def _parse(data: bytes) -> dict[str, Any]:
+    """A lock object's record; an unreadable one counts as long expired, so it can be taken over."""
+    try:
+        record = json.loads(data)
+        return {**record, "expires_at": float(record["expires_at"])}
+    except (ValueError, KeyError, TypeError):
+        return {"holder": f"unreadable lock object ({data[:60]!r})", "expires_at": 0.0}
 
 
 def _describe(record: dict[str, Any]) -> str:
@@ -210,12 +223,8 @@ class ObjectLock:
             if current is None:
                 continue  # released in between: create again
             data, token = current
-            try:
-                record = json.loads(data)
-                expires_at = float(record["expires_at"])
-            except (ValueError, KeyError, TypeError):
-                record, expires_at = {"holder": f"unreadable lock object ({data[:60]!r})"}, 0.0
-            now = time.time()
+            record = _parse(data)
+            expires_at, now = record["expires_at"], time.time()
             if expires_at > now:
                 raise WorkdirError(
                     f"workdir {self.path.parent} is in use by {_describe(record)}. Two runs must not write "
@@ -251,11 +260,12 @@ class ObjectLock:
                     if time.time() < expires_at:
                         log.warning("could not renew the lease of %s (%s); retrying", self.path, error)
                         continue
-                    self._lose(f"its lease expired at {_when(expires_at)} before it could be renewed ({error})")
+                    self._lose(f"its lease expired at {_when(expires_at)} before it could be renewed "
+                               f"({error})")
                     return
                 if token is None:
                     current = self._store.read()
-                    other = _describe(json.loads(current[0])) if current else "nobody (the object was deleted)"
+                    other = _describe(_parse(current[0])) if current else "nobody (the object was deleted)"
                     self._lose(f"it is now held by {other}")
                     return
                 self._token = token
