@@ -3,9 +3,11 @@
 `gcs_emulator` and `s3_emulator` are session-scoped fixtures: each starts its server on 127.0.0.1
 as a subprocess, creates a bucket, points every client at it through the environment (gcsfs,
 google-cloud-storage and tensorstore for GCS; s3fs/botocore and tensorstore for S3) and yields a
-base URL unique to the session, e.g. `gs://jaxckpt-test/3f2a...`. A module registers them with
-
-    from object_store import gcs_emulator, s3_emulator  # noqa: F401  (pytest fixtures)
+base URL unique to the session, e.g. `gs://jaxckpt-test/3f2a...`. conftest.py registers them once
+for every test module. A test module must not import them itself: pytest would then start a second
+emulator for that module and point the environment at it, while fsspec keeps serving the
+filesystem instance it made for the first (gcsfs and s3fs read the endpoint once, when created),
+so epath and tensorstore would talk to different servers.
 
 GCS is served by `gcs_emulator_patched.py` (gcp-storage-emulator made to honour generation
 preconditions); S3 by moto's server. Neither needs anything beyond loopback.

@@ -15,7 +15,6 @@ import tensorstore as ts
 from etils import epath
 
 import object_store
-from object_store import gcs_emulator, s3_emulator  # noqa: F401  (pytest fixtures)
 
 COMMIT_FILE = ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
 
@@ -110,7 +109,7 @@ def test_epath_write_read_list_rename_copy_delete(store_url):
 # Orbax on gs:// works as is.
 
 @pytest.mark.parametrize("use_ocdbt", [True, False])
-def test_orbax_roundtrip_on_gcs(gcs_emulator, use_ocdbt):  # noqa: F811
+def test_orbax_roundtrip_on_gcs(gcs_emulator, use_ocdbt):
     url = f"{gcs_emulator}/orbax_ocdbt_{use_ocdbt}"
     _save_and_restore(epath.Path(url), use_ocdbt=use_ocdbt, steps=3)
     names = _gcs_objects(_key(url)[1] + "/")
@@ -120,7 +119,7 @@ def test_orbax_roundtrip_on_gcs(gcs_emulator, use_ocdbt):  # noqa: F811
     assert any(name.endswith(arrays) for name in names), names
 
 
-def test_orbax_saves_on_gcs_repeatedly(gcs_emulator):  # noqa: F811
+def test_orbax_saves_on_gcs_repeatedly(gcs_emulator):
     """Each save writes OCDBT manifests with generation preconditions; none may fail."""
     tree = _tree()
     for i in range(10):
@@ -141,7 +140,7 @@ def _write_twice_to_ocdbt(prefix: str):
     return sorted(kvstore.list().result())
 
 
-def test_ocdbt_rewrite_on_gcs_needs_the_generation_of_each_read(gcs_emulator, monkeypatch):  # noqa: F811
+def test_ocdbt_rewrite_on_gcs_needs_the_generation_of_each_read(gcs_emulator, monkeypatch):
     assert _write_twice_to_ocdbt(f"{_key(gcs_emulator)[1]}/ocdbt/") == [b"first", b"second"]
 
     process, endpoint = object_store.start_gcs_emulator(patched=False)
@@ -153,7 +152,7 @@ def test_ocdbt_rewrite_on_gcs_needs_the_generation_of_each_read(gcs_emulator, mo
         object_store._stop(process)
 
 
-def test_tensorstore_gcs_key_ranges_and_conditional_delete(gcs_emulator):  # noqa: F811
+def test_tensorstore_gcs_key_ranges_and_conditional_delete(gcs_emulator):
     kvstore = ts.KvStore.open({"driver": "gcs", "bucket": object_store.BUCKET,
                                "path": f"{_key(gcs_emulator)[1]}/ranges/"}).result()
     for key in ("a", "b1", "b2", "c"):
@@ -170,7 +169,7 @@ def test_tensorstore_gcs_key_ranges_and_conditional_delete(gcs_emulator):  # noq
 
 # Orbax on s3:// needs a kvstore spec for tensorstore's s3 driver and commit-file atomicity.
 
-def test_orbax_alone_cannot_write_arrays_to_s3(s3_emulator, tmp_path, monkeypatch):  # noqa: F811
+def test_orbax_alone_cannot_write_arrays_to_s3(s3_emulator, tmp_path, monkeypatch):
     # Orbax hands tensorstore `{"driver": "file", "path": "s3:/bucket/..."}`: relative to the cwd.
     monkeypatch.chdir(tmp_path)
     local = tmp_path.joinpath("s3:", *_key(s3_emulator))
@@ -186,7 +185,7 @@ def test_orbax_alone_cannot_write_arrays_to_s3(s3_emulator, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("use_ocdbt", [True, False])
-def test_orbax_roundtrip_on_s3(s3_emulator, use_ocdbt, tmp_path, monkeypatch):  # noqa: F811
+def test_orbax_roundtrip_on_s3(s3_emulator, use_ocdbt, tmp_path, monkeypatch):
     import boto3
 
     object_store.orbax_s3_kvstore(monkeypatch)
@@ -205,14 +204,14 @@ def test_orbax_roundtrip_on_s3(s3_emulator, use_ocdbt, tmp_path, monkeypatch):  
 
 # Create-only writes, the building block of a lock object.
 
-def test_gcs_create_only_refuses_a_second_create(gcs_emulator):  # noqa: F811
+def test_gcs_create_only_refuses_a_second_create(gcs_emulator):
     name = f"{_key(gcs_emulator)[1]}/lock"
     assert _gcs_create_only(name, b"owner-1") == 200
     assert _gcs_create_only(name, b"owner-2") == 412
     assert epath.Path(f"gs://{object_store.BUCKET}/{name}").read_bytes() == b"owner-1"
 
 
-def test_s3_create_only_refuses_a_second_create(s3_emulator):  # noqa: F811
+def test_s3_create_only_refuses_a_second_create(s3_emulator):
     import boto3
     import botocore.exceptions
 
