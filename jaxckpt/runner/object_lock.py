@@ -143,7 +143,14 @@ class _S3Store:
         except self._client_error as error:
             if self._refused(error):
                 return False
-            raise
+            if error.response.get("Error", {}).get("Code") != "NotImplemented":
+                raise
+            # A store without conditional deletes: check, then delete (a takeover in between
+            # would need this run's lease to have expired while it was releasing).
+            current = self.read()
+            if current is None or current[1] != token:
+                return False
+            self._s3.delete_object(**self._where)
         return True
 
 
@@ -213,7 +220,7 @@ class ObjectLock:
           WorkdirError: if another run holds a live lease; the message names it and when its
             lease ends.
         """
-        if self._token is not None:
+        if self.held:
             return self
         for _ in range(_ACQUIRE_ATTEMPTS):
             token = self._store.create(self._record())
