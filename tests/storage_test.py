@@ -177,6 +177,7 @@ def test_orbax_checkpoint_manager_on_s3(s3_emulator, use_ocdbt, tmp_path, monkey
     monkeypatch.chdir(tmp_path)  # where Orbax without the wrapper would put "s3:" folders
     directory = storage.as_path(f"{s3_emulator}/manager_ocdbt_{use_ocdbt}")
     tree = _tree()
+
     def handler():
         return ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)
 
@@ -203,6 +204,26 @@ def test_orbax_checkpoint_manager_on_s3(s3_emulator, use_ocdbt, tmp_path, monkey
     assert any(name.endswith("/2/default/manifest.ocdbt" if use_ocdbt else "/2/default/params.w/.zarray")
                for name in names), names
     assert list(tmp_path.iterdir()) == [], "nothing may be written to local disk"
+
+
+def test_readers_on_s3_need_commit_file_to_skip_an_unfinished_step(s3_emulator):
+    """A step without its commit marker (a save killed half-way) counts as a step unless told COMMIT_FILE."""
+    import boto3
+
+    directory = storage.as_path(f"{s3_emulator}/unfinished")
+    options = ocp.CheckpointManagerOptions(atomicity_options=storage.atomicity_options(directory))
+    with orbax_s3.orbax_s3(), ocp.CheckpointManager(directory, options=options) as mngr:
+        for step in (1, 2):
+            mngr.save(step, args=ocp.args.StandardSave({"x": np.arange(3)}))
+        mngr.wait_until_finished()
+    _, bucket, prefix = storage.split_url(directory)
+    boto3.client("s3").delete_object(Bucket=bucket, Key=f"{prefix}/2/commit_success.txt")
+
+    with ocp.CheckpointManager(directory, options=options) as mngr:
+        assert mngr.all_steps() == [1] and mngr.latest_step() == 1
+    # Orbax's default for s3:// (not gs://) is rename-based: any step without a tmp suffix is done.
+    with ocp.CheckpointManager(directory) as mngr:
+        assert mngr.all_steps() == [1, 2]
 
 
 def test_orbax_s3_changes_only_s3_specs(tmp_path):

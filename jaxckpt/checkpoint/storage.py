@@ -162,7 +162,9 @@ def atomicity_options(directory: os.PathLike | str) -> ocp.options.AtomicityOpti
     On an object store a step is written in place and committed by a `commit_success.txt`
     marker written last (`COMMIT_FILE`): there is no directory rename, and s3fs emulates one by
     copying every object, which a kill interrupts half-way. Orbax picks that itself for
-    `gs://` but not for `s3://`, so jaxckpt always says it. Local paths keep Orbax's default
+    `gs://` but not for `s3://`, so jaxckpt always says it. Readers need it too: a manager
+    opened on `s3://` without it takes a step directory lacking its marker (a save killed
+    half-way) for a finished step (tests/storage_test.py). Local paths keep Orbax's default
     (write to a temporary directory, then rename).
 
     Example:
