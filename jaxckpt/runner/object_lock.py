@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from jaxckpt.checkpoint import storage
 from jaxckpt.errors import MissingDependencyError, WorkdirError
-from jaxckpt.runner.workdir import WorkdirLock
+from jaxckpt.runner.lock import WorkdirLock
 
 log = logging.getLogger("jaxckpt")
 
