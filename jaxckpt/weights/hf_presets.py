@@ -98,7 +98,7 @@ _BERT = (
     + _norm("encoder.layer.{i}.attention.output.LayerNorm", "encoder/layer_{i}/attention_norm")
     + _dense("encoder.layer.{i}.intermediate.dense", "encoder/layer_{i}/intermediate")
     + _dense("encoder.layer.{i}.output.dense", "encoder/layer_{i}/output")
-    + _norm("encoder.layer.{i}.output.LayerNorm", "encoder/layer_{i}/output_norm")
+    + _norm("encoder.layer.{i}.output.LayerNorm", "encoder/layer_{i}/mlp_norm")
     + _dense("pooler.dense", "pooler")
 )
 # Older transformers saved `position_ids` as a persistent buffer.
@@ -358,13 +358,13 @@ def to_hf(family: str, flat_params: Mapping[str, np.ndarray],
             match = regex.fullmatch(path)
             if match is None:
                 continue
-            groups = match.groupdict()
-            part_paths = [p.format(**groups) for p in paths]
+            key = hf.format(**match.groupdict())
+            part_paths = [p.format(**match.groupdict()) for p in paths]
             missing = [p for p in part_paths if p not in flat_params]
             if missing:
-                raise ValueError(f"{path!r} is part of {hf.format(**groups)!r}, but the other "
-                                 f"part(s) {missing} are not in the params.")
-            out[hf.format(**groups)] = _to_hf(kind, axis, [np.asarray(flat_params[p]) for p in part_paths])
+                raise ValueError(f"{path!r} is part of {key!r}, but the other part(s) {missing} "
+                                 "are not in the params.")
+            out[key] = _to_hf(kind, axis, [np.asarray(flat_params[p]) for p in part_paths])
             used_paths.update(part_paths)
             used_rules.add(index)
             break
