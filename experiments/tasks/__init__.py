@@ -7,4 +7,7 @@ Shared pieces: `data` (tfds data sources + grain pipelines), `models` (Flax modu
 parameters are `encoder`, `fusion`, `head`), `classifier` (loss, metrics, predictions),
 `tokenizer` (the IMDB word vocabulary), and the tfds builders `digits_builder` and `imdb_builder`
 (both prepare ARRAY_RECORD files without TensorFlow).
+
+Hugging Face models: `hf_models` (`load` an HF folder as a Flax module and params, `build` one from
+a `config.json`) and `hf_modules` (the Flax BERT, ViT and GPT-2 modules).
 """

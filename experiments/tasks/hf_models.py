@@ -1,0 +1,217 @@
+"""Hugging Face BERT, ViT and GPT-2 checkpoints as Flax models whose outputs equal PyTorch's.
+
+`load(path)` reads a folder that HF's `save_pretrained` wrote and returns `(module, params)`:
+`module.apply({"params": params}, **inputs)` takes HF's input names and layouts (`input_ids`,
+`attention_mask`, `token_type_ids`; `pixel_values` NCHW float32) and returns the main output
+(`last_hidden_state` for `BertModel`, `logits` for the others). `build(config)` makes the module
+alone, for a fresh init. The modules are in `experiments.tasks.hf_modules`; the HF -> Flax renames
+and layouts are the tables of `jaxckpt.weights.hf_presets`.
+
+Example:
+    >>> module, params = load("hf:tests/fixtures/hf/bert")
+    >>> module.apply({"params": params}, input_ids=np.array([[5, 6, 7]])).shape
+    (1, 3, 32)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from experiments.tasks.hf_modules import (
+    ACTIVATIONS,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2LMHeadModel,
+    TransformerConfig,
+    ViTForImageClassification,
+)
+from jaxckpt.types import Params
+from jaxckpt.weights import hf_presets
+
+
+def _require(config: Mapping, key: str, supported: Any) -> None:
+    """Raises if `config[key]` is set to something the Flax models do not implement."""
+    if key in config and config[key] != supported:
+        raise ValueError(f"config.json sets {key}={config[key]!r}; the Flax port supports only "
+                         f"{supported!r}.")
+
+
+def _num_labels(config: Mapping) -> int:
+    # config.json records the labels (`id2label`), not `num_labels`; HF's default is 2.
+    return len(config["id2label"]) if config.get("id2label") else config.get("num_labels", 2)
+
+
+def _bert_config(config: Mapping) -> TransformerConfig:
+    _require(config, "position_embedding_type", "absolute")
+    _require(config, "is_decoder", False)
+    _require(config, "add_cross_attention", False)
+    classifier_dropout = config.get("classifier_dropout")
+    return TransformerConfig(
+        hidden_size=config["hidden_size"], num_layers=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"], intermediate_size=config["intermediate_size"],
+        activation=config.get("hidden_act", "gelu"), layer_norm_eps=config.get("layer_norm_eps", 1e-12),
+        hidden_dropout=config.get("hidden_dropout_prob", 0.1),
+        attention_dropout=config.get("attention_probs_dropout_prob", 0.1),
+        embedding_dropout=config.get("hidden_dropout_prob", 0.1),
+        classifier_dropout=(config.get("hidden_dropout_prob", 0.1) if classifier_dropout is None
+                            else classifier_dropout),
+        initializer_range=config.get("initializer_range", 0.02),
+        vocab_size=config["vocab_size"], max_positions=config["max_position_embeddings"],
+        type_vocab_size=config.get("type_vocab_size", 2), num_labels=_num_labels(config))
+
+
+def _vit_config(config: Mapping) -> TransformerConfig:
+    _require(config, "qkv_bias", True)
+    return TransformerConfig(
+        hidden_size=config["hidden_size"], num_layers=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"], intermediate_size=config["intermediate_size"],
+        activation=config.get("hidden_act", "gelu"), layer_norm_eps=config.get("layer_norm_eps", 1e-12),
+        hidden_dropout=config.get("hidden_dropout_prob", 0.0),
+        attention_dropout=config.get("attention_probs_dropout_prob", 0.0),
+        embedding_dropout=config.get("hidden_dropout_prob", 0.0),
+        initializer_range=config.get("initializer_range", 0.02), num_labels=_num_labels(config),
+        image_size=config["image_size"], patch_size=config["patch_size"],
+        num_channels=config.get("num_channels", 3))
+
+
+def _gpt2_config(config: Mapping) -> TransformerConfig:
+    _require(config, "scale_attn_weights", True)
+    _require(config, "scale_attn_by_inverse_layer_idx", False)
+    _require(config, "reorder_and_upcast_attn", False)
+    _require(config, "add_cross_attention", False)
+    hidden = config["n_embd"]
+    return TransformerConfig(
+        hidden_size=hidden, num_layers=config["n_layer"], num_heads=config["n_head"],
+        intermediate_size=config.get("n_inner") or 4 * hidden,
+        activation=config.get("activation_function", "gelu_new"),
+        layer_norm_eps=config.get("layer_norm_epsilon", 1e-5),
+        hidden_dropout=config.get("resid_pdrop", 0.1), attention_dropout=config.get("attn_pdrop", 0.1),
+        embedding_dropout=config.get("embd_pdrop", 0.1),
+        initializer_range=config.get("initializer_range", 0.02),
+        vocab_size=config["vocab_size"], max_positions=config["n_positions"])
+
+
+# family -> (module class, config reader); families are the keys of `hf_presets.PRESETS`.
+_MODELS: dict[str, tuple[type[nn.Module], Callable[[Mapping], TransformerConfig]]] = {
+    "bert": (BertModel, _bert_config),
+    "bert_sequence_classifier": (BertForSequenceClassification, _bert_config),
+    "vit_image_classifier": (ViTForImageClassification, _vit_config),
+    "gpt2_lm_head": (GPT2LMHeadModel, _gpt2_config),
+}
+
+
+def build(config: Mapping) -> nn.Module:
+    """The Flax model of an HF `config.json`, for a fresh init or to apply loaded params.
+
+    Args:
+        config: the parsed `config.json` (its `architectures` choose the model).
+
+    Returns:
+        The module; `module.init(rng, **example_inputs(module))["params"]` initialises it.
+
+    Raises:
+        ValueError: for an architecture without a Flax port, or a config option it does not implement.
+
+    Example:
+        >>> module = build({"architectures": ["GPT2LMHeadModel"], "n_embd": 8, "n_layer": 1,
+        ...                 "n_head": 2, "vocab_size": 10, "n_positions": 4})
+        >>> params = module.init(jax.random.key(0), **example_inputs(module))["params"]
+        >>> params["transformer"]["h_0"]["attention"]["query"]["kernel"].shape
+        (8, 8)
+    """
+    module_class, read_config = _MODELS[hf_presets.family_of(config)]
+    model_config = read_config(config)
+    if model_config.activation not in ACTIVATIONS:
+        raise ValueError(f"config.json asks for activation {model_config.activation!r}; the Flax "
+                         f"port has {sorted(ACTIVATIONS)}.")
+    return module_class(model_config)
+
+
+def example_inputs(module: nn.Module) -> dict[str, np.ndarray]:
+    """Inputs of the right kinds and shapes for `module.init` (one example, all zeros)."""
+    cfg = module.config
+    if isinstance(module, ViTForImageClassification):
+        return {"pixel_values": np.zeros((1, cfg.num_channels, cfg.image_size, cfg.image_size),
+                                         np.float32)}
+    return {"input_ids": np.zeros((1, 1), np.int32)}
+
+
+def read_tensors(folder: str) -> dict[str, np.ndarray]:
+    """The tensors of `model.safetensors`, or of every shard `model.safetensors.index.json` names."""
+    from safetensors.numpy import (
+        load_file,  # An optional dependency (extra `safetensors`).
+    )
+
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(single):
+        return load_file(single)
+    if not os.path.exists(index):
+        raise FileNotFoundError(f"{folder!r} has neither model.safetensors nor "
+                                "model.safetensors.index.json; save the model with "
+                                "save_pretrained(folder) (safetensors, the default).")
+    with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    tensors: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors.update(load_file(os.path.join(folder, shard)))
+    if missing := sorted(set(weight_map) - set(tensors)):
+        raise ValueError(f"{index} names tensors that its shards lack: {missing}.")
+    return tensors
+
+
+def _check_tree(loaded: Mapping[str, np.ndarray], expected: Mapping[str, Any], folder: str) -> None:
+    """Raises unless `loaded` has exactly the paths and shapes of the module's init tree."""
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    shapes = sorted(f"{path}: file {loaded[path].shape}, model {expected[path].shape}"
+                    for path in set(loaded) & set(expected)
+                    if tuple(loaded[path].shape) != tuple(expected[path].shape))
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"The weights in {folder!r} do not fit the Flax model built from its config.json:"
+            f"\n  missing from the file: {missing}\n  not in the model: {unexpected}"
+            f"\n  shapes differ: {shapes}\n  The config and the weights disagree, or the "
+            "conversion preset and the Flax model's names have drifted apart.")
+
+
+def load(path: str) -> tuple[nn.Module, Params]:
+    """The Flax model and params of an HF folder written by `save_pretrained`.
+
+    Args:
+        path: the folder (holding `config.json` and safetensors weights), optionally `hf:`-prefixed.
+
+    Returns:
+        `(module, params)`; `module.apply({"params": params}, **inputs)` gives the main output.
+
+    Raises:
+        FileNotFoundError: if the folder lacks `config.json` or safetensors weights.
+        ValueError: if the weights do not convert exactly, or do not fit the model.
+
+    Example:
+        >>> module, params = load("hf:tests/fixtures/hf/gpt2_lm_head")
+        >>> module.apply({"params": params}, input_ids=np.array([[1, 2, 3]])).shape
+        (1, 3, 100)
+    """
+    folder = path.removeprefix("hf:")
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} does not exist; `path` must be a folder that "
+                                "save_pretrained wrote.")
+    with open(config_path) as f:
+        config = json.load(f)
+    module = build(config)
+    flat = hf_presets.convert(hf_presets.family_of(config), read_tensors(folder))
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), **example_inputs(module)))
+    expected = traverse_util.flatten_dict(shapes["params"], sep="/")
+    _check_tree(flat, expected, folder)
+    params = {path: jnp.asarray(array, expected[path].dtype) for path, array in flat.items()}
+    return module, traverse_util.unflatten_dict(params, sep="/")
