@@ -23,6 +23,7 @@ from jaxckpt.checkpoint import state_item
 from jaxckpt.checkpoint.retention import RetentionPolicy
 from jaxckpt.checkpoint.stepdir import STATE_ITEM, read_json_item, read_state_metadata
 from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError
+from jaxckpt.grafting.adapters import Derived, StructureRule, restructure
 from jaxckpt.grafting.graft import GraftReport, graft, plan
 from jaxckpt.tree import treepath
 from jaxckpt.types import Params
@@ -263,6 +264,7 @@ def load_params(
     best_metric: str | None = None,
     best_mode: str = "min",
     rename: RenameSpec = None,
+    structure: Sequence[StructureRule] = (),
 ) -> tuple[Params, GraftReport]:
     r"""Grafts a checkpoint's or weights file's params into `target_params`, reading only what it loads.
 
@@ -292,6 +294,8 @@ def load_params(
       best_mode: "min" or "max" for `step="best"`.
       rename: for weights files only: rules mapping tensor names to tree paths (see
         `jaxckpt.weights.foreign.parse_rename`), e.g. `r"bert\.(.*)=>encoder/\1"`.
+      structure: structural rules (`Split`, `Fuse`, `Stack`, `Unstack`) applied to the source's
+        params first, as for `graft`; only the source leaves the loaded ones are made from are read.
 
     Returns:
       `(params, report)`: params shaped like `target_params`, and the `GraftReport`.
@@ -311,7 +315,9 @@ def load_params(
       ...                              strict=False)
       >>> print(report)
     """
-    source, read = _open_source(path, step, rename, best_metric, best_mode)
+    raw, read = _open_source(path, step, rename, best_metric, best_mode)
+    structure = tuple(structure)
+    source = restructure(raw, structure) if structure else raw
     report = plan(source, target_params, mapping=mapping, skip=skip, adapters=adapters)
     if strict:
         report.check()
@@ -319,9 +325,14 @@ def load_params(
     _check_no_abstract_adapted(report, targets)
     wanted = {}
     for entry in report.loaded + report.adapted:
-        same_shape = tuple(source[entry.source].shape) == tuple(np.shape(targets[entry.path]))
+        leaf = source[entry.source]
+        if isinstance(leaf, Derived):  # Read what it is made from; it is cut or joined on the host.
+            wanted.update((p, None) for p in leaf.inputs)
+            continue
+        same_shape = tuple(leaf.shape) == tuple(np.shape(targets[entry.path]))
         wanted[entry.source] = _sharding_of(targets[entry.path]) if same_shape else None
-    source.update(read(wanted))
+    raw.update(read(wanted))
+    source = restructure(raw, structure) if structure else raw
     params, report = graft(source, target_params, mapping=mapping, skip=skip, strict=strict, adapters=adapters)
     abstract_loaded = [e for e in report.loaded if isinstance(targets[e.path], jax.ShapeDtypeStruct)]
     if abstract_loaded:
@@ -329,8 +340,9 @@ def load_params(
         # dtype, on its sharding (or the default device when it has none).
         flat = treepath.flatten(params)
         for entry in abstract_loaded:
-            target = targets[entry.path]
-            flat[entry.path] = jax.device_put(source[entry.source].astype(target.dtype), _sharding_of(target))
+            target, leaf = targets[entry.path], source[entry.source]
+            value = leaf() if isinstance(leaf, Derived) else leaf
+            flat[entry.path] = jax.device_put(np.asarray(value).astype(target.dtype), _sharding_of(target))
         params = treepath.unflatten(flat, target_params)
     return params, report
 
