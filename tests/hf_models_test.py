@@ -114,7 +114,7 @@ WRONG_TABLES = {
         "transformer.h.{i}.attn.c_proj.weight":
             ("transformer/h_{i}/attention/output/kernel", "transpose")}),
     "gpt2: query and key swapped in c_attn": ("gpt2_lm_head", {
-        "transformer.h.{i}.attn.c_attn.weight": (_QKV, "split:3:1")}),
+        "transformer.h.{i}.attn.c_attn.weight": (_QKV, ("split", 3, 1))}),
 }
 
 

@@ -8,36 +8,42 @@ A rule is `(hf_pattern, flax_paths, layout)`:
   runs backwards (`to_hf`).
 * `flax_paths`: the flat Flax path (`"/"`-separated, relative to the params root) it becomes, with
   the same placeholders, e.g. `"encoder/layer_{i}/attention/query/kernel"`; a tuple of N paths for
-  a `"split:N:axis"` layout.
+  a `("split", N, axis)` layout.
 * `layout`: how the tensor changes on the way, one of
     - `"none"`: as it is;
     - `"transpose"`: PyTorch `Linear` `(out, in)` -> Flax `Dense` `(in, out)`;
     - `"conv_oihw_to_hwio"`: PyTorch `Conv2d` `(out, in, h, w)` -> Flax `Conv` `(h, w, in, out)`;
-    - `"split:N:axis"`: a fused tensor cut into N equal parts along `axis`, one per Flax path
-      (GPT-2's `c_attn` -> query, key, value). Its inverse concatenates them back.
+    - `("split", N, axis)`: a fused tensor cut into N equal parts along `axis`, one per Flax path
+      (GPT-2's `c_attn` -> query, key, value), by the graft's structural adapter `Split`; its
+      inverse is `Fuse`.
 
 `PRESETS[family]` holds a family's rules and the HF keys it ignores (buffers that some files hold
-but that are not parameters). `convert(family, tensors)` applies a family's table and
-`to_hf(family, flat_params)` inverts it; both are strict: a tensor that no rule uses, or a rule that
-matches nothing, is an error that names it. This module imports nothing from jaxckpt, so it can be
-read (and tested) on its own.
+but that are not parameters). `match(family, keys)` plans a file: where each key goes, and the
+`Split` rules of the fused ones, so that `load_params("hf:DIR", ...)` reads each tensor lazily
+through the graft. `convert(family, tensors)` applies a family's table eagerly and
+`to_hf(family, flat_params)` inverts it; all three are strict: a tensor that no rule uses, or a rule
+that matches nothing, is an error that names it.
 
 Example:
     >>> rules = PRESETS["gpt2_lm_head"].rules
     >>> [rule for rule in rules if "c_attn.weight" in rule[0]]  # doctest: +NORMALIZE_WHITESPACE
     [('transformer.h.{i}.attn.c_attn.weight',
       ('transformer/h_{i}/attention/query/kernel', 'transformer/h_{i}/attention/key/kernel',
-       'transformer/h_{i}/attention/value/kernel'), 'split:3:1')]
+       'transformer/h_{i}/attention/value/kernel'), ('split', 3, 1))]
 """
 
 from __future__ import annotations
 
 import re
-from typing import Mapping, NamedTuple
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-Rule = tuple[str, str | tuple[str, ...], str]
+from jaxckpt.grafting.adapters import Derived, Fuse, Split, restructure
+
+Layout = str | tuple[str, int, int]
+"""`"none"`, `"transpose"`, `"conv_oihw_to_hwio"` or `("split", parts, axis)`."""
+Rule = tuple[str, str | tuple[str, ...], Layout]
 """`(hf_pattern, flax_path or (flax_path, ...), layout)`."""
 
 
@@ -131,8 +137,8 @@ _GPT2_QKV = tuple(f"h_{{i}}/attention/{name}" for name in ("query", "key", "valu
 _GPT2 = (
     _embed("wte", "wte") + _embed("wpe", "wpe")
     + _norm("h.{i}.ln_1", "h_{i}/attention_norm")
-    + (("h.{i}.attn.c_attn.weight", tuple(f"{path}/kernel" for path in _GPT2_QKV), "split:3:1"),
-       ("h.{i}.attn.c_attn.bias", tuple(f"{path}/bias" for path in _GPT2_QKV), "split:3:0"))
+    + (("h.{i}.attn.c_attn.weight", tuple(f"{path}/kernel" for path in _GPT2_QKV), ("split", 3, 1)),
+       ("h.{i}.attn.c_attn.bias", tuple(f"{path}/bias" for path in _GPT2_QKV), ("split", 3, 0)))
     + _conv1d("h.{i}.attn.c_proj", "h_{i}/attention/output")
     + _norm("h.{i}.ln_2", "h_{i}/mlp_norm")
     + _conv1d("h.{i}.mlp.c_fc", "h_{i}/intermediate")
@@ -164,8 +170,11 @@ _ARCHITECTURES = {
 # A config without `architectures` is taken to be the base model of its `model_type`.
 _MODEL_TYPES = {"bert": "bert"}
 
-LAYOUTS = ("none", "transpose", "conv_oihw_to_hwio", "split:N:axis")
+LAYOUTS = ("none", "transpose", "conv_oihw_to_hwio", ("split", "N", "axis"))
 """The layouts a rule may give (`N` and `axis` are integers)."""
+
+PERMUTATIONS = {"none": None, "transpose": (1, 0), "conv_oihw_to_hwio": (2, 3, 1, 0)}
+"""Axis permutation from HF's layout to Flax's, by layout (None: as it is)."""
 
 
 def family_of(config: Mapping) -> str:
@@ -204,45 +213,17 @@ def _compile(pattern: str) -> re.Pattern:
                               for i, part in enumerate(parts)))
 
 
-def _layout(layout: str, num_paths: int, hf_pattern: str) -> tuple[str, int, int]:
-    """Parses a rule's layout into `(kind, parts, axis)`; raises for one outside `LAYOUTS`."""
-    kind, *args = layout.split(":")
-    if kind in ("none", "transpose", "conv_oihw_to_hwio") and not args and num_paths == 1:
-        return kind, 1, 0
-    if kind == "split" and len(args) == 2 and all(a.lstrip("-").isdigit() for a in args):
-        parts, axis = int(args[0]), int(args[1])
-        if parts == num_paths:
-            return kind, parts, axis
-    raise ValueError(f"Rule for {hf_pattern!r} has layout {layout!r} with {num_paths} Flax "
+def _checked(rule: Rule) -> tuple[str, tuple[str, ...], Layout]:
+    """`(hf_pattern, flax_paths as a tuple, layout)`; raises for a layout outside `LAYOUTS`."""
+    hf_pattern, flax, layout = rule
+    paths = (flax,) if isinstance(flax, str) else tuple(flax)
+    if isinstance(layout, str) and layout in PERMUTATIONS and len(paths) == 1:
+        return hf_pattern, paths, layout
+    if (isinstance(layout, tuple) and len(layout) == 3 and layout[0] == "split"
+            and all(isinstance(n, int) for n in layout[1:]) and layout[1] == len(paths) > 1):
+        return hf_pattern, paths, layout
+    raise ValueError(f"Rule for {hf_pattern!r} has layout {layout!r} with {len(paths)} Flax "
                      f"path(s); use one of {LAYOUTS}, with one Flax path per split part.")
-
-
-def _to_flax(kind: str, parts: int, axis: int, tensor: np.ndarray, key: str) -> list[np.ndarray]:
-    tensor = np.asarray(tensor)
-    if kind == "none":
-        return [tensor]
-    if kind == "transpose":
-        if tensor.ndim != 2:
-            raise ValueError(f"{key!r} has shape {tensor.shape}; layout 'transpose' needs 2-D.")
-        return [np.ascontiguousarray(tensor.T)]
-    if kind == "conv_oihw_to_hwio":
-        if tensor.ndim != 4:
-            raise ValueError(f"{key!r} has shape {tensor.shape}; 'conv_oihw_to_hwio' needs 4-D.")
-        return [np.ascontiguousarray(tensor.transpose(2, 3, 1, 0))]
-    if tensor.shape[axis] % parts:
-        raise ValueError(f"{key!r} has shape {tensor.shape}: axis {axis} does not split into "
-                         f"{parts} equal parts.")
-    return [np.ascontiguousarray(part) for part in np.split(tensor, parts, axis=axis)]
-
-
-def _to_hf(kind: str, axis: int, arrays: list[np.ndarray]) -> np.ndarray:
-    if kind == "none":
-        return arrays[0]
-    if kind == "transpose":
-        return np.ascontiguousarray(arrays[0].T)
-    if kind == "conv_oihw_to_hwio":
-        return np.ascontiguousarray(arrays[0].transpose(3, 2, 0, 1))
-    return np.concatenate(arrays, axis=axis)
 
 
 def _preset(family: str) -> Preset:
@@ -260,6 +241,83 @@ def _unmatched_error(family: str, direction: str, unused: list[str], idle: list[
     lines.append("  The file is not of this family, or the preset misses a rule; check "
                  "family_of(config) and the preset's table.")
     return ValueError("\n".join(lines))
+
+
+class Plan(NamedTuple):
+    """Where each HF tensor goes (from `match`).
+
+    Attributes:
+        paths: HF key -> `(path, permutation)`: the Flax path of a plain tensor, with the axis
+            permutation that takes it to Flax's layout (None: as it is); a fused tensor keeps its
+            HF key as its path, for a `Split` in `structure` to cut.
+        structure: the `Split` rules of the fused tensors, for `graft(..., structure=...)`.
+    """
+
+    paths: dict[str, tuple[str, tuple[int, ...] | None]]
+    structure: tuple[Split, ...]
+
+
+def match(family: str, keys: Sequence[str], rules: tuple[Rule, ...] | None = None) -> Plan:
+    """Plans the conversion of an HF file's tensors by name alone; reads nothing.
+
+    Args:
+        family: a key of `PRESETS`.
+        keys: the HF keys in the file.
+        rules: rules to apply instead of the family's (its ignored keys still apply).
+
+    Returns:
+        The `Plan`: each key's path and permutation, and the structural rules. Ignored keys are
+        left out.
+
+    Raises:
+        ValueError: naming every key that no rule uses and every rule that matched nothing.
+
+    Example:
+        >>> rules = [rule for rule in PRESETS["gpt2_lm_head"].rules if "c_attn.b" in rule[0]]
+        >>> plan = match("gpt2_lm_head", ["transformer.h.0.attn.c_attn.bias"], rules=tuple(rules))
+        >>> plan.paths["transformer.h.0.attn.c_attn.bias"], plan.structure[0].targets[0]
+        (('transformer.h.0.attn.c_attn.bias', None), 'transformer/h_{i}/attention/query/bias')
+    """
+    preset = _preset(family)
+    checked = [_checked(rule) for rule in (preset.rules if rules is None else rules)]
+    compiled = [(_compile(hf), paths, layout) for hf, paths, layout in checked]
+    ignored = [_compile(pattern) for pattern in preset.ignored]
+    paths: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+    source: dict[str, str] = {}
+    used_rules: set[int] = set()
+    unused: list[str] = []
+    for key in sorted(keys):
+        for index, (regex, flax, layout) in enumerate(compiled):
+            found = regex.fullmatch(key)
+            if found is None:
+                continue
+            used_rules.add(index)
+            if isinstance(layout, tuple):
+                paths[key] = (key, None)  # Cut by the rule's Split, through the graft.
+            else:
+                path = flax[0].format(**found.groupdict())
+                if path in source:
+                    raise ValueError(f"{key!r} and {source[path]!r} both convert to {path!r}.")
+                paths[key], source[path] = (path, PERMUTATIONS[layout]), key
+            break
+        else:
+            if not any(regex.fullmatch(key) for regex in ignored):
+                unused.append(key)
+    idle = [checked[i][0] for i in range(len(checked)) if i not in used_rules]
+    if unused or idle:
+        raise _unmatched_error(family, "HF -> Flax", unused, idle)
+    structure = tuple(Split(hf, flax, layout[2]) for i, (hf, flax, layout) in enumerate(checked)
+                      if isinstance(layout, tuple) and i in used_rules)
+    return Plan(paths, structure)
+
+
+def _permuted(tensor: np.ndarray, perm: tuple[int, ...] | None, key: str) -> np.ndarray:
+    tensor = np.asarray(tensor)
+    if perm is None:
+        return tensor
+    if tensor.ndim != len(perm):
+        raise ValueError(f"{key!r} has shape {tensor.shape}; its layout needs {len(perm)} axes.")
+    return np.ascontiguousarray(tensor.transpose(perm))
 
 
 def convert(family: str, tensors: Mapping[str, np.ndarray],
@@ -286,44 +344,18 @@ def convert(family: str, tensors: Mapping[str, np.ndarray],
         >>> convert("bert", linear, rules=rules)["pooler/kernel"].shape
         (2, 3)
     """
-    preset = _preset(family)
-    rules = preset.rules if rules is None else rules
-    compiled = [(_compile(hf), flax, _layout(layout, 1 if isinstance(flax, str) else len(flax), hf))
-                for hf, flax, layout in rules]
-    ignored = [_compile(pattern) for pattern in preset.ignored]
-    out: dict[str, np.ndarray] = {}
-    source: dict[str, str] = {}
-    used_rules: set[int] = set()
-    unused: list[str] = []
-    for key in sorted(tensors):
-        for index, (regex, flax, (kind, parts, axis)) in enumerate(compiled):
-            match = regex.fullmatch(key)
-            if match is None:
-                continue
-            used_rules.add(index)
-            paths = [flax] if isinstance(flax, str) else list(flax)
-            arrays = _to_flax(kind, parts, axis, tensors[key], key)
-            for path, array in zip(paths, arrays):
-                path = path.format(**match.groupdict())
-                if path in out:
-                    raise ValueError(f"{key!r} and {source[path]!r} both convert to {path!r}.")
-                out[path], source[path] = array, key
-            break
-        else:
-            if not any(regex.fullmatch(key) for regex in ignored):
-                unused.append(key)
-    idle = [rule[0] for index, rule in enumerate(rules) if index not in used_rules]
-    if unused or idle:
-        raise _unmatched_error(family, "HF -> Flax", unused, idle)
-    return out
+    plan = match(family, list(tensors), rules)
+    flat = {path: _permuted(tensors[key], perm, key) for key, (path, perm) in plan.paths.items()}
+    flat = restructure(flat, plan.structure)
+    return {path: leaf() if isinstance(leaf, Derived) else leaf for path, leaf in flat.items()}
 
 
 def to_hf(family: str, flat_params: Mapping[str, np.ndarray],
           rules: tuple[Rule, ...] | None = None) -> dict[str, np.ndarray]:
     """Converts flat Flax params back to an HF state dict: the inverse of `convert`.
 
-    Split tensors are concatenated back, transposed ones transposed back; tied weights (GPT-2's
-    LM head) are not written, as `save_pretrained` does not write them either.
+    Split tensors are joined back by the graft's `Fuse`, transposed ones transposed back; tied
+    weights (GPT-2's LM head) are not written, as `save_pretrained` does not write them either.
 
     Args:
         family: a key of `PRESETS`.
@@ -340,36 +372,36 @@ def to_hf(family: str, flat_params: Mapping[str, np.ndarray],
     Example:
         >>> qkv = {f"h_0/attention/{name}/bias": np.full(2, i) for i, name in enumerate("qkv")}
         >>> rules = (("h.{i}.attn.c_attn.bias", tuple(f"h_{{i}}/attention/{name}/bias"
-        ...                                           for name in "qkv"), "split:3:0"),)
+        ...                                           for name in "qkv"), ("split", 3, 0)),)
         >>> to_hf("gpt2_lm_head", qkv, rules=rules)
         {'h.0.attn.c_attn.bias': array([0, 0, 1, 1, 2, 2])}
     """
-    rules = _preset(family).rules if rules is None else rules
-    # Index every rule by its first Flax path: it names the HF key; the other parts must follow.
-    compiled = []
-    for hf, flax, layout in rules:
-        paths = (flax,) if isinstance(flax, str) else tuple(flax)
-        compiled.append((hf, paths, _compile(paths[0]), _layout(layout, len(paths), hf)))
+    checked = [_checked(rule) for rule in (_preset(family).rules if rules is None else rules)]
+    fuses = [Fuse(flax, hf, layout[2]) for hf, flax, layout in checked if isinstance(layout, tuple)]
+    present = [fuse for fuse in fuses if any(_compile(fuse.sources[0]).fullmatch(p) for p in flat_params)]
+    flat = restructure({p: np.asarray(v) for p, v in flat_params.items()}, present)
+    plain = [(hf, _compile(flax[0]), layout) for hf, flax, layout in checked if isinstance(layout, str)]
     out: dict[str, np.ndarray] = {}
-    used_paths: set[str] = set()
-    used_rules: set[int] = set()
-    for path in sorted(flat_params):
-        for index, (hf, paths, regex, (kind, _, axis)) in enumerate(compiled):
-            match = regex.fullmatch(path)
-            if match is None:
+    used_rules = {hf for hf, _, layout in checked if isinstance(layout, tuple)
+                  and any(f.target == hf for f in present)}
+    unused: list[str] = []
+    for path in sorted(flat):
+        leaf = flat[path]
+        if isinstance(leaf, Derived):  # A fused tensor, already under its HF key.
+            out[path] = leaf()
+            continue
+        for hf, regex, layout in plain:
+            found = regex.fullmatch(path)
+            if found is None:
                 continue
-            key = hf.format(**match.groupdict())
-            part_paths = [p.format(**match.groupdict()) for p in paths]
-            missing = [p for p in part_paths if p not in flat_params]
-            if missing:
-                raise ValueError(f"{path!r} is part of {key!r}, but the other part(s) {missing} "
-                                 "are not in the params.")
-            out[key] = _to_hf(kind, axis, [np.asarray(flat_params[p]) for p in part_paths])
-            used_paths.update(part_paths)
-            used_rules.add(index)
+            perm = PERMUTATIONS[layout]
+            inverse = None if perm is None else tuple(int(i) for i in np.argsort(perm))
+            out[hf.format(**found.groupdict())] = _permuted(leaf, inverse, path)
+            used_rules.add(hf)
             break
-    unused = [path for path in sorted(flat_params) if path not in used_paths]
-    idle = [rule[0] for index, rule in enumerate(rules) if index not in used_rules]
+        else:
+            unused.append(path)
+    idle = [hf for hf, _, _ in checked if hf not in used_rules]
     if unused or idle:
         raise _unmatched_error(family, "Flax -> HF", unused, idle)
     return out
