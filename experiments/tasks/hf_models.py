@@ -5,7 +5,7 @@
 `attention_mask`, `token_type_ids`; `pixel_values` NCHW float32) and returns the main output
 (`last_hidden_state` for `BertModel`, `logits` for the others). `build(config)` makes the module
 alone, for a fresh init. The modules are in `experiments.tasks.hf_modules`; the HF -> Flax renames
-and layouts are the tables of `jaxckpt.weights.hf_presets`.
+and layouts are the tables of `jaxckpt.weights.hf_presets`, applied by `jaxckpt.load_params("hf:...")`.
 
 Example:
     >>> module, params = load("hf:tests/fixtures/hf/bert")
@@ -21,9 +21,7 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from experiments.tasks.hf_modules import (
     ACTIVATIONS,
@@ -34,7 +32,8 @@ from experiments.tasks.hf_modules import (
     ViTForImageClassification,
 )
 from jaxckpt.types import Params
-from jaxckpt.weights import hf_presets
+from jaxckpt.weights import hf, hf_presets
+from jaxckpt.weights.pretrained import load_params
 
 
 def _require(config: Mapping, key: str, supported: Any) -> None:
@@ -168,23 +167,11 @@ def read_tensors(folder: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _check_tree(loaded: Mapping[str, np.ndarray], expected: Mapping[str, Any], folder: str) -> None:
-    """Raises unless `loaded` has exactly the paths and shapes of the module's init tree."""
-    missing = sorted(set(expected) - set(loaded))
-    unexpected = sorted(set(loaded) - set(expected))
-    shapes = sorted(f"{path}: file {loaded[path].shape}, model {expected[path].shape}"
-                    for path in set(loaded) & set(expected)
-                    if tuple(loaded[path].shape) != tuple(expected[path].shape))
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"The weights in {folder!r} do not fit the Flax model built from its config.json:"
-            f"\n  missing from the file: {missing}\n  not in the model: {unexpected}"
-            f"\n  shapes differ: {shapes}\n  The config and the weights disagree, or the "
-            "conversion preset and the Flax model's names have drifted apart.")
-
-
 def load(path: str) -> tuple[nn.Module, Params]:
     """The Flax model and params of an HF folder written by `save_pretrained`.
+
+    The one conversion path: `jaxckpt.load_params("hf:...")` grafts the folder strictly onto the
+    module's abstract init, reading each tensor once.
 
     Args:
         path: the folder (holding `config.json` and safetensors weights), optionally `hf:`-prefixed.
@@ -193,25 +180,17 @@ def load(path: str) -> tuple[nn.Module, Params]:
         `(module, params)`; `module.apply({"params": params}, **inputs)` gives the main output.
 
     Raises:
-        FileNotFoundError: if the folder lacks `config.json` or safetensors weights.
-        ValueError: if the weights do not convert exactly, or do not fit the model.
+        FileNotFoundError: if the folder lacks `config.json` or weights.
+        ValueError: if the weights do not convert exactly, or do not fit the model (the graft's
+            strict error, naming every leaf).
 
     Example:
         >>> module, params = load("hf:tests/fixtures/hf/gpt2_lm_head")
         >>> module.apply({"params": params}, input_ids=np.array([[1, 2, 3]])).shape
         (1, 3, 100)
     """
-    folder = path.removeprefix("hf:")
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} does not exist; `path` must be a folder that "
-                                "save_pretrained wrote.")
-    with open(config_path) as f:
-        config = json.load(f)
-    module = build(config)
-    flat = hf_presets.convert(hf_presets.family_of(config), read_tensors(folder))
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), **example_inputs(module)))
-    expected = traverse_util.flatten_dict(shapes["params"], sep="/")
-    _check_tree(flat, expected, folder)
-    params = {path: jnp.asarray(array, expected[path].dtype) for path, array in flat.items()}
-    return module, traverse_util.unflatten_dict(params, sep="/")
+    folder = str(hf.folder_of(path))
+    module = build(hf.read_config(folder))
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), **example_inputs(module)))
+    params, _ = load_params(hf.PREFIX + folder, abstract["params"])
+    return module, params

@@ -5,7 +5,8 @@ checkpoint or step directory (or its `state/` item), `zoo:NAME`, a bare Orbax Py
 params, a `.safetensors` file or a PyTorch state dict. It reads the source's metadata, plans the
 graft on abstract leaves (`graft.plan`), then reads only the arrays the plan loads: from Orbax with
 a partial restore, each straight onto the sharding of the target leaf it fills; from a weights file
-tensor by tensor. Optimizer state and unused params are never read.
+tensor by tensor. Optimizer state and unused params are never read. `hf:DIR` names a Hugging Face
+folder (`jaxckpt.weights.hf`), converted by its family's table on the way.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from jaxckpt.grafting.adapters import Derived, StructureRule, restructure
 from jaxckpt.grafting.graft import GraftReport, graft, plan
 from jaxckpt.tree import treepath
 from jaxckpt.types import Params
-from jaxckpt.weights import zoo
+from jaxckpt.weights import hf, zoo
 from jaxckpt.weights.foreign import RenameSpec, is_foreign, read_foreign
 
 PARAMS_KEY = "params"
@@ -217,18 +218,27 @@ def _open_source(
     rename: RenameSpec,
     best_metric: str | None,
     best_mode: str,
-) -> tuple[dict[str, Any], _Reader]:
-    """The source's params as `{path: abstract or lazy leaf}` (nothing read), and their reader.
+) -> tuple[dict[str, Any], _Reader, tuple[StructureRule, ...]]:
+    """The source's params as `{path: abstract or lazy leaf}` (nothing read), their reader, and the
+    structural rules the source itself needs (an HF folder's fused tensors).
 
     The reader takes `{source path: sharding or None}` and returns those arrays.
     """
+    if hf.is_hf(path):
+        _one_weights_set(path, step, "an HF folder")
+        if rename:
+            raise ValueError(f"rename= does not apply to {path}: its config.json picks the family "
+                             "table that names every tensor. Drop rename; move subtrees with mapping=.")
+        opened = hf.open_hf(path)
+        leaves = opened.leaves
+        return leaves, lambda wanted: {p: np.asarray(leaves[p]) for p in wanted}, opened.structure
     ref = zoo.resolve(path)
     if is_foreign(ref):
         if not ref.exists():
             raise CheckpointNotFoundError(f"Weights file {ref} does not exist.")
         _one_weights_set(ref, step, "a weights file")
         leaves = read_foreign(ref, rename=rename)
-        return leaves, lambda wanted: {p: np.asarray(leaves[p]) for p in wanted}
+        return leaves, lambda wanted: {p: np.asarray(leaves[p]) for p in wanted}, ()
     if rename:
         raise ValueError(
             f"rename= maps the tensor names of .safetensors/.pt/.pth/.bin files to tree paths, but {path} "
@@ -249,7 +259,7 @@ def _open_source(
         arrays = _read_arrays(checkpoint, {prefix + p: (leaves[p], sharding) for p, sharding in wanted.items()})
         return {p[len(prefix) :]: a for p, a in arrays.items()}
 
-    return leaves, read
+    return leaves, read, ()
 
 
 def load_params(
@@ -279,7 +289,11 @@ def load_params(
           `state/`), e.g. written by `ocp.StandardCheckpointer().save(path, params)`; the whole tree
           is the source unless it has a top-level `params`;
         * a `.safetensors` file or a PyTorch state dict (`.pt`/`.pth`/`.bin`, needs torch), read
-          through `jaxckpt.read_foreign` (names via `rename`).
+          through `jaxckpt.read_foreign` (names via `rename`);
+        * `hf:DIR`, a Hugging Face folder as `save_pretrained` writes it (`config.json` and single
+          or sharded safetensors, or `pytorch_model.bin` with torch): its config picks the family's
+          rename/layout table (`jaxckpt.weights.hf_presets`), fused tensors are split by the
+          graft's `Split` rules, and the report names the rule that made each such leaf.
       target_params: the new model's params: fresh arrays (unloaded leaves keep them), or
         `jax.ShapeDtypeStruct`s (loaded leaves come back as `jax.Array`s on their shardings, or
         on the default device when they have none; the others stay abstract for the caller to
@@ -315,8 +329,8 @@ def load_params(
       ...                              strict=False)
       >>> print(report)
     """
-    raw, read = _open_source(path, step, rename, best_metric, best_mode)
-    structure = tuple(structure)
+    raw, read, own_structure = _open_source(path, step, rename, best_metric, best_mode)
+    structure = own_structure + tuple(structure)
     source = restructure(raw, structure) if structure else raw
     report = plan(source, target_params, mapping=mapping, skip=skip, adapters=adapters)
     if strict:
