@@ -17,20 +17,25 @@ _EXPORTS: dict[str, str] = {
     "CheckpointManager": "jaxckpt.checkpoint.manager",
     "CheckpointNotFoundError": "jaxckpt.errors",
     "CheckpointSaveError": "jaxckpt.errors",
+    "Fuse": "jaxckpt.grafting.adapters",
     "GraftEntry": "jaxckpt.grafting.report",
     "GraftReport": "jaxckpt.grafting.report",
     "NonFiniteLossError": "jaxckpt.errors",
     "PREEMPTED_EXIT_CODE": "jaxckpt.errors",
     "Preempted": "jaxckpt.errors",
     "RetentionPolicy": "jaxckpt.checkpoint.retention",
+    "Split": "jaxckpt.grafting.adapters",
+    "Stack": "jaxckpt.grafting.adapters",
     "Task": "jaxckpt.runner.task",
     "TrainState": "jaxckpt.train.state",
+    "Unstack": "jaxckpt.grafting.adapters",
     "UserError": "jaxckpt.errors",
     "WorkdirError": "jaxckpt.errors",
     "WorkdirLock": "jaxckpt.runner.workdir",
     "describe_trainable": "jaxckpt.train.optim",
     "distributed": "jaxckpt.runner.distributed",
     "evaluate": "jaxckpt.runner.loop",
+    "export_hf": "jaxckpt.weights.hf",
     "flatten": "jaxckpt.tree.treepath",
     "freeze_and_scale": "jaxckpt.train.optim",
     "graft": "jaxckpt.grafting.graft",
@@ -91,6 +96,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         UserError,
         WorkdirError,
     )
+    from jaxckpt.grafting.adapters import Fuse, Split, Stack, Unstack
     from jaxckpt.grafting.graft import graft, plan
     from jaxckpt.grafting.report import GraftEntry, GraftReport
     from jaxckpt.runner import distributed
@@ -103,4 +109,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from jaxckpt.tree.pathmatch import label_tree, match
     from jaxckpt.tree.treepath import flatten, unflatten, unflatten_dict
     from jaxckpt.weights.foreign import graft_foreign, read_foreign, write_safetensors
+    from jaxckpt.weights.hf import export_hf
     from jaxckpt.weights.pretrained import load_params, resolve_checkpoint_path

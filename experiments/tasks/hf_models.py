@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -194,3 +194,48 @@ def load(path: str) -> tuple[nn.Module, Params]:
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), **example_inputs(module)))
     params, _ = load_params(hf.PREFIX + folder, abstract["params"])
     return module, params
+
+
+def task_config(config: Any, artifacts: Mapping[str, Any] | None, architecture: str,
+                class_names: Sequence[str], default: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The HF `config.json` of a task's model, with the task's architecture and labels.
+
+    Taken, in order, from the run's saved `hf_config` artifact (a resumed or evaluated run is
+    rebuilt as it was); from `config.model.hf_config` (a `config.json`, or an HF folder with or
+    without `hf:`); from `config.checkpoint.pretrained` when it is an `hf:` folder; else `default`.
+    Its `architectures` and labels (`id2label`, `label2id`) are then set to the task's, so a
+    base-model folder (`BertModel`) gives a classifier with a fresh head of `len(class_names)`.
+
+    Args:
+        config: the experiment config (reads `model.hf_config`, `checkpoint.pretrained`).
+        artifacts: the run's task artifacts, or None for a fresh run.
+        architecture: the HF class name of the task's model, e.g. `"BertForSequenceClassification"`.
+        class_names: the labels, in logit order.
+        default: the config to use when nothing above names one.
+
+    Returns:
+        The config, JSON-able: the task keeps it as its `hf_config` artifact, which `python -m
+        jaxckpt export RUN --format hf OUT/` writes as `OUT/config.json`.
+
+    Raises:
+        ValueError: if nothing names a config and there is no default.
+        FileNotFoundError: if the named config does not exist.
+    """
+    if artifacts and "hf_config" in artifacts:
+        return dict(artifacts["hf_config"])
+    pretrained = str(config.checkpoint.pretrained or "")
+    source = str(config.model.hf_config or "") or (pretrained if hf.is_hf(pretrained) else "")
+    if source.endswith(".json"):
+        with open(source) as f:
+            base = json.load(f)
+    elif source:
+        base = hf.read_config(source)
+    elif default is not None:
+        base = dict(default)
+    else:
+        raise ValueError("No HF config for the model: set --config.model.hf_config=PATH (a "
+                         "config.json or an HF folder) or --config.checkpoint.pretrained=hf:DIR.")
+    base["architectures"] = [architecture]
+    base["id2label"] = {str(i): name for i, name in enumerate(class_names)}
+    base["label2id"] = {name: i for i, name in enumerate(class_names)}
+    return base

@@ -157,7 +157,19 @@ class GraftReport:
             unused 0      source leaves no target leaf takes
             cast 0        dtype cast while loading
         """
-        rows = self._rows()
+        return self.format()
+
+    def format(self, *, every_leaf: bool = False) -> str:
+        """The table `str(report)` gives; with `every_leaf`, no loaded leaf is cut.
+
+        Args:
+            every_leaf: list every loaded leaf (a plan shows it all); otherwise more than 20 are
+                cut to the first 10 and a count.
+
+        Returns:
+            The aligned table and the bucket counts.
+        """
+        rows = self._rows(every_leaf)
         lines = ["GraftReport"]
         if rows:
             rows.insert(0, ("bucket", "path", "source", "shapes"))
@@ -171,7 +183,7 @@ class GraftReport:
         lines += [f"{count.ljust(width)}  {meaning}" for count, meaning in counts]
         return "\n".join(lines)
 
-    def _rows(self) -> list[tuple[str, str, str, str]]:
+    def _rows(self, every_leaf: bool = False) -> list[tuple[str, str, str, str]]:
         """(bucket, path, source, shapes) per entry, for `__str__`."""
         def source(e: GraftEntry) -> str:
             return e.source if e.source not in (None, e.path) else ""
@@ -179,7 +191,7 @@ class GraftReport:
         # Leaves a structural rule made are always listed: they are the ones worth checking.
         made = [e for e in self.loaded if e.rule]
         plain = [e for e in self.loaded if not e.rule]
-        shown = plain[:_LOADED_SHOWN] if len(plain) > 2 * _LOADED_SHOWN else plain
+        shown = plain[:_LOADED_SHOWN] if len(plain) > 2 * _LOADED_SHOWN and not every_leaf else plain
         rows = [("loaded", e.path, source(e), f"{e.target_shape}") for e in shown]
         if len(shown) < len(plain):
             rows.append(("loaded", "...", "", f"and {len(plain) - len(shown)} more"))
