@@ -50,12 +50,13 @@ def encode(text: str | bytes, vocab_size: int, max_length: int) -> np.ndarray:
 
     Example:
         >>> encode("Great film", vocab_size=100, max_length=5).tolist()
-        [1, 59, 39, 0, 0]
+        [1, 25, 26, 0, 0]
     """
     ids = [CLS] + [2 + zlib.crc32(word.encode()) % (vocab_size - 2)
                    for word in tokenizer_lib.words(text)]
+    ids = ids[:max_length]
     out = np.full(max_length, PAD, np.int32)
-    out[:max_length] = ids[:max_length]
+    out[:len(ids)] = ids
     return out
 
 
