@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint.resume = True  # continue from this workdir's own checkpoint if it has one
     config.checkpoint.resume_best = False  # use the best rather than the latest checkpoint
     config.checkpoint.resume_file = ""  # run dir, step dir or zoo:NAME: full state to continue from / evaluate
-    config.checkpoint.pretrained = ""  # run dir, step dir, zoo:NAME, .safetensors or .pt: weights-only init
+    config.checkpoint.pretrained = ""  # run dir, step dir, zoo:NAME, .safetensors, .pt or hf:DIR: weights-only init
     config.checkpoint.strict = True  # pretrained: every target leaf must load (False: load what matches)
     config.checkpoint.mapping = ""  # pretrained: "src:dst,..." path-prefix rules; "" = whole tree
     config.checkpoint.skip = ""  # pretrained: comma-separated regexes of target paths kept fresh

@@ -313,8 +313,9 @@ def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
     """Weights-only load of `path` into `fresh_params` through `load_params`, per the checkpoint config.
 
     `path` is anything `jaxckpt.weights.pretrained.load_params` takes: a run, checkpoint or step directory,
-    a step's `state/` item, `zoo:NAME`, a bare Orbax PyTree checkpoint, a `.safetensors` file or a
-    PyTorch state dict (`.pt`/`.pth`/`.bin`). Only the arrays the graft loads are read.
+    a step's `state/` item, `zoo:NAME`, a bare Orbax PyTree checkpoint, a `.safetensors` file, a
+    PyTorch state dict (`.pt`/`.pth`/`.bin`) or an HF folder (`hf:DIR`). Only the arrays the graft
+    loads are read.
 
     Returns:
       `(params, GraftReport)`.
