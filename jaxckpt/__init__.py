@@ -17,18 +17,18 @@ _EXPORTS: dict[str, str] = {
     "CheckpointManager": "jaxckpt.checkpoint.manager",
     "CheckpointNotFoundError": "jaxckpt.errors",
     "CheckpointSaveError": "jaxckpt.errors",
-    "Fuse": "jaxckpt.grafting.adapters",
+    "Fuse": "jaxckpt.grafting.structure",
     "GraftEntry": "jaxckpt.grafting.report",
     "GraftReport": "jaxckpt.grafting.report",
     "NonFiniteLossError": "jaxckpt.errors",
     "PREEMPTED_EXIT_CODE": "jaxckpt.errors",
     "Preempted": "jaxckpt.errors",
     "RetentionPolicy": "jaxckpt.checkpoint.retention",
-    "Split": "jaxckpt.grafting.adapters",
-    "Stack": "jaxckpt.grafting.adapters",
+    "Split": "jaxckpt.grafting.structure",
+    "Stack": "jaxckpt.grafting.structure",
     "Task": "jaxckpt.runner.task",
     "TrainState": "jaxckpt.train.state",
-    "Unstack": "jaxckpt.grafting.adapters",
+    "Unstack": "jaxckpt.grafting.structure",
     "UserError": "jaxckpt.errors",
     "WorkdirError": "jaxckpt.errors",
     "WorkdirLock": "jaxckpt.runner.workdir",
@@ -96,7 +96,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         UserError,
         WorkdirError,
     )
-    from jaxckpt.grafting.adapters import Fuse, Split, Stack, Unstack
+    from jaxckpt.grafting.structure import Fuse, Split, Stack, Unstack
     from jaxckpt.grafting.graft import graft, plan
     from jaxckpt.grafting.report import GraftEntry, GraftReport
     from jaxckpt.runner import distributed

@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint.skip = ""  # pretrained: comma-separated regexes of target paths kept fresh
     config.checkpoint.adapters = ""  # pretrained: "regex:resize|interpolate,..." opt-in shape adapters
     config.checkpoint.rename = ""  # pretrained .safetensors/.pt: "regex=>path;..." key renames
+    config.checkpoint.structure = ""  # pretrained: "split SRC => DST1, DST2 @ AXIS; stack L_{i} => STACKED; ..." rules
 
     config.early_stop = ml_collections.ConfigDict()
     config.early_stop.criteria = "val/loss"  # metric that picks the best checkpoint and stops early

@@ -41,7 +41,7 @@ _CONFIG_SUMMARY = (
         "task", "run_type", "seed", "data.target", "train.num_steps", "train.batch_size", "optimizer.name",
         "optimizer.learning_rate", "optimizer.schedule", "optimizer.freeze", "optimizer.lr_multipliers",
         "early_stop.criteria", "checkpoint.pretrained", "checkpoint.mapping", "checkpoint.skip",
-        "checkpoint.adapters", "checkpoint.rename",
+        "checkpoint.adapters", "checkpoint.rename", "checkpoint.structure",
 )
 
 
@@ -275,7 +275,10 @@ def _plan(args: argparse.Namespace, config_args: Sequence[str]) -> int:
     task = load_task(config)
     # The same abstract params the loop builds: shapes only, nothing is computed.
     target = jax.eval_shape(task.init_params, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+    from jaxckpt.grafting.structure import parse_structure
+
     options = dict(mapping=ck.mapping or None, skip=_split(ck.skip), adapters=ck.adapters or None)
+    structure += parse_structure(ck.get("structure", ""))
     report = plan_graft(source_leaves, target, structure=structure, **options)
     freeze, multipliers = cli_tables.training_spec(config.get("optimizer"))
     labels = cli_tables.describe_training(target, freeze, multipliers) if freeze or multipliers else {}

@@ -11,7 +11,7 @@ import jax
 from jaxckpt.checkpoint.stepdir import EXTRA_ITEM, read_json_item
 from jaxckpt.cli import tables as cli_tables
 from jaxckpt.errors import UserError
-from jaxckpt.grafting.adapters import Derived, restructure
+from jaxckpt.grafting.structure import Derived, restructure
 from jaxckpt.weights import hf
 
 

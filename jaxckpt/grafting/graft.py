@@ -28,7 +28,7 @@ abstract trees returns the plan (`plan()` returns just the report and never
 reads anything).
 
 Structural rules (`structure=[Split(...), Fuse(...), Stack(...), Unstack(...)]`, see
-`jaxckpt.grafting.adapters`) reshape the source's tree first: the leaves they make are read only
+`jaxckpt.grafting.structure`) reshape the source's tree first: the leaves they make are read only
 when loaded, and the report gives each the rule that made it (`GraftEntry.rule`).
 
 Results keep the target's dtype and, for `jax.Array` targets, its sharding.
@@ -43,15 +43,8 @@ import jax
 import numpy as np
 
 # Adapter, GraftEntry and parse_adapters are also imported from here by callers.
-from jaxckpt.grafting.adapters import (
-    Adapter,
-    Derived,
-    StructureRule,
-    adapt,
-    adapter_name,
-    parse_adapters,
-    restructure,
-)
+from jaxckpt.grafting.adapters import Adapter, adapt, adapter_name, parse_adapters
+from jaxckpt.grafting.structure import Derived, StructureRule, restructure
 from jaxckpt.grafting.mapping import dead_rules, parse_mapping, source_paths, strip_prefix, unused_sources
 from jaxckpt.grafting.report import GraftEntry, GraftReport
 from jaxckpt.tree import pathmatch, treepath
@@ -407,7 +400,7 @@ def graft(
             the fresh init); `interpolate` resamples linearly along the axes whose
             size differs; `fn(source_array, target_leaf)` returns the new leaf.
         structure: structural rules applied to the source before paths are matched, in order:
-            `Split`, `Fuse`, `Stack`, `Unstack` (`jaxckpt.grafting.adapters`). A leaf one of them
+            `Split`, `Fuse`, `Stack`, `Unstack` (`jaxckpt.grafting.structure`). A leaf one of them
             makes is reported with the rule (`GraftEntry.rule`); a rule matching nothing is an
             error.
 

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 
 from jaxckpt.checkpoint.manager import CheckpointManager
 from jaxckpt.errors import CheckpointCorruptError, CorruptCheckpointsError, UserError, WorkdirError
+from jaxckpt.grafting.structure import parse_structure
 from jaxckpt.runner.metrics import truncate_after
 from jaxckpt.runner.task import Task
 from jaxckpt.runner.workdir import config_changes, log, set_aside, write_json
@@ -328,9 +329,11 @@ def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
         raise UserError(f"checkpoint.pretrained={path} does not exist.")
     try:
         return load_params(path, fresh_params, mapping=ck.mapping or None, skip=split_patterns(ck.skip),
-                           strict=ck.strict, adapters=ck.adapters or None, rename=ck.rename or None)
+                           strict=ck.strict, adapters=ck.adapters or None, rename=ck.rename or None,
+                           structure=parse_structure(ck.get("structure", "")))
     except ValueError as e:
         raise UserError(
             f"{e}\nIn a config these are --config.checkpoint.strict=False, checkpoint.mapping='src:dst,...', "
-            "checkpoint.skip='regex,...' and checkpoint.adapters='regex:resize,...'; "
+            "checkpoint.skip='regex,...', checkpoint.adapters='regex:resize,...' and checkpoint.structure="
+            "'split SRC => DST1, DST2 @ AXIS; ...'; "
             f"`python -m jaxckpt plan {path} --config ...` shows the plan without training.") from e

@@ -24,7 +24,7 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from jaxckpt.errors import CheckpointNotFoundError, MissingDependencyError
-from jaxckpt.grafting.adapters import Split
+from jaxckpt.grafting.structure import Split
 from jaxckpt.tree import treepath
 from jaxckpt.types import Params
 from jaxckpt.weights import hf_presets

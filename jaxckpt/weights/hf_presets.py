@@ -39,7 +39,7 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from jaxckpt.grafting.adapters import Derived, Fuse, Split, restructure
+from jaxckpt.grafting.structure import Derived, Fuse, Split, restructure
 
 Layout = str | tuple[str, int, int]
 """`"none"`, `"transpose"`, `"conv_oihw_to_hwio"` or `("split", parts, axis)`."""

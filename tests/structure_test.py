@@ -1,4 +1,4 @@
-"""Structural adapters (split/fuse, stack/unstack) through `graft`, `plan` and `load_params`:
+"""Structural adapters (jaxckpt/grafting/structure.py) through `graft`, `plan` and `load_params`:
 both directions, bitwise; what the report says; what is read; and the errors."""
 
 import jax
@@ -6,7 +6,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxckpt.grafting.adapters import Derived, Fuse, Split, Stack, Unstack, restructure
+from jaxckpt.grafting.structure import Derived, Fuse, Split, Stack, Unstack, restructure
 from jaxckpt.grafting.graft import graft, plan
 from jaxckpt.tree import treepath
 from jaxckpt.weights.pretrained import load_params
@@ -165,3 +165,38 @@ def test_derived_leaf_describes_itself():
     leaf = restructure({"a": np.zeros((2, 4), np.float16)}, [Split("a", ("b", "c"), -1)])["b"]
     assert isinstance(leaf, Derived) and leaf.shape == (2, 2) and leaf.dtype == np.float16
     assert leaf.inputs == ("a",) and leaf.input_shape == (2, 4) and not leaf.abstract
+
+
+def test_parse_structure_reads_the_config_form():
+    from jaxckpt.grafting.structure import parse_structure
+    assert parse_structure("") == ()
+    rules = parse_structure(" split h_{i}/c_attn/kernel => " + ", ".join(QKV) + " @ 1 ;"
+                            "fuse a, b => ab @ -1; stack enc/layer_{i} => enc/layers;"
+                            "unstack enc/layers => enc/layer_{i} @ 0")
+    assert rules == (Split("h_{i}/c_attn/kernel", QKV, 1), Fuse(("a", "b"), "ab", -1),
+                     Stack("enc/layer_{i}", "enc/layers", 0), Unstack("enc/layers", "enc/layer_{i}", 0))
+
+
+@pytest.mark.parametrize("spec", ["split a => b, c", "fuse a => b @ 0", "stack a, b => c", "resize a => b @ 0",
+                                  "split a => b, c @ x", "stack a"])
+def test_parse_structure_refuses_malformed_rules(spec):
+    from jaxckpt.grafting.structure import parse_structure
+    with pytest.raises(ValueError, match="must be one of 'split SRC => DST1, DST2, ... @ AXIS'"):
+        parse_structure(spec)
+
+
+def test_the_config_form_reaches_the_graft_through_checkpoint_structure(tmp_path):
+    import ml_collections
+
+    from jaxckpt.errors import UserError
+    from jaxckpt.runner.sources import load_pretrained
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "fused", _fused())
+    ck = ml_collections.ConfigDict({"mapping": "", "skip": "", "strict": True, "adapters": "", "rename": "",
+                                    "structure": "split h_{i}/c_attn/kernel => " + ", ".join(QKV) + " @ 1"})
+    params, report = load_pretrained(str(tmp_path / "fused"), _split_target(), ck)
+    assert report.ok and report.counts["loaded"] == 6
+    ck.structure = "split h_{i}/c_attn/kernel => h_{i}/q"
+    with pytest.raises(UserError, match="checkpoint.structure="):
+        load_pretrained(str(tmp_path / "fused"), _split_target(), ck)
