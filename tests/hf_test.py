@@ -170,3 +170,22 @@ def test_transformers_loads_the_export_with_the_same_outputs(name, tmp_path):
     with jax.default_matmul_precision("highest"):
         ours = np.asarray(module.apply({"params": params}, **inputs))
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)
+
+
+def test_loaded_leaves_land_on_the_target_shardings():
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    mesh = Mesh(np.array(jax.devices()[:4]), ("fsdp",))
+    _, abstract = _abstract("gpt2_lm_head")
+
+    def sharded(leaf):  # Split the last axis over 4 devices where it divides, else replicate.
+        spec = PartitionSpec(*([None] * (leaf.ndim - 1)), "fsdp") if leaf.shape[-1] % 4 == 0 else PartitionSpec()
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, spec))
+    target = jax.tree.map(sharded, abstract)
+    params, report = load_params("hf:" + os.path.join(FIXTURES, "gpt2_lm_head"), target)
+    assert report.ok
+    for path, leaf in treepath.flatten(params).items():
+        assert leaf.sharding == treepath.flatten(target)[path].sharding, path
+    query = params["transformer"]["h_0"]["attention"]["query"]["kernel"]  # made by the Split rule
+    assert len(query.addressable_shards) == 4 and query.addressable_shards[0].data.shape == (32, 8)
