@@ -13,7 +13,9 @@
 Everything here except `export` reads metadata only: no array is loaded and no run or zoo entry is
 written (except by `zoo publish`); `plan` builds the config's task (which may prepare its dataset)
 but only evaluates the shapes of its params. `export` reads the params of one step (never the
-optimizer state) and writes them to a safetensors file. `inspect` and `plan` say which params a
+optimizer state) and writes them to a safetensors file, or with `--format hf` to an HF folder
+(`config.json` from the run's `hf_config` artifact or `--hf-config`, and `model.safetensors`).
+`inspect hf:DIR` and `plan hf:DIR` read an HF folder's `config.json` and file headers only. `inspect` and `plan` say which params a
 run's `optimizer.freeze` / `optimizer.lr_multipliers` freeze or scale.
 
 Exit codes: 0 success; 2 a user error (a bad path, an unknown zoo name or config key, a rule
@@ -399,7 +401,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="experiment config file with get_config(); override fields with --config.KEY=VALUE")
 
     export = commands.add_parser(
-            "export", help="write one step's params to a .safetensors file (PyTorch names and layout)",
+            "export", help="write one step's params to a .safetensors file (PyTorch names and layout) or, with "
+            "--format hf, an HF folder",
             description="Reads only the params of one step (not the optimizer state) and writes them to "
             "OUT. With --layout torch, Dense/Conv kernels are written as PyTorch 'weight's in (out, in) / "
             "OIHW layout; --config.checkpoint.pretrained=OUT reads them back into the same model.")
