@@ -218,14 +218,17 @@ def _open_source(
     rename: RenameSpec,
     best_metric: str | None,
     best_mode: str,
+    tree: str = PARAMS_KEY,
 ) -> tuple[dict[str, Any], _Reader, tuple[StructureRule, ...]]:
-    """The source's params as `{path: abstract or lazy leaf}` (nothing read), their reader, and the
-    structural rules the source itself needs (an HF folder's fused tensors).
+    """The source's `tree` (params) as `{path: abstract or lazy leaf}` (nothing read), their reader,
+    and the structural rules the source itself needs (an HF folder's fused tensors).
 
     The reader takes `{source path: sharding or None}` and returns those arrays.
     """
     if hf.is_hf(path):
         _one_weights_set(path, step, "an HF folder")
+        if tree != PARAMS_KEY:
+            raise ValueError(f"tree={tree!r} applies to jaxckpt steps; {path} holds parameters only.")
         if rename:
             raise ValueError(f"rename= does not apply to {path}: its config.json picks the family "
                              "table that names every tensor. Drop rename; move subtrees with mapping=.")
@@ -252,7 +255,10 @@ def _open_source(
         checkpoint = resolve_step_dir(ref, step, best_metric=best_metric, best_mode=best_mode)
     saved = _read_metadata(checkpoint)
     # jaxckpt steps hold the whole train state; a params-only tree is used as it is.
-    prefix = PARAMS_KEY + "/" if any(p.startswith(PARAMS_KEY + "/") for p in saved) else ""
+    prefix = tree + "/" if tree != PARAMS_KEY or any(p.startswith(PARAMS_KEY + "/") for p in saved) else ""
+    if prefix and not any(p.startswith(prefix) for p in saved):
+        raise CheckpointNotFoundError(
+            f"{checkpoint} holds no {tree!r} tree (it has {sorted({p.split('/', 1)[0] for p in saved})}).")
     leaves = {p[len(prefix) :]: sds for p, sds in saved.items() if p.startswith(prefix)}
 
     def read(wanted: Mapping[str, Any]) -> dict[str, Any]:
@@ -266,14 +272,15 @@ def load_params(
     path: os.PathLike | str,
     target_params: Params,
     *,
-    mapping: str | Mapping[str, str] | None = None,
+    mapping: Mapping[str, str] | None = None,
     skip: Sequence[str] = (),
     strict: bool = True,
     step: int | str | None = None,
-    adapters: str | Mapping[str, Any] | None = None,
+    adapters: Mapping[str, Any] | None = None,
     best_metric: str | None = None,
     best_mode: str = "min",
     rename: RenameSpec = None,
+    tree: str = PARAMS_KEY,
     structure: Sequence[StructureRule] = (),
 ) -> tuple[Params, GraftReport]:
     r"""Grafts a checkpoint's or weights file's params into `target_params`, reading only what it loads.
@@ -307,7 +314,9 @@ def load_params(
       best_metric: the metric ranking steps for `step="best"`.
       best_mode: "min" or "max" for `step="best"`.
       rename: for weights files only: rules mapping tensor names to tree paths (see
-        `jaxckpt.weights.foreign.parse_rename`), e.g. `r"bert\.(.*)=>encoder/\1"`.
+        `jaxckpt.weights.foreign.rename_rules`), e.g. `{r"bert\.(.*)": r"encoder/\1"}`.
+      tree: which top-level subtree of a jaxckpt step is the source: "params" (default), or another
+        field of the saved `TrainState` such as "model_state" (batch statistics).
       structure: structural rules (`Split`, `Fuse`, `Stack`, `Unstack`) applied to the source's
         params first, as for `graft`; only the source leaves the loaded ones are made from are read.
 
@@ -325,11 +334,11 @@ def load_params(
     Example:
       >>> params, report = load_params("runs/pretrain", fresh_params, mapping={"encoder": "encoder"},
       ...                              strict=False)
-      >>> params, report = load_params("bert.safetensors", fresh_params, rename=r"bert\.(.*)=>encoder/\1",
+      >>> params, report = load_params("bert.safetensors", fresh_params, rename={r"bert\.(.*)": r"encoder/\1"},
       ...                              strict=False)
       >>> print(report)
     """
-    raw, read, own_structure = _open_source(path, step, rename, best_metric, best_mode)
+    raw, read, own_structure = _open_source(path, step, rename, best_metric, best_mode, tree)
     structure = own_structure + tuple(structure)
     source = restructure(raw, structure) if structure else raw
     report = plan(source, target_params, mapping=mapping, skip=skip, adapters=adapters)
