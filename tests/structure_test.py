@@ -6,8 +6,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxckpt.grafting.structure import Derived, Fuse, Split, Stack, Unstack, restructure
 from jaxckpt.grafting.graft import graft, plan
+from jaxckpt.grafting.structure import Derived, Fuse, Split, Stack, Unstack, restructure
 from jaxckpt.tree import treepath
 from jaxckpt.weights.pretrained import load_params
 
@@ -103,7 +103,7 @@ def test_plan_reads_nothing_and_graft_reads_only_what_it_loads():
 def test_split_onto_abstract_targets_is_a_plan():
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _split_target())
     tree, report = graft(_fused(), abstract, structure=[Split("h_{i}/c_attn/kernel", QKV, 1)])
-    assert isinstance(tree["h_0"]["attention"]["query"]["kernel"], jax.ShapeDtypeStruct)
+    assert report.ok and isinstance(tree["h_0"]["attention"]["query"]["kernel"], jax.ShapeDtypeStruct)
     abstract_source = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _fused())
     with pytest.raises(TypeError, match="abstract"):
         graft(abstract_source, _split_target(), structure=[Split("h_{i}/c_attn/kernel", QKV, 1)])
@@ -195,8 +195,15 @@ def test_the_config_form_reaches_the_graft_through_checkpoint_structure(tmp_path
         checkpointer.save(tmp_path / "fused", _fused())
     ck = ml_collections.ConfigDict({"mapping": "", "skip": "", "strict": True, "adapters": "", "rename": "",
                                     "structure": "split h_{i}/c_attn/kernel => " + ", ".join(QKV) + " @ 1"})
-    params, report = load_pretrained(str(tmp_path / "fused"), _split_target(), ck)
+    _, report = load_pretrained(str(tmp_path / "fused"), _split_target(), ck)
     assert report.ok and report.counts["loaded"] == 6
     ck.structure = "split h_{i}/c_attn/kernel => h_{i}/q"
     with pytest.raises(UserError, match="checkpoint.structure="):
         load_pretrained(str(tmp_path / "fused"), _split_target(), ck)
+
+
+def test_each_split_cuts_its_own_leaf_when_layers_differ_in_width():
+    source = {"h_0/qkv": np.arange(12.0).reshape(1, 12), "h_1/qkv": np.arange(6.0).reshape(1, 6)}
+    flat = restructure(source, [Split("h_{i}/qkv", ("h_{i}/q", "h_{i}/k", "h_{i}/v"), 1)])
+    np.testing.assert_array_equal(flat["h_0/k"](), [[4.0, 5.0, 6.0, 7.0]])
+    np.testing.assert_array_equal(flat["h_1/k"](), [[2.0, 3.0]])

@@ -237,8 +237,8 @@ def _source_metadata(source: str, rename: Any) -> tuple[dict[str, Any], str, tup
 
     if hf.is_hf(source):
         opened = hf.open_hf(source)
-        return (opened.leaves, f"HF folder {opened.folder} ({opened.family}, "
-                f"{', '.join(opened.files)})", opened.structure)
+        described = f"HF folder {opened.folder} ({opened.family}, {', '.join(opened.files)})"
+        return opened.leaves, described, opened.structure
     if is_foreign(source):
         return read_foreign(source, rename=rename), f"weights file {source}", ()
     step_dir = resolve_step_dir(zoo.resolve(source))
@@ -272,7 +272,7 @@ def _plan(args: argparse.Namespace, config_args: Sequence[str]) -> int:
 
     options = config_strings.checkpoint_options(ck)
     source_leaves, described, structure = _source_metadata(str(source), options.pop("rename"))
-    structure += parse_structure(ck.get("structure", ""))
+    structure += parse_structure(getattr(ck, "structure", ""))
     task = load_task(config)
     # The same abstract params the loop builds: shapes only, nothing is computed.
     target = jax.eval_shape(task.init_params, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))

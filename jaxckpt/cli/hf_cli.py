@@ -66,10 +66,10 @@ def export_step(params: Any, step_dir: pathlib.Path, out: str, hf_config: str | 
     written = hf.export_hf(params, hf_config_of(step_dir, hf_config), out)
     rows = [[key, str(shape)] for key, shape in written.items()]
     return "\n".join([
-        f"exported the params of step {step_dir.name} ({described}) as the HF folder {out}: "
-        f"config.json and model.safetensors, {len(written)} tensors",
+        (f"exported the params of step {step_dir.name} ({described}) as the HF folder {out}: "
+         f"config.json and model.safetensors, {len(written)} tensors"),
         cli_tables.table(rows, ["tensor", "shape"]),
         "",
-        f"load it with transformers' from_pretrained({out!r}), or into a model with "
-        f"--config.checkpoint.pretrained=hf:{out}",
+        (f"load it with transformers' from_pretrained({out!r}), or into a model with "
+         f"--config.checkpoint.pretrained=hf:{out}"),
     ])

@@ -45,8 +45,8 @@ import numpy as np
 # Adapter and GraftEntry are also imported from here by callers.
 from jaxckpt.grafting.adapters import Adapter, adapt, adapter_name, normalize_adapters
 from jaxckpt.grafting.mapping import dead_rules, normalize_mapping, source_paths, strip_prefix, unused_sources
-from jaxckpt.grafting.structure import Derived, StructureRule, restructure
 from jaxckpt.grafting.report import GraftEntry, GraftReport
+from jaxckpt.grafting.structure import Derived, StructureRule, restructure
 from jaxckpt.tree import pathmatch, treepath
 from jaxckpt.types import PyTree
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import numpy as np
 
+
 class Split(NamedTuple):
     """One source leaf cut into equal parts along `axis`, one target leaf per part.
 
@@ -151,7 +152,8 @@ def _split(rule: Split, leaves: dict, out: dict, consumed: set) -> int:
         read = _SharedRead(leaves[path], parts)
         label = f"split {parts} on axis {axis} of {path}"
         for k, target in enumerate(rule.targets):
-            take = lambda arrays, k=k: np.take(arrays[0], range(k * size, (k + 1) * size), axis=axis)
+            take = lambda arrays, k=k, size=size, axis=axis: np.take(  # noqa: E731
+                arrays[0], range(k * size, (k + 1) * size), axis=axis)
             out[target.format(**fields)] = Derived((path,), (read,), part_shape, _dtype(leaves[path]),
                                                    f"{label} (part {k})", take)
         consumed.add(path)
@@ -218,7 +220,7 @@ def _stack(rule: Stack, leaves: dict, out: dict, consumed: set) -> int:
             raise ValueError(f"Stack of {rule.source}/{rest}: layer shapes differ ({sorted(shapes)}).")
         shape = shapes.pop()
         axis = _axis(rule.axis, len(shape) + 1, rule)
-        label = (f"stack on axis {axis} of {paths[0].replace('_0/', '_{0..%d}/' % (count - 1), 1)}"
+        label = (f"stack on axis {axis} of {paths[0].replace('_0/', f'_{{0..{count - 1}}}/', 1)}"
                  if "_0/" in paths[0] else f"stack on axis {axis} of {paths[0]} .. {paths[-1]}")
         out[f"{rule.target}/{rest}"] = Derived(
             paths, tuple(_SharedRead(leaves[p], 1) for p in paths),

@@ -330,7 +330,8 @@ def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
     if is_foreign(path) and not Path(path).exists():
         raise UserError(f"checkpoint.pretrained={path} does not exist.")
     try:
-        return load_params(path, fresh_params, strict=ck.strict, structure=parse_structure(ck.get("structure", "")),
+        structure = parse_structure(getattr(ck, "structure", ""))
+        return load_params(path, fresh_params, strict=ck.strict, structure=structure,
                            **config_strings.checkpoint_options(ck))
     except ValueError as e:
         raise UserError(

@@ -24,8 +24,8 @@ from jaxckpt.checkpoint import state_item
 from jaxckpt.checkpoint.retention import RetentionPolicy
 from jaxckpt.checkpoint.stepdir import STATE_ITEM, read_json_item, read_state_metadata
 from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError
-from jaxckpt.grafting.structure import Derived, StructureRule, restructure
 from jaxckpt.grafting.graft import GraftReport, graft, plan
+from jaxckpt.grafting.structure import Derived, StructureRule, restructure
 from jaxckpt.tree import treepath
 from jaxckpt.types import Params
 from jaxckpt.weights import hf, zoo
