@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "CheckpointNotFoundError": "jaxckpt.errors",
     "CheckpointSaveError": "jaxckpt.errors",
     "ConfigError": "jaxckpt.errors",
+    "Fuse": "jaxckpt.grafting.structure",
     "GraftEntry": "jaxckpt.grafting.report",
     "GraftReport": "jaxckpt.grafting.report",
     "MissingDependencyError": "jaxckpt.errors",
@@ -25,8 +26,11 @@ _EXPORTS: dict[str, str] = {
     "PREEMPTED_EXIT_CODE": "jaxckpt.errors",
     "Preempted": "jaxckpt.errors",
     "RetentionPolicy": "jaxckpt.checkpoint.retention",
+    "Split": "jaxckpt.grafting.structure",
+    "Stack": "jaxckpt.grafting.structure",
     "Task": "jaxckpt.runner.task",
     "TrainState": "jaxckpt.train.state",
+    "Unstack": "jaxckpt.grafting.structure",
     "UserError": "jaxckpt.errors",
     "WorkdirError": "jaxckpt.errors",
     "WorkdirLock": "jaxckpt.runner.lock",
@@ -35,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     "describe_trainable": "jaxckpt.train.optim",
     "distributed": "jaxckpt.runner.distributed",
     "evaluate": "jaxckpt.runner.loop",
+    "export_hf": "jaxckpt.weights.hf",
     "flatten": "jaxckpt.tree.treepath",
     "freeze_and_scale": "jaxckpt.train.optim",
     "graft": "jaxckpt.grafting.graft",
@@ -97,6 +102,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         UserError,
         WorkdirError,
     )
+    from jaxckpt.grafting.structure import Fuse, Split, Stack, Unstack
     from jaxckpt.grafting.graft import graft, plan
     from jaxckpt.grafting.report import GraftEntry, GraftReport
     from jaxckpt.runner import distributed
@@ -110,4 +116,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from jaxckpt.tree.pathmatch import label_tree, match
     from jaxckpt.tree.treepath import flatten, unflatten, unflatten_dict
     from jaxckpt.weights.foreign import graft_foreign, read_foreign, write_safetensors
+    from jaxckpt.weights.hf import export_hf
     from jaxckpt.weights.pretrained import load_params, resolve_checkpoint_path

@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 from jaxckpt import config_strings
 from jaxckpt.checkpoint.manager import CheckpointManager
 from jaxckpt.errors import CheckpointCorruptError, CorruptCheckpointsError, UserError, WorkdirError
+from jaxckpt.grafting.structure import parse_structure
 from jaxckpt.runner.config_diff import config_changes
 from jaxckpt.runner.logs import log
 from jaxckpt.runner.metrics_jsonl import truncate_after
@@ -315,8 +316,9 @@ def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
     """Weights-only load of `path` into `fresh_params` through `load_params`, per the checkpoint config.
 
     `path` is anything `jaxckpt.weights.pretrained.load_params` takes: a run, checkpoint or step directory,
-    a step's `state/` item, `zoo:NAME`, a bare Orbax PyTree checkpoint, a `.safetensors` file or a
-    PyTorch state dict (`.pt`/`.pth`/`.bin`). Only the arrays the graft loads are read.
+    a step's `state/` item, `zoo:NAME`, a bare Orbax PyTree checkpoint, a `.safetensors` file, a
+    PyTorch state dict (`.pt`/`.pth`/`.bin`) or an HF folder (`hf:DIR`). Only the arrays the graft
+    loads are read.
 
     Returns:
       `(params, GraftReport)`.
@@ -328,9 +330,12 @@ def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
     if is_foreign(path) and not Path(path).exists():
         raise UserError(f"checkpoint.pretrained={path} does not exist.")
     try:
-        return load_params(path, fresh_params, strict=ck.strict, **config_strings.checkpoint_options(ck))
+        structure = parse_structure(getattr(ck, "structure", ""))
+        return load_params(path, fresh_params, strict=ck.strict, structure=structure,
+                           **config_strings.checkpoint_options(ck))
     except ValueError as e:
         raise UserError(
             f"{e}\nIn a config these are --config.checkpoint.strict=False, checkpoint.mapping='src:dst,...', "
-            "checkpoint.skip='regex,...' and checkpoint.adapters='regex:resize,...'; "
+            "checkpoint.skip='regex,...', checkpoint.adapters='regex:resize,...' and checkpoint.structure="
+            "'split SRC => DST1, DST2 @ AXIS; ...'; "
             f"`python -m jaxckpt plan {path} --config ...` shows the plan without training.") from e
