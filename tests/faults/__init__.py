@@ -70,4 +70,4 @@ def run_python(code: str, *args: str, env: dict[str, str], timeout: float = 120)
     """Runs `python -c code args...` on this checkout's jaxckpt, one CPU device, with `env` added."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **env}
     return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
