@@ -29,7 +29,7 @@ RESTORE = """
 import json, os, sys, warnings
 import jax.numpy as jnp
 import jaxckpt
-from jaxckpt import stepdir
+from jaxckpt.checkpoint import stepdir
 
 directory, readers = sys.argv[1], sys.argv[2:]
 target = {"params": {"w": jnp.zeros((8, 8)), "b": jnp.zeros(8)}, "step": jnp.int32(0)}
