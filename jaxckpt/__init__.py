@@ -14,8 +14,10 @@ __version__ = "0.1.0"
 # Public name -> module that defines it.
 _EXPORTS: dict[str, str] = {
     "CheckpointCorruptError": "jaxckpt.errors",
+    "CheckpointFormatError": "jaxckpt.errors",
     "CheckpointManager": "jaxckpt.checkpoint.manager",
     "CheckpointNotFoundError": "jaxckpt.errors",
+    "CheckpointReadError": "jaxckpt.errors",
     "CheckpointSaveError": "jaxckpt.errors",
     "GraftEntry": "jaxckpt.grafting.report",
     "GraftReport": "jaxckpt.grafting.report",
@@ -84,7 +86,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from jaxckpt.errors import (
         PREEMPTED_EXIT_CODE,
         CheckpointCorruptError,
+        CheckpointFormatError,
         CheckpointNotFoundError,
+        CheckpointReadError,
         CheckpointSaveError,
         NonFiniteLossError,
         Preempted,

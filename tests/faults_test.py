@@ -2,8 +2,8 @@
 
 Each case runs jaxckpt in a subprocess whose libc fails the chosen calls on a step's OCDBT data
 files (`state/d/*`, where the array bytes are). Issue 11: a failed read is not proof that a
-checkpoint is damaged, yet today every one becomes `CheckpointCorruptError` and a fallback restore
-moves the step to `corrupt/`; the xfail tests below say what should happen instead.
+checkpoint is damaged: each becomes `CheckpointReadError` (after retries where they can help),
+and no reader, not even a fallback restore, moves a step to `corrupt/`.
 """
 
 import errno
@@ -39,7 +39,7 @@ def outcome(call):
         call()
         return None
     except Exception as e:
-        return {"type": type(e).__name__, "message": str(e)}
+        return {"type": type(e).__name__, "message": str(e), "cause": str(e.__cause__)}
 
 manager = jaxckpt.CheckpointManager(directory)
 step_dir = manager.step_dir(manager.latest_step())
@@ -109,8 +109,13 @@ def test_a_read_error_surfaces_from_every_reader_with_its_errno(checkpoints, tmp
     for reader in READERS:
         error = result[reader]
         assert error is not None, f"{reader} succeeded although every read of the array files failed"
-        # Tensorstore names the errno in every message: what a classification can rely on.
-        assert os.strerror(code) in error["message"] and f"os_error_code='{code}'" in error["message"], error
+        # Tensorstore names the errno in every message: what the classification relies on.
+        assert f"os_error_code='{code}'" in error["cause"], error
+        # One error naming the step and the cause, which proves nothing about the bytes.
+        assert error["type"] == "CheckpointReadError", error
+        assert f"{name} ({os.strerror(code)})" in error["message"] and f"{checkpoints}/2" in error["message"], error
+        assert "Nothing was moved" in error["message"]
+    assert result["quarantined"] == [] and sorted(os.listdir(checkpoints)) == ["1", "2"]
 
 
 def test_eagain_on_a_read_is_retried_by_tensorstore(checkpoints, tmp_path):
@@ -121,7 +126,6 @@ def test_eagain_on_a_read_is_retried_by_tensorstore(checkpoints, tmp_path):
     assert all(result[reader] is None for reader in READERS), result
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: any read error is taken for corruption and quarantined")
 @pytest.mark.parametrize("name, times", [("EIO", 1), ("EMFILE", -1), ("ENOMEM", -1), ("EACCES", -1)])
 def test_a_read_error_quarantines_nothing(checkpoints, name, times):
     # times=1: one failed read, which a second attempt would not meet; today the latest step is

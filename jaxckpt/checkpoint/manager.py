@@ -46,7 +46,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxckpt.checkpoint import state_item
+from jaxckpt.checkpoint import formats, state_item
 from jaxckpt.checkpoint.retention import RetentionPolicy
 from jaxckpt.checkpoint.stepdir import (
     CORRUPT_DIR,
@@ -241,7 +241,7 @@ class CheckpointManager:
         tree = flax.serialization.to_state_dict(state)
         metrics = _metrics_ready(metrics)
         info = {
-            "format": 1,
+            "format": formats.FORMAT,
             "jaxckpt_version": library_version(),
             "jax_version": jax.__version__,
             "orbax_version": ocp.__version__,

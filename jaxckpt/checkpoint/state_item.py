@@ -39,7 +39,8 @@ from etils import epath
 from orbax.checkpoint._src.futures import future as ocp_future
 from orbax.checkpoint._src.metadata import sharding as ocp_sharding
 
-from jaxckpt.errors import ChecksumMismatch
+from jaxckpt.checkpoint.formats import FORMAT
+from jaxckpt.errors import ChecksumMismatch, ChunkSizeMismatch
 from jaxckpt.tree import treepath
 from jaxckpt.types import PyTree
 
@@ -272,7 +273,8 @@ def write(item_dir: os.PathLike | str, host: Mapping[tuple[str, ...], Any],
         f.result()
     txn.commit_async().result()
     custom = dict(custom_metadata or {})
-    custom[CUSTOM_KEY] = {**custom.get(CUSTOM_KEY, {}), "layout": LAYOUT, "checksum": CHECKSUM, "arrays": arrays}
+    custom[CUSTOM_KEY] = {**custom.get(CUSTOM_KEY, {}), "format": FORMAT, "layout": LAYOUT, "checksum": CHECKSUM,
+                          "arrays": arrays}
     _write_json(item_dir / _SHARDING_FILE, shardings)
     _write_json(item_dir / _METADATA_FILE, {
         "tree_metadata": tree_metadata, "use_ocdbt": True, "use_zarr3": False,
@@ -288,16 +290,30 @@ def _write_json(path: pathlib.Path, data: Any) -> None:
 
 
 def read_custom_metadata(item_dir: os.PathLike | str) -> dict[str, Any]:
-    """`_METADATA["custom_metadata"]` of an item ({} if absent or unreadable)."""
+    """`_METADATA["custom_metadata"]` of an item ({} if there is no `_METADATA`).
+
+    Raises:
+      json.JSONDecodeError: if `_METADATA` does not parse (proof of damage, see `integrity`).
+      OSError: if it cannot be read (which proves nothing: the caller classifies it).
+    """
+    path = pathlib.Path(item_dir) / _METADATA_FILE
     try:
-        with open(pathlib.Path(item_dir) / _METADATA_FILE) as f:
+        with open(path) as f:
             return json.load(f).get("custom_metadata") or {}
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return {}
+    except json.JSONDecodeError as e:  # the message names the file
+        raise json.JSONDecodeError(f"{path} does not parse: {e.msg}", e.doc, e.pos) from None
+
+
+def checkable(custom_metadata: Mapping[str, Any]) -> dict[str, list]:
+    """The recorded `{path: [hash, dtype, shape]}` if this release knows their algorithm, else {}."""
+    record = custom_metadata.get(CUSTOM_KEY) or {}
+    return record.get("arrays", {}) if record.get("checksum") == CHECKSUM else {}
 
 
 def layout_arrays(item_dir: os.PathLike | str) -> dict[str, list] | None:
-    """`{path: [xxh3_64, dtype, shape]}` of an item this module wrote; None for any other item."""
+    """`{path: [hash, dtype, shape]}` of an item this module wrote; None for any other item."""
     record = read_custom_metadata(item_dir).get(CUSTOM_KEY) or {}
     return record.get("arrays") if record.get("layout") == LAYOUT else None
 
@@ -318,13 +334,16 @@ def read_arrays(item_dir: os.PathLike | str, wanted: Mapping[str, tuple[Any, Any
 
     Raises:
       KeyError: if a path is not an array of the item.
-      ValueError: if a stored chunk has the wrong size (a damaged file).
-      ChecksumMismatch: with `check`, naming every array whose bytes changed.
+      ChunkSizeMismatch: if a stored chunk has the wrong size (a damaged file).
+      ChecksumMismatch: with `check`, naming every array whose bytes changed. Hashes of an
+        algorithm this release does not know (CRC-32C before 0.1.0) are not checked.
     """
     item_dir = pathlib.Path(item_dir)
+    custom = read_custom_metadata(item_dir)
     arrays = layout_arrays(item_dir)
     if arrays is None:
         raise ValueError(f"{item_dir} was not written by jaxckpt.state_item; read it with Orbax.")
+    check = check and bool(checkable(custom))
     context = ts.Context({"file_io_concurrency": {"limit": 128}})
     kvstore = ts.KvStore.open(_kvstore_spec(item_dir), context=context).result()
     reads = {}
@@ -357,7 +376,8 @@ def _as_array(path: str, result: Any, dtype: np.dtype, shape: tuple[int, ...]) -
         return result
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if result.state != "value" or len(result.value) != expected:
-        raise ValueError(f"the stored chunk of {path} holds {len(result.value)} bytes, expected {expected}")
+        size = len(result.value) if result.state == "value" else 0
+        raise ChunkSizeMismatch(f"the stored chunk of {path} holds {size} bytes, expected {expected}")
     return np.frombuffer(bytearray(result.value), dtype).reshape(shape)
 
 
@@ -419,6 +439,7 @@ class StateRestore(ocp.args.PyTreeRestore):
 def _with_checksums(args: Any) -> Any:
     """Orbax's save path: the same checksums, computed now from what this process can see."""
     custom = dict(args.custom_metadata or {})
-    custom[CUSTOM_KEY] = {"checksum": CHECKSUM, "arrays": checksums(treepath.flatten(args.item))}
+    custom[CUSTOM_KEY] = {**custom.get(CUSTOM_KEY, {}), "format": FORMAT, "checksum": CHECKSUM,
+                          "arrays": checksums(treepath.flatten(args.item))}
     return ocp.args.PyTreeSave(args.item, save_args=args.save_args, custom_metadata=custom,
                                ocdbt_target_data_file_size=args.ocdbt_target_data_file_size)
