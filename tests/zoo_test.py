@@ -117,7 +117,7 @@ def test_list_entries_and_resolve(tmp_path, zoo_root):
     assert [(e["name"], e["step"]) for e in entries] == [("a-model", 20), ("b-model", 10)]
     assert entries[1]["path"] == str(zoo_root / "b-model" / "checkpoints" / "10")
     assert zoo.resolve("zoo:b-model") == zoo_root / "b-model" / "checkpoints" / "10"
-    assert zoo.resolve("runs/x") == pathlib.Path("runs/x")
+    assert zoo.resolve("runs/x") == pathlib.Path("runs/x").absolute()
     assert zoo.resolve(tmp_path) == tmp_path
 
 

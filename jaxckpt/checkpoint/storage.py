@@ -35,3 +35,26 @@ def local_path(path: os.PathLike | str, *, key: str | None = None) -> pathlib.Pa
             "gs:// or s3:// is not supported yet). Copy the files to a local disk (e.g. with gsutil or "
             "aws s3 cp) and pass that path.")
     return pathlib.Path(os.path.normpath(os.path.abspath(os.path.expanduser(text))))
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets it, racing other threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: os.PathLike | str) -> None:
+    """Gives a file or directory made by `tempfile` (0600 / 0700) the mode `open`/`mkdir` would give it.
+
+    That is 0666 / 0777 less the umask (usually 0644 / 0755), so a file renamed into place from a
+    private temporary name is as readable as one written directly.
+    """
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~_umask())

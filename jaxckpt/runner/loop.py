@@ -23,6 +23,7 @@ import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jaxckpt.checkpoint.manager import CheckpointManager
+from jaxckpt.checkpoint.storage import local_path
 from jaxckpt.cli.exits import USER_ERRORS, exit_code_of
 from jaxckpt.errors import (
     CheckpointSaveError,
@@ -38,6 +39,7 @@ from jaxckpt.runner.task import Task, load_task
 from jaxckpt.runner.workdir import (
     WorkdirLock,
     entries,
+    holds_lock,
     log,
     quiet_library_logs,
     remove_bookkeeping,
@@ -69,7 +71,7 @@ def run(config: Any, workdir: str | Path) -> Any:
     """
     if config.run_type not in RUN_TYPES:
         raise ValueError(f"config.run_type={config.run_type!r} is not one of {', '.join(RUN_TYPES)}.")
-    workdir = Path(workdir).expanduser().absolute()
+    workdir = local_path(workdir, key="workdir")
     quiet_library_logs()
     primary = jax.process_index() == 0
     before = entries(workdir)
@@ -98,7 +100,7 @@ def run(config: Any, workdir: str | Path) -> Any:
                 remove_bookkeeping(workdir, before)
 
 
-def _manager(config: Any, workdir: Path) -> CheckpointManager:
+def _manager(config: Any, workdir: Path, *, read_only: bool = False) -> CheckpointManager:
     ck = config.checkpoint
     return CheckpointManager(
         workdir / "checkpoints",
@@ -108,6 +110,7 @@ def _manager(config: Any, workdir: Path) -> CheckpointManager:
         best_mode="min" if config.early_stop.minimize else "max",
         keep_every_steps=ck.keep_every_steps or None,
         async_save=ck.async_save,
+        read_only=read_only,
     )
 
 
@@ -143,7 +146,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> TrainState:
       NonFiniteLossError: if the loss becomes NaN/inf.
       Preempted: after saving, when SIGTERM/SIGINT asked the run to stop.
     """
-    workdir = Path(workdir)
+    workdir = local_path(workdir, key="workdir")
     primary = jax.process_index() == 0
     mesh = distributed.data_mesh()
     distributed.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
@@ -311,9 +314,14 @@ def _evaluate_split(task: Task, state: TrainState, eval_step: Any, split: str, b
 
 
 def _load_for_inference(config: Any, workdir: Path) -> tuple[Task, TrainState, int, Any]:
-    """The task and the params-only state that val/test/predict use (see `sources.load_for_inference`)."""
+    """The task and the params-only state that val/test/predict use (see `sources.load_for_inference`).
+
+    The workdir's checkpoints are opened read-only (nothing cleaned up or moved aside) unless this
+    process holds the workdir lock, as `run` does: another run may be writing them.
+    """
     mesh = distributed.data_mesh()
-    manager = _manager(config, workdir) if (workdir / "checkpoints").exists() else None
+    read_only = not holds_lock(workdir)
+    manager = _manager(config, workdir, read_only=read_only) if (workdir / "checkpoints").exists() else None
     try:
         start = sources.decide_start(config, workdir, manager, training=False)
         task = load_task(config, artifacts=start.artifacts)
@@ -345,7 +353,7 @@ def evaluate(config: Any, workdir: str | Path, *, split: str = "val") -> dict[st
       UserError: if the workdir has no checkpoint and `checkpoint.resume_file` is unset, or the
         checkpoint to evaluate is corrupt.
     """
-    workdir = Path(workdir)
+    workdir = local_path(workdir, key="workdir")
     task, state, step, mesh = _load_for_inference(config, workdir)
     metrics = _evaluate_split(task, state, jax.jit(make_eval_step(task.metrics_fn)), split,
                               config.eval.batch_size, mesh)
@@ -375,7 +383,7 @@ def predict(config: Any, workdir: str | Path, *, split: str = "test") -> Path:
       UserError: if there is no model to predict with, or the checkpoint is corrupt.
       ValueError: if `eval.batch_size` does not divide over the devices.
     """
-    workdir = Path(workdir)
+    workdir = local_path(workdir, key="workdir")
     task, state, step, mesh = _load_for_inference(config, workdir)
     distributed.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     predict_step = jax.jit(make_predict_step(task.predict_fn))

@@ -31,6 +31,7 @@ import shutil
 import tempfile
 from typing import Any, Mapping
 
+from jaxckpt.checkpoint import storage
 from jaxckpt.checkpoint.stepdir import EXTRA_ITEM, library_version, read_json_item
 from jaxckpt.errors import ZooEntryNotFoundError
 from jaxckpt.runner.metrics import read_metrics
@@ -47,9 +48,9 @@ def zoo_dir() -> pathlib.Path:
         The folder (it may not exist yet; `publish` creates it).
     """
     if os.environ.get("JAXCKPT_ZOO"):
-        return pathlib.Path(os.environ["JAXCKPT_ZOO"]).expanduser().absolute()
+        return storage.local_path(os.environ["JAXCKPT_ZOO"], key="JAXCKPT_ZOO")
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-    return pathlib.Path(cache, "jaxckpt", "zoo").expanduser().absolute()
+    return storage.local_path(os.path.join(cache, "jaxckpt", "zoo"))
 
 
 def check_name(name: str) -> str:
@@ -180,6 +181,7 @@ def publish(
     root.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
     try:
+        storage.give_default_mode(staging)  # (mkdtemp's 0700 would make the entry private)
         shutil.copytree(step_dir, staging / "checkpoints" / str(chosen))
         if config is not None:
             (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -251,22 +253,23 @@ def resolve(ref: str | os.PathLike) -> pathlib.Path:
     """Turns `"zoo:NAME"` into the entry's step directory; returns any other path as a `Path`.
 
     Args:
-        ref: `"zoo:NAME"`, or a path (returned unchanged, as a `pathlib.Path`).
+        ref: `"zoo:NAME"`, or a local path (returned absolute and normalised).
 
     Returns:
-        `<zoo>/<name>/checkpoints/<step>` for a zoo reference, else `Path(ref)`.
+        `<zoo>/<name>/checkpoints/<step>` for a zoo reference, else `storage.local_path(ref)`.
 
     Raises:
         ZooEntryNotFoundError: if no entry has that name; the message lists the entries there are.
         ValueError: if the name is not a valid entry name.
+        UserError: if `ref` is a URL (object storage is not supported yet).
 
     Example:
 
         step_dir = resolve("zoo:digits-mlp")   # ~/.cache/jaxckpt/zoo/digits-mlp/checkpoints/600
-        resolve("runs/digits")                  # Path("runs/digits")
+        resolve("runs/digits")                  # Path("/abs/runs/digits")
     """
     if not is_ref(ref):
-        return pathlib.Path(ref)
+        return storage.local_path(ref)
     name = check_name(ref[len(PREFIX):])
     record = _entry_record(zoo_dir() / name)
     if record is None:
