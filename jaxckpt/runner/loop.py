@@ -297,10 +297,13 @@ def _check_finite(train_metrics: dict[str, float], step: int, manager: Checkpoin
     # A finite loss with an overflowing gradient still leaves NaN params behind: check both.
     bad = {k: train_metrics[k] for k in ("loss", "grad_norm") if not math.isfinite(train_metrics.get(k, 0.0))}
     if bad:
+        last = manager.latest_step()
+        where = (f"the last good checkpoint is step {last}" if last is not None
+                 else "no checkpoint was saved before it")
+        rerun = "it resumes from that checkpoint" if last is not None else "it starts from the beginning"
         raise NonFiniteLossError(
-            f"training {format_metrics(bad)} at step {step}. Stopped without saving; the last "
-            f"good checkpoint is step {manager.latest_step()}. Lower optimizer.learning_rate or set "
-            "optimizer.grad_clip_norm, then rerun (it resumes from that checkpoint).")
+            f"training {format_metrics(bad)} at step {step}. Stopped without saving; {where}. Lower "
+            f"optimizer.learning_rate or set optimizer.grad_clip_norm, then rerun ({rerun}).")
 
 
 def _evaluate_split(task: Task, state: TrainState, eval_step: Any, split: str, batch_size: int,
