@@ -4,7 +4,8 @@ Orbax reads and writes array bytes through tensorstore's C++ file kvstore (open,
 write / writev / fsync on the descriptor), so a Python-level mock never reaches that path. This
 shim does: it wraps the libc entry points and fails the matching calls with a chosen errno.
 
-Configured by environment variables, read once when the library is loaded:
+Configured by environment variables, read when the library is loaded (and again by
+`jaxckpt_fault_configure()`, which a test calls through ctypes to change faults in one process):
 
   JAXCKPT_FAULT_PATH   substring of the path to fail (required; unset: the shim does nothing)
   JAXCKPT_FAULT_OP     comma-separated: open, read, write, fsync, rename (default: read)
@@ -102,8 +103,8 @@ static int ops_named(const char *names) {
 
 __attribute__((constructor)) static void configure(void) {
   const char *value;
-  fault_path = getenv("JAXCKPT_FAULT_PATH");
-  if (fault_path && !*fault_path) fault_path = NULL;
+  /* A copy: the environment's own string may be freed when a test changes it. */
+  fault_path = (value = getenv("JAXCKPT_FAULT_PATH")) && *value ? strdup(value) : NULL;
   if ((value = getenv("JAXCKPT_FAULT_OP"))) fault_ops = ops_named(value);
   if ((value = getenv("JAXCKPT_FAULT_ERRNO"))) fault_errno = errno_named(value);
   if ((value = getenv("JAXCKPT_FAULT_AFTER"))) fault_after = atol(value);
@@ -112,6 +113,24 @@ __attribute__((constructor)) static void configure(void) {
     load_open();
     log_fd = REAL(open)(value, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
   }
+}
+
+/* Re-reads the configuration from the environment, for a test that injects several faults in one
+   process: set os.environ, then call `ctypes.CDLL(None).jaxckpt_fault_configure()`. Counts restart,
+   and descriptors opened before no longer match. */
+void jaxckpt_fault_configure(void) {
+  if (log_fd >= 0) {
+    load_close();
+    REAL(close)(log_fd);
+    log_fd = -1;
+  }
+  fault_ops = OP_READ;
+  fault_errno = EIO;
+  fault_after = 0;
+  fault_times = -1;
+  __atomic_store_n(&matched_calls, 0, __ATOMIC_RELAXED);
+  memset(tracked, 0, sizeof tracked);
+  configure();
 }
 
 static int path_matches(int dirfd, const char *path) {
