@@ -25,6 +25,7 @@ from tests.runs import ROOT, override
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "formats"
 RELEASES = sorted(p for p in FIXTURES.iterdir() if p.is_dir())
 FORMAT_OF = {"v0.1.0-c6f4f0f": 1, "v0.1.0-45c96e5": 2}
+NEWEST = FIXTURES / max(FORMAT_OF, key=FORMAT_OF.get)
 
 
 def _config(data_dir, **overrides):
@@ -91,7 +92,7 @@ def test_a_release_is_inspected_and_verified_from_the_command_line(run_dir):
 
 
 def _newest_copy(tmp_path):
-    return shutil.copytree(RELEASES[-1] / "checkpoints", tmp_path / "checkpoints")
+    return shutil.copytree(NEWEST / "checkpoints", tmp_path / "checkpoints")
 
 
 def test_a_step_of_a_newer_format_is_refused_never_quarantined(tmp_path):

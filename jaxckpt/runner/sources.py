@@ -151,7 +151,11 @@ def decide_start(config: Any, workdir: Path, manager: CheckpointManager | None, 
             "would mix two runs: pass a new --workdir, or move its checkpoints/ away.")
     if ck.resume_file:
         checkpoint_dir, step = resolve_checkpoint_path(resolve_ref(ck.resume_file), key="checkpoint.resume_file")
+        # Ranked by the rule its steps record (format 2 on), else by this config's.
         source = CheckpointManager(checkpoint_dir, read_only=True)
+        if source.policy.best_metric is None and criteria:
+            source = CheckpointManager(checkpoint_dir, read_only=True, best_metric=criteria,
+                                       best_mode="min" if config.early_stop.minimize else "max")
         if step is None:
             step = _pick_step(source, ck.resume_best, ck.resume_file, criteria)
         try:
