@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import stat
 
 import jax.numpy as jnp
 import numpy as np
@@ -152,6 +154,21 @@ def test_plot_curves_writes_png_with_train_and_val(tmp_path):
     # Redrawing replaces the file in place and leaves no temporary files behind.
     metrics.plot_curves(path, out)
     assert _is_png(out) and out.stat().st_size == first_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.jsonl"]
+
+
+def test_curves_follow_the_umask_and_a_killed_plot_leaves_no_temporary_for_long(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with metrics.JsonlWriter(path) as writer:
+        writer.write(1, "train", {"loss": 1.0})
+    stale = tmp_path / ".curves.png.k1ll3d.tmp"  # what a plot killed mid-write leaves
+    stale.write_bytes(b"half a png")
+    old = os.umask(0o022)
+    try:
+        out = metrics.plot_curves(path, tmp_path / "curves.png")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # mkstemp's 0600 made it private
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.jsonl"]
 
 

@@ -1,8 +1,10 @@
 """Tests for jaxckpt.zoo: publish / list / resolve named, self-contained checkpoints."""
 
 import json
+import os
 import pathlib
 import shutil
+import stat
 
 import jax
 import numpy as np
@@ -63,6 +65,17 @@ def test_publish_latest_by_default(tmp_path, zoo_root):
     assert record["metrics"] == {"train/loss": pytest.approx(1.4), "val/loss": pytest.approx(0.4)}
     assert "jaxckpt_version" in record and "published_at" in record
     assert json.loads((zoo_root / "tiny" / "config.json").read_text())["task"] == "tests.tiny"
+
+
+def test_a_published_entry_follows_the_umask(tmp_path, zoo_root):
+    # mkdtemp stages entries with mode 0700: the renamed entry must be as readable as a mkdir'd one.
+    run = _make_run(tmp_path / "run", [0.5])
+    old = os.umask(0o022)
+    try:
+        zoo.publish(run, "shared")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((zoo_root / "shared").stat().st_mode) == 0o755
 
 
 @pytest.mark.parametrize("step, expected", [("best", 20), (10, 10), ("latest", 30)])

@@ -41,6 +41,7 @@ import shutil
 import threading
 import time
 import warnings
+import weakref
 from typing import Any, Mapping
 
 import flax.serialization
@@ -180,11 +181,12 @@ class CheckpointManager:
         if read_only and best_metric is None:  # the rule the steps were ranked by, recorded since format 2
             best_metric, best_mode = _recorded_best(self._directory, best_mode)
         self._policy = RetentionPolicy(max_to_keep, keep_best, best_metric, best_mode, keep_every_steps)
-        self._record: pathlib.Path | None = None
+        self._unregister = None
         if not read_only and jax.process_index() == 0:
             self._directory.mkdir(parents=True, exist_ok=True)
             writers.remove_unfinished_saves(self._directory)
-            self._record = writers.register(self._directory)
+            # Dropped by close(), or when the manager is collected or the interpreter exits.
+            self._unregister = weakref.finalize(self, writers.unregister, writers.register(self._directory))
         self._pending: int | None = None
         # The fast writer (`state_item.write`) unless it is off (an untested Orbax, JAXCKPT_FAST_WRITER=0):
         # then Orbax's own handler writes the same files.
@@ -526,9 +528,8 @@ class CheckpointManager:
             self.wait()
         finally:
             self._mngr.close()
-            if self._record is not None:
-                self._record.unlink(missing_ok=True)
-                self._record = None
+            if self._unregister is not None:
+                self._unregister()
 
     def __enter__(self) -> "CheckpointManager":
         return self

@@ -413,16 +413,30 @@ def read_arrays(item_dir: os.PathLike | str, wanted: Mapping[str, tuple[Any, Any
             reads[path] = ts.open(spec, context=context, read=True).result().read()
         else:
             reads[path] = kvstore.read(_chunk_key(name, len(shape)))
-    out, bad = {}, []
+    out, bad, failed = {}, [], {}
     for path, pending in reads.items():  # in order; later reads go on in tensorstore's threads
         crc, dtype, shape = arrays[path]
-        stored = _as_array(path, pending.result(), dtype_of(dtype), tuple(shape))
+        try:
+            stored = _as_array(path, pending.result(), dtype_of(dtype), tuple(shape))
+        except Exception as e:  # noqa: BLE001 (re-raised below, naming every array that failed)
+            if not check:
+                raise
+            failed[path] = e
+            continue
         if check and _checksum(stored) != crc:
             bad.append(path)
         cast, sharding = wanted[path]
         if cast is not None and np.dtype(cast) != stored.dtype:
             stored = stored.astype(cast)
         out[path] = stored if sharding is None else jax.device_put(stored, sharding)
+    if failed:  # the first error decides what it means (see `integrity`); the message names them all
+        first = next(iter(failed.values()))
+        names = ", ".join(list(failed)[:5]) + (", ..." if len(failed) > 5 else "")
+        try:
+            named = type(first)(f"{len(failed)} array(s) could not be read ({names}): {first}")
+        except Exception:  # noqa: BLE001 (a type that takes other arguments: raise it as it is)
+            raise first from None
+        raise named from first
     if bad:
         raise ChecksumMismatch(bad)
     return out

@@ -60,6 +60,11 @@ def register(directory: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def unregister(record: pathlib.Path) -> None:
+    """Removes a record `register` made (this writer is done with the directory)."""
+    record.unlink(missing_ok=True)
+
+
 def remove_unfinished_saves(directory: pathlib.Path) -> list[pathlib.Path]:
     """Removes the leftovers of killed saves in `directory` if no other writer may be alive.
 
