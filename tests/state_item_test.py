@@ -152,3 +152,35 @@ def manager_restore(directory):
 def test_bfloat16_name_round_trips():
     assert state_item.dtype_of("bfloat16") == np.dtype(ml_dtypes.bfloat16)
     assert state_item.dtype_of("<f4") == np.float32
+
+
+def _raise_import_error():
+    raise ImportError("No module named 'orbax.checkpoint._src.futures'")
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("env", "JAXCKPT_FAST_WRITER=0"),
+    ("version", "orbax-checkpoint 0.13.0 is outside the range the fast writer is tested with (>=0.12.8,<0.13)"),
+    ("import", "Orbax internals it needs are gone (ImportError"),
+])
+def test_the_fast_writer_steps_aside_and_orbax_writes_the_same_files(tmp_path, monkeypatch, caplog, how, reason):
+    if how == "env":
+        monkeypatch.setenv(state_item.FAST_WRITER_ENV, "0")
+    elif how == "version":
+        monkeypatch.setattr(ocp, "__version__", "0.13.0")
+    else:
+        monkeypatch.setattr(state_item, "_orbax_internals", _raise_import_error)
+    assert reason in state_item.fast_writer_off()
+    tree = {"params": {"w": jnp.arange(12.0).reshape(3, 4)}, "step": jnp.int32(1)}
+    with caplog.at_level("INFO", logger="jaxckpt"):
+        with CheckpointManager(tmp_path) as manager:  # async_save=True: through Orbax's async path
+            manager.save(1, tree)
+            assert manager.info(1)["writer"] == "orbax"
+    assert reason in caplog.text
+    item = tmp_path / "1" / "state"
+    assert state_item.layout_arrays(item) is None  # not the fast layout, but the same checksums
+    assert set(state_item.checkable(state_item.read_custom_metadata(item))) == {"params/w", "step"}
+    with CheckpointManager(tmp_path, read_only=True) as manager:
+        manager.verify(1)
+        restored = manager.restore(jax.eval_shape(lambda: tree))
+    np.testing.assert_array_equal(restored["params"]["w"], np.arange(12.0).reshape(3, 4))
