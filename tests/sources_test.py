@@ -1,6 +1,7 @@
 """Where a run starts from, with the inputs a new user got wrong (issue 11's bug list)."""
 
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def test_a_corrupt_pretrained_source_is_one_line_and_leaves_nothing(tmp_path, da
     workdir = tmp_path / "new"
     args = cli_args(_config(data_dir, **{"checkpoint.pretrained": str(source)}), workdir)
     done = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), *args], cwd=ROOT,
-                          env={**__import__("os").environ, **CLI_ENV}, capture_output=True, text=True, timeout=300)
+                          env={**os.environ, **CLI_ENV}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"jaxckpt: error: checkpoint.pretrained={source}: "), done.stderr[-3000:]

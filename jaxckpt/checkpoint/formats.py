@@ -71,3 +71,20 @@ def check_readable(step_dir: os.PathLike | str) -> int:
             f"Step {pathlib.Path(step_dir).name} at {step_dir} was written by jaxckpt {version} (format {number}); "
             f"this jaxckpt {library_version()} reads formats {READS[0]} to {READS[-1]}: upgrade jaxckpt to read it.")
     return number
+
+
+def recorded_best(directory: os.PathLike | str, best_mode: str = "min") -> tuple[str | None, str]:
+    """`(best_metric, best_mode)` the newest step of `directory` records (format 2 on); else (None, best_mode).
+
+    So a reader (`checkpoint.resume_file`, `inspect`) ranks steps as the run that saved them did.
+    """
+    directory = pathlib.Path(directory)
+    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
+    for step in steps:
+        try:
+            info = _json(directory / str(step) / INFO_FILE[0] / INFO_FILE[1])
+        except (OSError, ValueError):  # a record that cannot be read ranks nothing
+            continue
+        if info.get("best_metric"):
+            return str(info["best_metric"]), str(info.get("best_mode", best_mode))
+    return None, best_mode

@@ -83,28 +83,6 @@ def _is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-def local_directory(directory: os.PathLike | str) -> pathlib.Path:
-    """`directory` as an absolute, normalised local path (no `..`, which tensorstore refuses).
-
-    Raises:
-      UserError: for a URL (`gs://`, `s3://`, ...): object storage is not supported yet.
-    """
-    return storage.local_path(directory)
-
-
-def _recorded_best(directory: pathlib.Path, best_mode: str) -> tuple[str | None, str]:
-    """`(best_metric, best_mode)` recorded by the newest step that has a record (format 2 on)."""
-    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
-    for step in steps:
-        try:
-            info = read_json_item(directory / str(step), INFO_ITEM) or {}
-        except Exception:  # noqa: BLE001 (a record that cannot be read ranks nothing)
-            continue
-        if info.get("best_metric"):
-            return info["best_metric"], info.get("best_mode", best_mode)
-    return None, best_mode
-
-
 def _json_ready(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
     value = dict(value or {})
     try:
@@ -170,7 +148,7 @@ class CheckpointManager:
           ValueError: for an inconsistent retention setting (e.g. `max_to_keep=0`).
           CheckpointNotFoundError: if `read_only` and the directory does not exist.
         """
-        self._directory = local_directory(directory)
+        self._directory = storage.local_path(directory)
         self._async = async_save
         self._read_only = read_only
         if read_only and not self._directory.is_dir():
@@ -179,7 +157,7 @@ class CheckpointManager:
                 "<step>/ folders (e.g. WORKDIR/checkpoints)."
             )
         if read_only and best_metric is None:  # the rule the steps were ranked by, recorded since format 2
-            best_metric, best_mode = _recorded_best(self._directory, best_mode)
+            best_metric, best_mode = formats.recorded_best(self._directory, best_mode)
         self._policy = RetentionPolicy(max_to_keep, keep_best, best_metric, best_mode, keep_every_steps)
         self._unregister = None
         if not read_only and jax.process_index() == 0:
