@@ -42,7 +42,17 @@ def _draw_panel(axes, points: list[dict[str, Any]], metric: str) -> None:
                   transform=axes.transAxes, color="gray")
 
 
-def plot_curves(metrics_path: PathLike, out_png: PathLike, *, main_metric: str = "accuracy") -> pathlib.Path:
+def _pick_metric(points: list[dict[str, Any]]) -> str:
+    """The second panel's metric when none is named: accuracy if logged, else the first other val metric."""
+    names = [k for p in points if p.get("split") == "val" for k in p if k not in _NOT_METRICS]
+    names += [k for p in points for k in p if k not in _NOT_METRICS + ("grad_norm",)]
+    return "accuracy" if "accuracy" in names else (names[0] if names else "accuracy")
+
+
+_NOT_METRICS = ("step", "split", "loss", "num_examples")
+
+
+def plot_curves(metrics_path: PathLike, out_png: PathLike, *, main_metric: str | None = None) -> pathlib.Path:
     """Draws `curves.png`: loss per split against step, and `main_metric` per split against step.
 
     Cheap enough to call at every evaluation: it uses the Agg canvas directly (no display, no pyplot
@@ -52,7 +62,9 @@ def plot_curves(metrics_path: PathLike, out_png: PathLike, *, main_metric: str =
     Args:
         metrics_path: the run's `metrics.jsonl`.
         out_png: where to write the figure.
-        main_metric: the metric of the second panel; with `main_metric="loss"` only one panel is drawn.
+        main_metric: the metric of the second panel; with `main_metric="loss"` only one panel is drawn;
+            None picks `accuracy` when it is logged, else the first other validation metric (e.g.
+            perplexity for a language model).
 
     Returns:
         The path of the written PNG.
@@ -69,6 +81,7 @@ def plot_curves(metrics_path: PathLike, out_png: PathLike, *, main_metric: str =
     from matplotlib.figure import Figure
 
     points = read_metrics(metrics_path)
+    main_metric = main_metric or _pick_metric(points)
     metrics = ["loss"] if main_metric == "loss" else ["loss", main_metric]
     figure = Figure(figsize=(5.5 * len(metrics), 4), layout="constrained")
     FigureCanvasAgg(figure)

@@ -251,7 +251,7 @@ def _train(config: Any, workdir: Path, task: Task, manager: CheckpointManager, m
                         log.info("step %d val %s", step, format_metrics(val_metrics))
                     improved = early_stop.update(loop_state, val_metrics, criteria, config.early_stop.minimize, step)
                     if primary:
-                        plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+                        plot_curves(workdir / "metrics.jsonl", workdir / "curves.png", main_metric=_panel_metric(config))
                 else:
                     improved = False
                 stop_early = patience >= 0 and loop_state["bad_evals"] > patience
@@ -275,10 +275,16 @@ def _train(config: Any, workdir: Path, task: Task, manager: CheckpointManager, m
         if writers is not None:
             writers.close()
             if (workdir / "metrics.jsonl").exists():
-                plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+                plot_curves(workdir / "metrics.jsonl", workdir / "curves.png", main_metric=_panel_metric(config))
     log.info("done at step %d; checkpoints %s (latest %s, best %s)", step, manager.all_steps(),
              manager.latest_step(), manager.best_step())
     return state
+
+
+def _panel_metric(config: Any) -> str | None:
+    """The metric of curves.png's second panel: the early-stopping criteria unless it is the loss."""
+    split, _, name = config.early_stop.criteria.partition("/")
+    return name if split == "val" and name and name != "loss" else None
 
 
 def _is_terminal() -> bool:
