@@ -23,9 +23,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.grad_accum_steps = 1  # micro-batches per update (must divide batch_size)
     config.train.eval_every_steps = 100  # validate every N steps (train_val only)
     config.train.log_every_steps = 20  # write averaged train metrics every N steps
+    config.train.ema_decay = 0.0  # keep an exponential moving average of the params with this decay; 0 = off
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 256  # eval/predict batch size (last batch padded and masked)
+    config.eval.use_ema = False  # val/test/predict/pretrained read the averaged params (needs train.ema_decay)
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "adam"  # adam | adamw | sgd | momentum
@@ -50,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 100  # save every N steps (and at the end, and at a new best)
+    config.checkpoint.every_seconds = 0.0  # also save once this much wall time passed since the last save; 0 = off
     config.checkpoint.max_to_keep = 3  # keep the latest N checkpoints; -1 keeps all
     config.checkpoint.keep_best = 1  # also keep the best K by early_stop.criteria
     config.checkpoint.keep_every_steps = 0  # also keep every N-th step forever; 0 = off

@@ -122,6 +122,9 @@ def _inspect(args: argparse.Namespace) -> int:
     flat = read_state_metadata(checkpoint_dir / str(step))
     labels, training = cli_tables.saved_training(flat, (config or {}).get("optimizer"))
     out += ["", f"state of step {step} (from metadata; no array is read):"]
+    ema = [p for p in flat if p.startswith(zoo.EMA_TREE + "/")]
+    out.append(f"averaged weights: {zoo.EMA_TREE} ({len(ema)} arrays; eval.use_ema=True or --ema reads them)" if ema
+               else "averaged weights: none (train.ema_decay was 0)")
     out.append(cli_tables.state_table(flat, show_all=args.all, labels=labels))
     if training:
         out += ["", training]
@@ -311,14 +314,16 @@ def _export(args: argparse.Namespace) -> int:
     step_dir = resolve_step_dir(path, "best" if args.best else args.step,
                                 best_metric=best_metric, best_mode=best_mode)
     saved = read_state_metadata(step_dir)
-    prefix = PARAMS_KEY + "/" if any(p.startswith(PARAMS_KEY + "/") for p in saved) else ""
+    tree = zoo.EMA_TREE if args.ema else zoo.published_tree(args.source)
+    prefix = tree + "/" if any(p.startswith(PARAMS_KEY + "/") for p in saved) else ""
     abstract = unflatten_dict({p[len(prefix):]: leaf for p, leaf in saved.items() if p.startswith(prefix)})
     # A strict graft onto the step's own shapes: Orbax reads the params and nothing else.
-    params, _ = load_params(step_dir, abstract)
+    params, report = load_params(step_dir, abstract, tree=tree)
     names = write_safetensors(params, args.out, layout=args.layout)
     leaves = flatten(params)
     nbytes = sum(leaf.nbytes for leaf in leaves.values())
-    print(f"exported the params of step {step_dir.name} ({args.source}) to {args.out}: {len(names)} tensors, "
+    what = "averaged params (ema_params)" if report.source_tree == zoo.EMA_TREE else "params"
+    print(f"exported the {what} of step {step_dir.name} ({args.source}) to {args.out}: {len(names)} tensors, "
           f"{cli_tables.human_bytes(nbytes)}, {args.layout} layout")
     rows = [[name, param, str(tuple(leaves[param].shape))] for param, name in names.items()]
     print(cli_tables.table(rows, ["tensor", "from param", "param shape"]))
@@ -331,8 +336,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _zoo_publish(args: argparse.Namespace) -> int:
     step = "best" if args.best else args.step
-    path = zoo.publish(args.workdir, args.name, step=step, overwrite=args.overwrite)
-    print(f"published zoo:{args.name} (step {path.name} of {args.workdir}) at {path.parent.parent}")
+    path = zoo.publish(args.workdir, args.name, step=step, overwrite=args.overwrite, ema=args.ema)
+    what = ", its averaged weights" if args.ema else ""
+    print(f"published zoo:{args.name} (step {path.name} of {args.workdir}{what}) at {path.parent.parent}")
     return 0
 
 
@@ -382,6 +388,8 @@ def _parser() -> argparse.ArgumentParser:
     step = export.add_mutually_exclusive_group()
     step.add_argument("--step", type=int, default=None, help="export this step (default: the latest)")
     step.add_argument("--best", action="store_true", help="export the best step by early_stop.criteria")
+    export.add_argument("--ema", action="store_true",
+                        help="export the averaged weights (ema_params; runs trained with train.ema_decay)")
     export.set_defaults(run=_export)
 
     zoo_parser = commands.add_parser("zoo", help="named, self-contained checkpoints")
@@ -393,6 +401,8 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--step", type=int, default=None, help="publish this step (default: the latest)")
     which.add_argument("--best", action="store_true", help="publish the best step by early_stop.criteria")
     publish.add_argument("--overwrite", action="store_true", help="replace an entry of the same name")
+    publish.add_argument("--ema", action="store_true",
+                         help="publish the averaged weights: zoo:NAME then loads ema_params, not params")
     publish.set_defaults(run=_zoo_publish)
     listing = zoo_commands.add_parser("list", help="list the zoo's entries")
     listing.set_defaults(run=_zoo_list)

@@ -44,6 +44,7 @@ from jaxckpt.runner.workdir import (
     setup_logging,
     write_json,
 )
+from jaxckpt.train.ema import EMA_KEY
 from jaxckpt.train.optim import make_optimizer
 from jaxckpt.train.state import TrainState
 from jaxckpt.train.step import make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics
@@ -116,7 +117,8 @@ def _abstract_state(task: Task, config: Any, mesh: Any) -> tuple[TrainState, Any
     rng = jax.random.PRNGKey(config.seed)
     params = jax.eval_shape(task.init_params, jax.random.fold_in(rng, 1))
     tx = make_optimizer(config.optimizer, params, num_steps=config.train.num_steps)
-    abstract = jax.eval_shape(lambda p: TrainState.create(apply_fn=None, params=p, tx=tx, rng=rng), params)
+    ema = sources.ema_decay(config) > 0
+    abstract = jax.eval_shape(lambda p: TrainState.create(apply_fn=None, params=p, tx=tx, rng=rng, ema=ema), params)
     return distributed.abstract_like(abstract, distributed.replicated(mesh)), tx
 
 
@@ -125,7 +127,7 @@ def _fresh_state(task: Task, config: Any, tx: Any, mesh: Any, params: Any = None
     replicated = distributed.replicated(mesh)
     if params is None:
         params = jax.jit(task.init_params, out_shardings=replicated)(jax.random.fold_in(rng, 1))
-    create = lambda p: TrainState.create(apply_fn=None, params=p, tx=tx, rng=rng)
+    create = lambda p: TrainState.create(apply_fn=None, params=p, tx=tx, rng=rng, ema=sources.ema_decay(config) > 0)
     return jax.jit(create, out_shardings=replicated)(params)
 
 
@@ -182,12 +184,16 @@ def _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_sta
     if data_state is not None:
         train_iter.set_state(data_state)
     state = state.replace(tx=tx)
-    train_step = jax.jit(make_train_step(task.loss_fn, grad_accum_steps=config.train.grad_accum_steps),
-                         donate_argnums=0)
+    train_step = jax.jit(make_train_step(task.loss_fn, grad_accum_steps=config.train.grad_accum_steps,
+                                         ema_decay=sources.ema_decay(config)), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(task.metrics_fn))
     criteria = config.early_stop.criteria
     minimize = config.early_stop.minimize
     patience = config.early_stop.patience
+    use_ema = sources.weights_tree(config) == EMA_KEY
+    if validate and use_ema and state.ema_params is None:
+        raise UserError("eval.use_ema=True validates the averaged weights, but train.ema_decay=0 keeps none: "
+                        "set train.ema_decay (e.g. 0.999) or eval.use_ema=False.")
 
     # Train metrics are averaged over each logging window; a checkpoint in mid-window carries the
     # window's per-step values so a resumed run logs exactly what an uninterrupted one would.
@@ -241,7 +247,8 @@ def _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_sta
                                      eta, format_metrics(train_metrics))
                 val_metrics = None
                 if validate and (step % config.train.eval_every_steps == 0 or at_end):
-                    val_metrics = _evaluate_split(task, state, eval_step, "val", config.eval.batch_size, mesh)
+                    evaluated = state.replace(params=state.ema_params) if use_ema else state
+                    val_metrics = _evaluate_split(task, evaluated, eval_step, "val", config.eval.batch_size, mesh)
                     if primary:
                         writers.write(step, "val", val_metrics)
                         log.info("step %d val %s", step, format_metrics(val_metrics))
@@ -320,7 +327,7 @@ def _load_for_inference(config: Any, workdir: Path) -> tuple[Task, TrainState, i
         params = jax.eval_shape(task.init_params, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
         params = distributed.abstract_like(params, distributed.replicated(mesh))
         sources.check_same_experiment(start, {"params": params}, workdir, config, training=False)
-        state = sources.load_for_inference(start, params)
+        state = sources.load_for_inference(start, params, sources.weights_tree(config))
     finally:
         if manager is not None:
             manager.close()

@@ -17,10 +17,17 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxckpt.checkpoint.manager import CheckpointManager
-from jaxckpt.errors import CheckpointCorruptError, CorruptCheckpointsError, UserError, WorkdirError
+from jaxckpt.errors import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    CorruptCheckpointsError,
+    UserError,
+    WorkdirError,
+)
 from jaxckpt.runner.metrics import truncate_after
 from jaxckpt.runner.task import Task
 from jaxckpt.runner.workdir import config_changes, log, set_aside, write_json
+from jaxckpt.train.ema import EMA_KEY
 from jaxckpt.train.state import TrainState
 from jaxckpt.tree import treepath
 from jaxckpt.weights.foreign import is_foreign
@@ -226,7 +233,17 @@ def check_same_experiment(start: Start, abstract: Mapping[str, Any], workdir: Pa
         f"({len(differ)} paths differ):\n" + "\n".join(lines) + hint)
 
 
-def load_for_inference(start: Start, abstract_params: Any) -> TrainState:
+def ema_decay(config: Any) -> float:
+    """`train.ema_decay`, 0 (off) for configs written before the key existed."""
+    return float(config.train.get("ema_decay", 0.0))
+
+
+def weights_tree(config: Any) -> str:
+    """The checkpoint tree that evaluation, prediction and pretrained sources read (`eval.use_ema`)."""
+    return EMA_KEY if config.eval.get("use_ema", False) else "params"
+
+
+def load_for_inference(start: Start, abstract_params: Any, tree: str = "params") -> TrainState:
     """The state val/test/predict use: the step's params, read alone (never its optimizer state).
 
     So a run can be evaluated under any optimizer config. The loop's states carry no
@@ -236,12 +253,20 @@ def load_for_inference(start: Start, abstract_params: Any) -> TrainState:
     Args:
       start: a "resume" or "resume_file" start.
       abstract_params: the params the config builds, as `jax.ShapeDtypeStruct`s with shardings.
+      tree: `"params"`, or `"ema_params"` to evaluate the averaged weights (`eval.use_ema`).
 
     Returns:
-      A `TrainState` at the step, holding the params on the target shardings and no optimizer state.
+      A `TrainState` at the step, holding the params (or their average) on the target shardings and
+      no optimizer state.
+
+    Raises:
+      UserError: if `tree` is the average but the step has none.
     """
-    log.info("start: %s", start.reason)
-    params, _ = load_params(start.manager.step_dir(start.step), abstract_params)
+    log.info("start: %s%s", start.reason, " (its averaged weights, eval.use_ema)" if tree == EMA_KEY else "")
+    try:
+        params, _ = load_params(start.manager.step_dir(start.step), abstract_params, tree=tree)
+    except CheckpointNotFoundError as e:
+        raise UserError(str(e)) from None
     return TrainState(step=jnp.asarray(start.step, jnp.int32), params=params, opt_state=None, rng=None)
 
 
@@ -285,7 +310,7 @@ def load_start(start: Start, task: Task, config: Any, abstract: TrainState, tx: 
         return state, loop_state, data_state
     if start.kind == "pretrained":
         fresh_params = fresh(task, config, tx, mesh).params
-        params, report = load_pretrained(start.path, fresh_params, config.checkpoint)
+        params, report = load_pretrained(start.path, fresh_params, config.checkpoint, tree=weights_tree(config))
         log.info("graft report (%s):\n%s", start.path, report)
         if jax.process_index() == 0:
             write_json(workdir / "graft_report.json", report.to_dict())
@@ -309,12 +334,13 @@ def split_patterns(spec: str | Any) -> tuple[str, ...]:
     return tuple(spec or ())
 
 
-def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
+def load_pretrained(path: str, fresh_params: Any, ck: Any, tree: str = "params") -> tuple[Any, Any]:
     """Weights-only load of `path` into `fresh_params` through `load_params`, per the checkpoint config.
 
     `path` is anything `jaxckpt.weights.pretrained.load_params` takes: a run, checkpoint or step directory,
     a step's `state/` item, `zoo:NAME`, a bare Orbax PyTree checkpoint, a `.safetensors` file or a
-    PyTorch state dict (`.pt`/`.pth`/`.bin`). Only the arrays the graft loads are read.
+    PyTorch state dict (`.pt`/`.pth`/`.bin`). Only the arrays the graft loads are read. `tree`
+    picks a jaxckpt checkpoint's `"params"` or its averaged `"ema_params"` (`eval.use_ema`).
 
     Returns:
       `(params, GraftReport)`.
@@ -327,7 +353,11 @@ def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
         raise UserError(f"checkpoint.pretrained={path} does not exist.")
     try:
         return load_params(path, fresh_params, mapping=ck.mapping or None, skip=split_patterns(ck.skip),
-                           strict=ck.strict, adapters=ck.adapters or None, rename=ck.rename or None)
+                           strict=ck.strict, adapters=ck.adapters or None, rename=ck.rename or None, tree=tree)
+    except CheckpointNotFoundError as e:
+        if tree == "params":
+            raise
+        raise UserError(f"checkpoint.pretrained={path}: {e}") from None
     except ValueError as e:
         raise UserError(
             f"{e}\nIn a config these are --config.checkpoint.strict=False, checkpoint.mapping='src:dst,...', "

@@ -10,6 +10,7 @@ tensor by tensor. Optimizer state and unused params are never read.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 from typing import Any, Callable, Mapping, Sequence
@@ -216,18 +217,22 @@ def _open_source(
     rename: RenameSpec,
     best_metric: str | None,
     best_mode: str,
-) -> tuple[dict[str, Any], _Reader]:
-    """The source's params as `{path: abstract or lazy leaf}` (nothing read), and their reader.
+    tree: str = PARAMS_KEY,
+) -> tuple[dict[str, Any], _Reader, str | None]:
+    """The source's params as `{path: abstract or lazy leaf}` (nothing read), their reader, and the tree read.
 
-    The reader takes `{source path: sharding or None}` and returns those arrays.
+    The reader takes `{source path: sharding or None}` and returns those arrays. The tree is
+    `tree` for a jaxckpt state, None for a weights file or a params-only Orbax tree.
     """
+    if tree == PARAMS_KEY:  # a zoo entry published with --ema stands for its averaged weights
+        tree = zoo.published_tree(path)
     ref = zoo.resolve(path)
     if is_foreign(ref):
         if not ref.exists():
             raise CheckpointNotFoundError(f"Weights file {ref} does not exist.")
         _one_weights_set(ref, step, "a weights file")
         leaves = read_foreign(ref, rename=rename)
-        return leaves, lambda wanted: {p: np.asarray(leaves[p]) for p in wanted}
+        return leaves, lambda wanted: {p: np.asarray(leaves[p]) for p in wanted}, None
     if rename:
         raise ValueError(
             f"rename= maps the tensor names of .safetensors/.pt/.pth/.bin files to tree paths, but {path} "
@@ -241,14 +246,20 @@ def _open_source(
         checkpoint = resolve_step_dir(ref, step, best_metric=best_metric, best_mode=best_mode)
     saved = _read_metadata(checkpoint)
     # jaxckpt steps hold the whole train state; a params-only tree is used as it is.
-    prefix = PARAMS_KEY + "/" if any(p.startswith(PARAMS_KEY + "/") for p in saved) else ""
+    is_state = any(p.startswith(PARAMS_KEY + "/") for p in saved)
+    prefix = tree + "/" if is_state else ""
+    if is_state and not any(p.startswith(prefix) for p in saved):
+        raise CheckpointNotFoundError(
+            f"{checkpoint} holds no {tree!r} tree (its state has {sorted({p.split('/')[0] for p in saved})}). "
+            "Averaged weights exist only in runs trained with train.ema_decay > 0: set eval.use_ema=False "
+            "(or drop --ema) to read its params.")
     leaves = {p[len(prefix) :]: sds for p, sds in saved.items() if p.startswith(prefix)}
 
     def read(wanted: Mapping[str, Any]) -> dict[str, Any]:
         arrays = _read_arrays(checkpoint, {prefix + p: (leaves[p], sharding) for p, sharding in wanted.items()})
         return {p[len(prefix) :]: a for p, a in arrays.items()}
 
-    return leaves, read
+    return leaves, read, tree if is_state else None
 
 
 def load_params(
@@ -263,6 +274,7 @@ def load_params(
     best_metric: str | None = None,
     best_mode: str = "min",
     rename: RenameSpec = None,
+    tree: str = PARAMS_KEY,
 ) -> tuple[Params, GraftReport]:
     r"""Grafts a checkpoint's or weights file's params into `target_params`, reading only what it loads.
 
@@ -292,6 +304,9 @@ def load_params(
       best_mode: "min" or "max" for `step="best"`.
       rename: for weights files only: rules mapping tensor names to tree paths (see
         `jaxckpt.weights.foreign.parse_rename`), e.g. `r"bert\.(.*)=>encoder/\1"`.
+      tree: for jaxckpt checkpoints: the state's subtree to read, `"params"` or `"ema_params"`
+        (the averaged weights of a run trained with `train.ema_decay`); the report's
+        `source_tree` says which was read. Ignored for weights files and bare Orbax trees.
 
     Returns:
       `(params, report)`: params shaped like `target_params`, and the `GraftReport`.
@@ -311,7 +326,7 @@ def load_params(
       ...                              strict=False)
       >>> print(report)
     """
-    source, read = _open_source(path, step, rename, best_metric, best_mode)
+    source, read, source_tree = _open_source(path, step, rename, best_metric, best_mode, tree)
     report = plan(source, target_params, mapping=mapping, skip=skip, adapters=adapters)
     if strict:
         report.check()
@@ -332,7 +347,7 @@ def load_params(
             target = targets[entry.path]
             flat[entry.path] = jax.device_put(source[entry.source].astype(target.dtype), _sharding_of(target))
         params = treepath.unflatten(flat, target_params)
-    return params, report
+    return params, dataclasses.replace(report, source_tree=source_tree)
 
 
 def _check_no_abstract_adapted(report: GraftReport, targets: Mapping[str, Any]) -> None:

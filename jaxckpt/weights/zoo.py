@@ -31,13 +31,14 @@ import shutil
 import tempfile
 from typing import Any, Mapping
 
-from jaxckpt.checkpoint.stepdir import EXTRA_ITEM, library_version, read_json_item
+from jaxckpt.checkpoint.stepdir import EXTRA_ITEM, library_version, read_json_item, read_state_metadata
 from jaxckpt.errors import ZooEntryNotFoundError
 from jaxckpt.runner.metrics import read_metrics
 
 PREFIX = "zoo:"
 ENTRY_FILE = "zoo.json"
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
+EMA_TREE = "ema_params"  # jaxckpt.train.ema.EMA_KEY; the weights layer does not import the train layer
 
 
 def zoo_dir() -> pathlib.Path:
@@ -123,6 +124,7 @@ def publish(
     overwrite: bool = False,
     best_metric: str | None = None,
     best_mode: str | None = None,
+    ema: bool = False,
 ) -> pathlib.Path:
     """Copies one step of a run into the zoo as `<zoo>/<name>/`, self-contained.
 
@@ -138,12 +140,15 @@ def publish(
         overwrite: replace an existing entry of the same name.
         best_metric: the metric ranking steps for `step="best"` (default: from the run's config).
         best_mode: `"min"` or `"max"` for `best_metric` (default: from the run's config).
+        ema: publish the step's averaged weights (`ema_params`, from `train.ema_decay`): the
+            entry records `"weights": "ema_params"`, and `zoo:NAME` as a weights source reads them.
 
     Returns:
         The entry's step directory (what `resolve("zoo:NAME")` returns).
 
     Raises:
-        ValueError: for an invalid name, or `step="best"` when no metric ranks steps.
+        ValueError: for an invalid name, `step="best"` when no metric ranks steps, or `ema` for a
+            step without averaged weights.
         FileExistsError: if the name is taken and `overwrite` is False.
         CheckpointNotFoundError: if the run has no checkpoint, or not the asked step.
 
@@ -168,6 +173,10 @@ def publish(
             )
     step_dir = resolve_step_dir(source, step, best_metric=best_metric, best_mode=best_mode or "min")
     chosen = int(step_dir.name)
+    if ema and not any(p.startswith(EMA_TREE + "/") for p in read_state_metadata(step_dir)):
+        raise ValueError(
+                f"--ema: step {chosen} of {checkpoint_dir} holds no averaged weights ({EMA_TREE}); it was "
+                "trained with train.ema_decay=0. Publish its params (drop --ema).")
     saved_metrics = read_json_item(step_dir, "metrics") or {}
 
     root = zoo_dir()
@@ -192,6 +201,7 @@ def publish(
                 "metrics": _finite_or_none(metrics),
                 "published_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "jaxckpt_version": library_version(),
+                "weights": EMA_TREE if ema else "params",
         }
         (staging / ENTRY_FILE).write_text(json.dumps(record, indent=2) + "\n")
         if entry.exists():
@@ -240,6 +250,15 @@ def list_entries() -> list[dict[str, Any]]:
         if record is not None:
             entries.append(record)
     return entries
+
+
+def published_tree(ref: Any) -> str:
+    """Which tree of its step a zoo entry stands for: `"params"`, or `"ema_params"` if published with `ema`."""
+    if not is_ref(ref):
+        return "params"
+    resolve(ref)  # a missing entry is reported by name
+    record = read_json(zoo_dir() / check_name(ref[len(PREFIX):]) / ENTRY_FILE) or {}
+    return record.get("weights", "params")
 
 
 def is_ref(ref: Any) -> bool:
