@@ -34,6 +34,7 @@ from jaxckpt.errors import (
 from jaxckpt.runner import distributed, early_stop, sources
 from jaxckpt.runner.metrics import format_metrics, open_writers, plot_curves, truncate_after
 from jaxckpt.runner.preemption import StopRequest
+from jaxckpt.runner.save_clock import SaveClock
 from jaxckpt.runner.task import Task, load_task
 from jaxckpt.runner.workdir import (
     WorkdirLock,
@@ -212,6 +213,7 @@ def _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_sta
         manager.save(step, state, metrics=metrics, extra=extra)
 
     step = start_step
+    clock = SaveClock(config.checkpoint.get("every_seconds", 0.0), config.train.log_every_steps)
     last_log = time.perf_counter()
     bar = tqdm.tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True,
                     disable=not primary or not _is_terminal())
@@ -260,9 +262,14 @@ def _train(config, workdir, task, manager, mesh, state, tx, loop_state, data_sta
                 stop_early = patience >= 0 and loop_state["bad_evals"] > patience
                 if stop_early:  # saved with the step, so a rerun knows the run is over
                     loop_state["stopped_early_at"] = step
+                timed = clock.due(step)  # on every process at every step, so they decide together
                 if (step % config.checkpoint.every_steps == 0 or at_end or improved or stop_early
-                        or stopping):
+                        or stopping or timed):
+                    if timed:
+                        log.info("step %d: %.1fs since the last save, saving (checkpoint.every_seconds=%g)",
+                                 step, clock.elapsed(), clock.every_seconds)
                     save(step, _prefixed(val_metrics, "val") if val_metrics else None)
+                    clock.saved()
                 if stopping:
                     manager.wait()
                     log.warning("stop requested by signal %d: saved step %d", stop.signum, step)
