@@ -28,6 +28,7 @@ import re
 import sys
 from typing import Any, Sequence
 
+from jaxckpt.cli import follow as follow_command
 from jaxckpt.cli import tables as cli_tables
 from jaxckpt.cli.exits import USER_ERROR_EXIT_CODE, USER_ERRORS, quiet_late_loop_callbacks
 from jaxckpt.errors import CheckpointCorruptError, UserError
@@ -406,6 +407,7 @@ def _parser() -> argparse.ArgumentParser:
     publish.set_defaults(run=_zoo_publish)
     listing = zoo_commands.add_parser("list", help="list the zoo's entries")
     listing.set_defaults(run=_zoo_list)
+    follow_command.add_parser(commands)
     return parser
 
 
@@ -427,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # `plan` hands its unknown arguments (--config, --config.KEY=VALUE) to ml_collections.
         args, extra = parser.parse_known_args(argv)
-        if extra and args.command != "plan":
+        if extra and args.command not in ("plan", "follow"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:
         return int(e.code or 0)
@@ -440,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "plan":
             return _plan(args, ["--config", args.config, *extra])
+        if args.command == "follow":
+            return follow_command.run(args, extra)
         return args.run(args)
     except USER_ERRORS + (CheckpointCorruptError,) as e:
         sys.stdout.flush()

@@ -31,7 +31,7 @@ from jaxckpt.errors import (
     SaveFailedError,
     UserError,
 )
-from jaxckpt.runner import distributed, early_stop, sources
+from jaxckpt.runner import distributed, early_stop, follow, sources
 from jaxckpt.runner.metrics import format_metrics, open_writers, plot_curves, truncate_after
 from jaxckpt.runner.preemption import StopRequest
 from jaxckpt.runner.save_clock import SaveClock
@@ -110,6 +110,7 @@ def _manager(config: Any, workdir: Path) -> CheckpointManager:
         best_mode="min" if config.early_stop.minimize else "max",
         keep_every_steps=ck.keep_every_steps or None,
         async_save=ck.async_save,
+        late_metrics=follow.late_metrics(config, workdir),  # a follower evaluator's results rank steps too
     )
 
 

@@ -22,12 +22,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import pathlib
 import tempfile
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -318,6 +320,11 @@ def truncate_after(path: PathLike, step: int, *, dropped_to: PathLike | None = N
     path = pathlib.Path(path)
     if not path.exists():
         return 0
+    with _appends_held(path):  # a follower evaluator appending now would land in the replaced file
+        return _truncate_after(path, step, dropped_to)
+
+
+def _truncate_after(path: pathlib.Path, step: int, dropped_to: PathLike | None) -> int:
     parsed = _parse_lines(path)
     kept = [line for line, record in parsed if int(record["step"]) <= step]
     dropped = [line for line, record in parsed if int(record["step"]) > step]
@@ -333,6 +340,46 @@ def truncate_after(path: PathLike, step: int, *, dropped_to: PathLike | None = N
 
     _atomic_write(path, write)
     return len(parsed) - len(kept)
+
+
+@contextlib.contextmanager
+def _appends_held(path: pathlib.Path) -> Iterator[None]:
+    """Holds `<path>.lock` (flock): `append_point` and `truncate_after` never overlap across processes."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def append_point(path: PathLike, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+    """Appends one point to a `metrics.jsonl` another process may be writing too.
+
+    For a second writer beside the training run's own `JsonlWriter` (e.g. a follower evaluator):
+    the file is opened with O_APPEND and the line goes out in one `write()`, which a local POSIX
+    filesystem never interleaves with another appender's line; `<path>.lock` keeps it from landing
+    in a file `truncate_after` is replacing.
+
+    Args:
+        path: the JSONL file (created if absent).
+        step: the training step the metrics belong to.
+        split: the data split, e.g. `"val"`.
+        metrics: scalar values by name; NaN and inf are written as `null`.
+    """
+    path = pathlib.Path(path)
+    record = {"step": int(step), "split": str(split)}
+    for name, value in _to_scalars(metrics).items():
+        record[name] = value if math.isfinite(value) else None
+    line = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _appends_held(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:

@@ -131,8 +131,9 @@ def quiet_library_logs() -> None:
                 logger.addFilter(kind())
 
 
-def setup_logging(workdir: str | os.PathLike | None, *, write: bool = True) -> logging.Logger:
-    """Sends the `jaxckpt` logger to stderr and (when `write`) to `WORKDIR/train.log`."""
+def setup_logging(workdir: str | os.PathLike | None, *, write: bool = True,
+                  filename: str = "train.log") -> logging.Logger:
+    """Sends the `jaxckpt` logger to stderr and (when `write`) to `WORKDIR/<filename>` (`train.log`)."""
     log.setLevel(logging.INFO)
     log.propagate = False
     quiet_library_logs()
@@ -145,7 +146,7 @@ def setup_logging(workdir: str | os.PathLike | None, *, write: bool = True) -> l
     log.addHandler(stream)
     if workdir is not None and write:
         Path(workdir).mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(Path(workdir) / "train.log")
+        file_handler = logging.FileHandler(Path(workdir) / filename)
         file_handler.setFormatter(fmt)
         log.addHandler(file_handler)
     return log
