@@ -343,14 +343,26 @@ def _truncate_after(path: pathlib.Path, step: int, dropped_to: PathLike | None) 
 
 
 @contextlib.contextmanager
-def _appends_held(path: pathlib.Path) -> Iterator[None]:
-    """Holds `<path>.lock` (flock): `append_point` and `truncate_after` never overlap across processes."""
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+def _appends_held(path: pathlib.Path) -> Iterator[int]:
+    """An O_APPEND descriptor of the file now at `path`, flock'ed: appends and truncations never overlap.
+
+    `truncate_after` replaces the file by a rename, so a writer that waited for the lock on the old
+    file sees another inode at `path` once it gets it, and opens the new file instead.
+    """
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
+        try:
+            current = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
         os.close(fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)  # drops the flock
 
 
 def append_point(path: PathLike, step: int, split: str, metrics: Mapping[str, Any]) -> None:
@@ -358,8 +370,8 @@ def append_point(path: PathLike, step: int, split: str, metrics: Mapping[str, An
 
     For a second writer beside the training run's own `JsonlWriter` (e.g. a follower evaluator):
     the file is opened with O_APPEND and the line goes out in one `write()`, which a local POSIX
-    filesystem never interleaves with another appender's line; `<path>.lock` keeps it from landing
-    in a file `truncate_after` is replacing.
+    filesystem never interleaves with another appender's line; an flock on the file keeps it from
+    landing in a file `truncate_after` is replacing.
 
     Args:
         path: the JSONL file (created if absent).
@@ -373,13 +385,9 @@ def append_point(path: PathLike, step: int, split: str, metrics: Mapping[str, An
         record[name] = value if math.isfinite(value) else None
     line = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _appends_held(path):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    with _appends_held(path) as fd:
+        os.write(fd, line)
+        os.fsync(fd)
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:
