@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "distributed": "jaxckpt.runner.distributed",
     "evaluate": "jaxckpt.runner.loop",
     "flatten": "jaxckpt.tree.treepath",
+    "follow": "jaxckpt.runner.follow",
     "freeze_and_scale": "jaxckpt.train.optim",
     "graft": "jaxckpt.grafting.graft",
     "graft_foreign": "jaxckpt.weights.foreign",
@@ -55,6 +56,7 @@ _EXPORTS: dict[str, str] = {
     "train_and_evaluate": "jaxckpt.runner.loop",
     "unflatten": "jaxckpt.tree.treepath",
     "unflatten_dict": "jaxckpt.tree.treepath",
+    "update_ema": "jaxckpt.train.ema",
     "write_safetensors": "jaxckpt.weights.foreign",
 }
 
@@ -94,9 +96,11 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from jaxckpt.grafting.graft import graft, plan
     from jaxckpt.grafting.report import GraftEntry, GraftReport
     from jaxckpt.runner import distributed
+    from jaxckpt.runner.follow import follow
     from jaxckpt.runner.loop import evaluate, predict, run, run_or_exit, train_and_evaluate
     from jaxckpt.runner.task import Task, load_task
     from jaxckpt.runner.workdir import WorkdirLock
+    from jaxckpt.train.ema import update_ema
     from jaxckpt.train.optim import describe_trainable, freeze_and_scale, make_optimizer, make_schedule
     from jaxckpt.train.state import TrainState
     from jaxckpt.train.step import make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics

@@ -72,14 +72,18 @@ class FollowerResults:
     def __init__(self, workdir: str | Path, split: str):
         self._workdir = Path(workdir)
         self._split = split
+        self._found: dict[int, dict[str, float]] = {}  # a result, once written, never changes
 
     def metrics(self, step: int) -> dict[str, float] | None:
+        if step in self._found:
+            return self._found[step]
         try:
             result = json.loads(result_path(self._workdir, self._split, step).read_text())
         except (OSError, ValueError):
             return None
-        return {f"{self._split}/{k}": float("nan") if v is None else v for k, v in result.items()
-                if k not in _RESERVED and isinstance(v, (int, float, type(None)))}
+        self._found[step] = {f"{self._split}/{k}": float("nan") if v is None else v for k, v in result.items()
+                             if k not in _RESERVED and isinstance(v, (int, float, type(None)))}
+        return self._found[step]
 
     def waiting(self) -> bool:
         return pins.attached(self._workdir / "checkpoints", self._split)
