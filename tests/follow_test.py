@@ -14,6 +14,7 @@ import pytest
 
 import jaxckpt
 from jaxckpt.checkpoint import pins
+from jaxckpt.cli.commands import main as cli
 from jaxckpt.runner.follow import FollowerResults, apply_overrides, follow
 from jaxckpt.errors import UserError
 from tests.runs import ROOT, read_jsonl, tiny_flags
@@ -138,7 +139,7 @@ def test_follower_killed_and_restarted_evaluates_each_step_once(tmp_path, data_d
     assert not [p for p in (workdir / "checkpoints" / ".pins").iterdir() if ".pin-" in p.name]
 
 
-def test_best_k_by_follower_metrics_keeps_what_train_val_keeps(tmp_path, data_dir):
+def test_best_k_by_follower_metrics_keeps_what_train_val_keeps(tmp_path, data_dir, capsys):
     # Maximising the loss makes the best step the first one, so keeping it needs its metric before
     # max_to_keep=1 would delete it: the follower's results must rank it, as the in-loop ones do.
     config = {"checkpoint.every_steps": 10, "train.eval_every_steps": 10, "checkpoint.max_to_keep": 1,
@@ -156,3 +157,5 @@ def test_best_k_by_follower_metrics_keeps_what_train_val_keeps(tmp_path, data_di
                                         best_mode="max", late_metrics=late)
     assert manager.best_step() == 10
     assert json.loads((followed / "eval_val_10.json").read_text())["loss"] == _val_points(in_loop)[0]["loss"]
+    assert cli(["inspect", str(followed)]) == 0
+    assert "best:        10 by val/loss (max)" in capsys.readouterr().out

@@ -75,7 +75,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
     checkpoint_dir, named_step, config = _saved_config(zoo.resolve(args.path))
     best_metric, best_mode = zoo.best_rule(config)
-    manager = CheckpointManager(checkpoint_dir, read_only=True, best_metric=best_metric, best_mode=best_mode)
+    from jaxckpt.runner.follow import FollowerResults  # a follower's results rank steps as the trainer's do
+
+    split, _, name = (best_metric or "").partition("/")
+    manager = CheckpointManager(checkpoint_dir, read_only=True, best_metric=best_metric, best_mode=best_mode,
+                                late_metrics=FollowerResults(checkpoint_dir.parent, split) if name else None)
     try:
         steps = manager.all_steps()
         if not steps:

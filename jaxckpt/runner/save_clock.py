@@ -11,11 +11,12 @@ several processes: every process must save the same step, but their clocks diffe
   a time-based save then lands at most `check_every_steps - 1` steps late.
 
 Any save resets the clock (`saved()`), the step-count ones included: the interval is "since the
-last save", whatever caused it. Retention treats the steps saved this way like any other.
+last save", whatever caused it. The clock starts after the run's first step, whose time is mostly
+compilation (no work a save would protect). Retention treats the steps saved this way like any other.
 
 Example:
   >>> clock = SaveClock(every_seconds=600, check_every_steps=20)
-  >>> clock.due(1)
+  >>> clock.due(1)  # the first step starts the clock
   False
 """
 
@@ -33,7 +34,7 @@ class SaveClock:
 
     def __init__(self, every_seconds: float, check_every_steps: int, *,
                  clock: Callable[[], float] = time.monotonic):
-        """Starts the clock now.
+        """A clock that starts at the first `due` call (after the run's first step).
 
         Args:
           every_seconds: the wall time between saves; 0 turns time-based saves off.
@@ -50,11 +51,11 @@ class SaveClock:
         self.every_seconds = float(every_seconds)
         self.check_every_steps = int(check_every_steps)
         self._clock = clock
-        self._last = clock()
+        self._last: float | None = None
 
     def elapsed(self) -> float:
         """Seconds since the last save (or since the clock started) on this process's clock."""
-        return self._clock() - self._last
+        return 0.0 if self._last is None else self._clock() - self._last
 
     def due(self, step: int) -> bool:
         """Whether to save at `step` because of time; call it once per step on every process.
@@ -64,9 +65,13 @@ class SaveClock:
 
         Returns:
           True when `every_seconds` passed since the last save (process 0's clock with several
-          processes, checked every `check_every_steps` steps).
+          processes, checked every `check_every_steps` steps); False at the first call, which
+          starts the clock.
         """
         if not self.every_seconds:
+            return False
+        if self._last is None:  # on every process at the same (first) step
+            self._last = self._clock()
             return False
         if jax.process_count() == 1:
             return self.elapsed() >= self.every_seconds
