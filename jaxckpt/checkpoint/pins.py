@@ -6,7 +6,9 @@ step folders, so it never sees it):
 
     .pins/lock                          flock'ed around every decision below
     .pins/<step>.pin-<host>-<pid>       a reader is reading that step: retention keeps it
-    .pins/<step>.doomed                 retention decided to delete that step: nobody may pin it
+    .pins/<step>.doomed                 retention decided to delete that step: nobody may pin it;
+                                        kept after the deletion while a follower is attached, so
+                                        the follower learns which steps it missed (`missed`)
     .pins/follower-<split>-<host>-<pid> a follower is attached and will deliver <split> metrics
 
 The manager's decision (`guard`) and a reader's pin (`pin`) both hold the lock, so one of two
@@ -127,7 +129,8 @@ def guard(directory: os.PathLike | str, steps: Iterable[int], keep: set[int], *,
         keep = set(keep) | {int(m.group(1)) for m in _live(pins, _PIN)} & steps
         if not mark:
             return keep
-        _forget_gone(pins, steps)
+        if not _live(pins, _FOLLOWER):  # nobody will read the marks of deleted steps
+            _forget_gone(pins, steps)
         for step in steps - keep:
             (pins / f"{step}.doomed").touch()
     return keep
@@ -145,6 +148,20 @@ def forget_deleted(directory: os.PathLike | str, steps: Iterable[int]) -> None:
     if _dir(directory).is_dir():
         with _locked(directory) as pins:
             _forget_gone(pins, set(steps))
+
+
+def missed(directory: os.PathLike | str) -> list[int]:
+    """Steps retention has deleted since the last call (their doomed marks are consumed), oldest first."""
+    if not _dir(directory).is_dir():
+        return []
+    gone = []
+    with _locked(directory) as pins:
+        for path in pins.iterdir():
+            match = _DOOMED.fullmatch(path.name)
+            if match and not (pathlib.Path(directory) / match.group(1)).is_dir():
+                gone.append(int(match.group(1)))
+                path.unlink(missing_ok=True)
+    return sorted(gone)
 
 
 def attach(directory: os.PathLike | str, split: str) -> pathlib.Path:

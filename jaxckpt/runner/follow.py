@@ -207,6 +207,10 @@ def follow(workdir: str | Path, *, split: str = "val", overrides: Sequence[str] 
                      len(done), max(done))
         evaluated, skipped, waiting_logged = [], [], False
         while True:
+            for step in pins.missed(checkpoint_dir):
+                if step not in done and step not in skipped:
+                    log.info("follow: step %d was deleted by retention before it could be evaluated; skipped", step)
+                    skipped.append(step)
             steps = committed_steps(checkpoint_dir)
             todo = [s for s in steps if s not in done and s not in skipped]
             if not todo:
