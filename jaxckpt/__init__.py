@@ -17,8 +17,10 @@ _EXPORTS: dict[str, str] = {
     "CheckpointManager": "jaxckpt.checkpoint.manager",
     "CheckpointNotFoundError": "jaxckpt.errors",
     "CheckpointSaveError": "jaxckpt.errors",
+    "ConfigError": "jaxckpt.errors",
     "GraftEntry": "jaxckpt.grafting.report",
     "GraftReport": "jaxckpt.grafting.report",
+    "MissingDependencyError": "jaxckpt.errors",
     "NonFiniteLossError": "jaxckpt.errors",
     "PREEMPTED_EXIT_CODE": "jaxckpt.errors",
     "Preempted": "jaxckpt.errors",
@@ -27,7 +29,9 @@ _EXPORTS: dict[str, str] = {
     "TrainState": "jaxckpt.train.state",
     "UserError": "jaxckpt.errors",
     "WorkdirError": "jaxckpt.errors",
-    "WorkdirLock": "jaxckpt.runner.workdir",
+    "WorkdirLock": "jaxckpt.runner.lock",
+    "config_strings": "jaxckpt.config_strings",
+    "default_config": "jaxckpt.runner.config",
     "describe_trainable": "jaxckpt.train.optim",
     "distributed": "jaxckpt.runner.distributed",
     "evaluate": "jaxckpt.runner.loop",
@@ -51,7 +55,7 @@ _EXPORTS: dict[str, str] = {
     "read_foreign": "jaxckpt.weights.foreign",
     "resolve_checkpoint_path": "jaxckpt.weights.pretrained",
     "run": "jaxckpt.runner.loop",
-    "run_or_exit": "jaxckpt.runner.loop",
+    "run_or_exit": "jaxckpt.cli.exits",
     "sum_metrics": "jaxckpt.train.step",
     "train_and_evaluate": "jaxckpt.runner.loop",
     "unflatten": "jaxckpt.tree.treepath",
@@ -61,7 +65,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 # Public names that are modules rather than attributes of one.
-_MODULES = frozenset({"distributed"})
+_MODULES = frozenset({"config_strings", "distributed"})
 
 __all__ = tuple(sorted(_EXPORTS))
 
@@ -81,6 +85,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from jaxckpt import config_strings
     from jaxckpt.checkpoint.manager import CheckpointManager
     from jaxckpt.checkpoint.retention import RetentionPolicy
     from jaxckpt.errors import (
@@ -88,6 +93,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         CheckpointCorruptError,
         CheckpointNotFoundError,
         CheckpointSaveError,
+        MissingDependencyError,
         NonFiniteLossError,
         Preempted,
         UserError,
@@ -96,10 +102,11 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from jaxckpt.grafting.graft import graft, plan
     from jaxckpt.grafting.report import GraftEntry, GraftReport
     from jaxckpt.runner import distributed
+    from jaxckpt.runner.config import default_config
     from jaxckpt.runner.follow import follow
-    from jaxckpt.runner.loop import evaluate, predict, run, run_or_exit, train_and_evaluate
+    from jaxckpt.runner.lock import WorkdirLock
+    from jaxckpt.runner.loop import evaluate, predict, run, train_and_evaluate
     from jaxckpt.runner.task import Task, load_task
-    from jaxckpt.runner.workdir import WorkdirLock
     from jaxckpt.train.ema import update_ema
     from jaxckpt.train.optim import describe_trainable, freeze_and_scale, make_optimizer, make_schedule
     from jaxckpt.train.state import TrainState

@@ -10,10 +10,21 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
+import sys
+import sysconfig
 
 
 class UserError(RuntimeError):
     """A failure the user resolves by changing an input; the message names the culprit and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work (an unknown choice, a width of 0); the message names the key.
+
+    Tasks raise it for their own config fields, so the command line prints it as one line (exit 2)
+    while a `ValueError` from a bug in task code keeps its traceback. Also a `ValueError`, so
+    `except ValueError` around config checks still catches it.
+    """
 
 
 class MissingDependencyError(UserError, ImportError):
@@ -82,3 +93,40 @@ class WorkdirError(UserError):
 
 class ZooEntryNotFoundError(CheckpointNotFoundError):
     """`zoo:NAME` names no entry in the zoo folder."""
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether `error` is about the user's input (one line, exit 2) rather than a bug (a traceback).
+
+    A `UserError` always is. A `ValueError` or `OSError` is when jaxckpt raised it, or a library
+    raised it for jaxckpt (a missing file that Orbax failed to open): the innermost frame of its
+    traceback that is not in the standard library or an installed package belongs to jaxckpt. The
+    same error raised from a user's `loss_fn` or task code is a bug in that code, and keeps its
+    traceback.
+
+    Args:
+      error: a raised exception.
+
+    Returns:
+      True for errors the user fixes by changing an input.
+    """
+    if isinstance(error, UserError):
+        return True
+    if not isinstance(error, (ValueError, OSError)):
+        return False
+    frames = []
+    tb = error.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    for filename in reversed(frames):
+        if filename.startswith(_PACKAGE_DIR):
+            return True
+        if not filename.startswith(_LIBRARY_DIRS) and not filename.startswith("<"):
+            return False  # the user's own code raised it
+    return True
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_LIBRARY_DIRS = tuple({os.path.abspath(sysconfig.get_paths()[k]) + os.sep for k in ("stdlib", "purelib", "platlib")}
+                      | {os.path.abspath(p) + os.sep for p in sys.path if p.endswith("site-packages")})

@@ -14,8 +14,8 @@ import pytest
 
 import jaxckpt
 from jaxckpt.checkpoint.manager import CheckpointManager
+from jaxckpt.cli.exits import run_or_exit
 from jaxckpt.errors import CheckpointSaveError, SaveFailedError, UserError
-from jaxckpt.runner.loop import run_or_exit
 from tests.preemption_test import CLI_ENV, Running, cli_args, committed_steps
 from tests.runs import ROOT, run_cli, tiny_config
 

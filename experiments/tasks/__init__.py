@@ -2,6 +2,8 @@
 
 - `experiments.tasks.digits`: UCI handwritten digits (shipped in scikit-learn, works offline).
 - `experiments.tasks.imdb`: IMDB movie-review sentiment through tfds `imdb_reviews`.
+- `experiments.tasks.lm`: a byte-level transformer language model over the Python standard
+  library's own sources (`lm_data`; works offline).
 
 Shared pieces: `data` (tfds data sources + grain pipelines), `models` (Flax modules whose top-level
 parameters are `encoder`, `fusion`, `head`), `classifier` (loss, metrics, predictions),

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from experiments.tasks import data
+from jaxckpt.errors import ConfigError
 from jaxckpt.types import Batch, Params
 
 
@@ -82,7 +83,7 @@ class ClassifierTask:
 
     def _split(self, split: str) -> Split:
         if split not in self._splits:
-            raise ValueError(f"Unknown split {split!r}; this task has {sorted(self._splits)}.")
+            raise ConfigError(f"Unknown split {split!r}; this task has {sorted(self._splits)}.")
         return self._splits[split]
 
     def init_params(self, rng: jax.Array) -> Params:

@@ -18,6 +18,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxckpt.errors import ConfigError
 from jaxckpt.types import Batch
 
 DATA_DIR_ENV = "JAXCKPT_DATA_DIR"
@@ -115,10 +116,10 @@ def split_indices(num_examples: int, fraction: float, seed: int) -> tuple[np.nda
         (8, 2)
     """
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"Held-out fraction must be strictly between 0 and 1, got {fraction}.")
+        raise ConfigError(f"Held-out fraction must be strictly between 0 and 1, got {fraction}.")
     num_held_out = int(round(fraction * num_examples))
     if not 0 < num_held_out < num_examples:
-        raise ValueError(
+        raise ConfigError(
                 f"Holding out {fraction} of {num_examples} examples leaves {num_held_out} held out and "
                 f"{num_examples - num_held_out} kept; choose a fraction that keeps both non-empty."
         )
@@ -210,7 +211,7 @@ def train_iterator(
         (4,)
     """
     if not 1 <= batch_size <= len(source):
-        raise ValueError(
+        raise ConfigError(
                 f"batch_size={batch_size} must be between 1 and the number of training examples "
                 f"({len(source)}); lower the batch size."
         )
@@ -268,7 +269,7 @@ def eval_batches(
     if len(ids) != len(source):
         raise ValueError(f"Got {len(ids)} ids for a source of {len(source)} records; pass one id per record.")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        raise ConfigError(f"batch_size must be positive, got {batch_size}.")
 
     def with_id(index: int, record: Example) -> dict[str, np.ndarray]:
         features = dict(transform(record))

@@ -23,6 +23,7 @@ import numpy as np
 
 from experiments.tasks import data, digits_builder, models
 from experiments.tasks.classifier import ClassifierTask, Split
+from jaxckpt.errors import ConfigError
 
 TARGETS = {
         "digit": tuple(str(d) for d in range(10)),
@@ -77,7 +78,7 @@ def build(config: Any, artifacts: Mapping[str, Any] | None = None) -> Classifier
     del artifacts  # Nothing to restore: the task is fully determined by the config.
     target = config.data.target
     if target not in TARGETS:
-        raise ValueError(f"config.data.target={target!r} is not one of {sorted(TARGETS)}.")
+        raise ConfigError(f"config.data.target={target!r} is not one of {sorted(TARGETS)}.")
     model = models.DigitsClassifier(
             encoder_dims=models.parse_dims(config.model.encoder_dims, "model.encoder_dims"),
             fusion_dims=models.parse_dims(config.model.fusion_dims, "model.fusion_dims"),

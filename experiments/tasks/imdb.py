@@ -29,6 +29,7 @@ import numpy as np
 from experiments.tasks import data, imdb_builder, models
 from experiments.tasks import tokenizer as tokenizer_lib
 from experiments.tasks.classifier import ClassifierTask, Split
+from jaxckpt.errors import ConfigError
 
 TARGET = "sentiment"
 _VAL_SEED = 1  # Fixed forever: `val` must not move when the run's seed changes.
@@ -48,7 +49,7 @@ def _checked_vocab(artifacts: Mapping[str, Any], vocab_size: int) -> list[str]:
         )
     vocab = list(artifacts["vocab"])
     if len(vocab) > vocab_size + 2:
-        raise ValueError(
+        raise ConfigError(
                 f"The saved vocabulary has {len(vocab)} entries but config.data.vocab_size={vocab_size} "
                 f"allows {vocab_size + 2} (with <pad>, <unk>); set config.data.vocab_size={len(vocab) - 2}."
         )
@@ -76,11 +77,11 @@ def build(config: Any, artifacts: Mapping[str, Any] | None = None) -> Classifier
         >>> same = build(get_config(), artifacts=task.artifacts())  # no word counting
     """
     if config.data.target != TARGET:
-        raise ValueError(f"config.data.target={config.data.target!r}; IMDB has only {TARGET!r} (neg / pos).")
+        raise ConfigError(f"config.data.target={config.data.target!r}; IMDB has only {TARGET!r} (neg / pos).")
     vocab_size = int(config.data.vocab_size)
     max_length = int(config.data.max_length)
     if max_length < 1:
-        raise ValueError(f"config.data.max_length must be positive, got {max_length}.")
+        raise ConfigError(f"config.data.max_length must be positive, got {max_length}.")
     encoder_dims = models.parse_dims(config.model.encoder_dims, "model.encoder_dims", allow_empty=True)
     fusion_dims = models.parse_dims(config.model.fusion_dims, "model.fusion_dims")
 

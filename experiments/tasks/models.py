@@ -4,7 +4,7 @@ The top-level parameter names are the contract that grafting relies on: `encoder
 input-specific layers (for text, the embedding too), `fusion` the shared MLP whose widths
 `config.model.fusion_dims` sets, and `head` the final Dense over the classes. Changing the fusion
 widths changes only `fusion` and `head`'s input size; changing the number of classes changes only
-`head`, so a pretrained `encoder` always grafts (`mapping="encoder:encoder"`).
+`head`, so a pretrained `encoder` always grafts (`mapping={"encoder": "encoder"}`; `checkpoint.mapping=encoder:encoder` in a config).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxckpt.errors import ConfigError
 
 
 class MLP(nn.Module):
@@ -149,9 +151,9 @@ def parse_dims(value: Sequence[int], field: str, allow_empty: bool = False) -> t
         value = (value,)
     dims = tuple(int(d) for d in value)
     if any(d < 1 or d != w for d, w in zip(dims, value)):
-        raise ValueError(f"config.{field}={tuple(value)!r}: every width must be a positive integer.")
+        raise ConfigError(f"config.{field}={tuple(value)!r}: every width must be a positive integer.")
     if not dims and not allow_empty:
-        raise ValueError(
+        raise ConfigError(
                 f"config.{field} is empty; give at least one width so that the module exists in the "
                 "parameter tree (grafting and skip rules refer to it by name)."
         )

@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from jaxckpt.errors import ConfigError
+
 PAD = "<pad>"
 UNK = "<unk>"
 PAD_ID = 0
@@ -59,7 +61,7 @@ def build_vocab(texts: Iterable[str | bytes], vocab_size: int) -> list[str]:
         ['<pad>', '<unk>', 'a', 'b']
     """
     if vocab_size < 1:
-        raise ValueError(f"vocab_size must be positive, got {vocab_size}.")
+        raise ConfigError(f"vocab_size must be positive, got {vocab_size}.")
     counts = collections.Counter()
     for text in texts:
         counts.update(words(text))

@@ -28,11 +28,14 @@ import re
 import sys
 from typing import Any, Sequence
 
+from jaxckpt import config_strings
 from jaxckpt.cli import follow as follow_command
 from jaxckpt.cli import tables as cli_tables
-from jaxckpt.cli.exits import USER_ERROR_EXIT_CODE, USER_ERRORS, quiet_late_loop_callbacks
-from jaxckpt.errors import CheckpointCorruptError, UserError
-from jaxckpt.runner.workdir import flat_config
+from jaxckpt.cli.exits import USER_ERROR_EXIT_CODE, quiet_late_loop_callbacks
+from jaxckpt.errors import CheckpointCorruptError, UserError, is_user_error
+from jaxckpt.runner.config_diff import flat_config
+from jaxckpt.runner.publish import publish
+from jaxckpt.runner.rundir import best_rule
 from jaxckpt.weights import zoo
 
 # Config fields worth a line in `inspect`; absent ones are left out (model.* is shown whole).
@@ -74,8 +77,8 @@ def _inspect(args: argparse.Namespace) -> int:
     from jaxckpt.checkpoint.stepdir import INFO_ITEM, read_json_item, read_state_metadata
 
     checkpoint_dir, named_step, config = _saved_config(zoo.resolve(args.path))
-    best_metric, best_mode = zoo.best_rule(config)
-    from jaxckpt.runner.follow import FollowerResults  # a follower's results rank steps as the trainer's do
+    best_metric, best_mode = best_rule(config)
+    from jaxckpt.runner.follow_results import FollowerResults  # a follower's results rank steps as the trainer's do
 
     split, _, name = (best_metric or "").partition("/")
     manager = CheckpointManager(checkpoint_dir, read_only=True, best_metric=best_metric, best_mode=best_mode,
@@ -221,21 +224,13 @@ def _load_config(config_args: Sequence[str]) -> Any:
     return config
 
 
-def _split(spec: Any) -> tuple[str, ...]:
-    """`"a,b"` -> `("a", "b")`, as the loop reads `checkpoint.skip`."""
-    if isinstance(spec, str):
-        return tuple(p.strip() for p in spec.split(",") if p.strip())
-    return tuple(spec or ())
-
-
-def _source_metadata(source: str, ck: Any) -> tuple[dict[str, Any], str]:
+def _source_metadata(source: str, rename: Any) -> tuple[dict[str, Any], str]:
     """The source's leaves as abstract or lazy values (nothing is read), and a description."""
     from jaxckpt.checkpoint.stepdir import read_state_metadata
     from jaxckpt.weights.foreign import is_foreign, read_foreign
     from jaxckpt.weights.pretrained import PARAMS_KEY, resolve_step_dir
 
     if is_foreign(source):
-        rename = getattr(ck, "rename", "") or None
         return read_foreign(source, rename=rename), f"weights file {source}"
     step_dir = resolve_step_dir(zoo.resolve(source))
     saved = read_state_metadata(step_dir)
@@ -264,11 +259,11 @@ def _plan(args: argparse.Namespace, config_args: Sequence[str]) -> int:
     if not source:
         raise UserError("plan needs a SOURCE (run dir, step dir, zoo:NAME, .safetensors or .pt), "
                         "or --config.checkpoint.pretrained=SOURCE.")
-    source_leaves, described = _source_metadata(str(source), ck)
+    options = config_strings.checkpoint_options(ck)
+    source_leaves, described = _source_metadata(str(source), options.pop("rename"))
     task = load_task(config)
     # The same abstract params the loop builds: shapes only, nothing is computed.
     target = jax.eval_shape(task.init_params, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
-    options = dict(mapping=ck.mapping or None, skip=_split(ck.skip), adapters=ck.adapters or None)
     report = plan_graft(source_leaves, target, **options)
     freeze, multipliers = cli_tables.training_spec(config.get("optimizer"))
     labels = cli_tables.describe_training(target, freeze, multipliers) if freeze or multipliers else {}
@@ -312,7 +307,7 @@ def _export(args: argparse.Namespace) -> int:
     best_metric, best_mode = None, "min"
     if args.best:
         _, _, config = _saved_config(path)
-        best_metric, best_mode = zoo.best_rule(config)
+        best_metric, best_mode = best_rule(config)
         if best_metric is None:
             raise UserError(f"--best: {args.source} has no early_stop.criteria in its config to rank steps; "
                             "pass --step N instead.")
@@ -341,7 +336,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _zoo_publish(args: argparse.Namespace) -> int:
     step = "best" if args.best else args.step
-    path = zoo.publish(args.workdir, args.name, step=step, overwrite=args.overwrite, ema=args.ema)
+    path = publish(args.workdir, args.name, step=step, overwrite=args.overwrite, ema=args.ema)
     what = ", its averaged weights" if args.ema else ""
     print(f"published zoo:{args.name} (step {path.name} of {args.workdir}{what}) at {path.parent.parent}")
     return 0
@@ -449,7 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "follow":
             return follow_command.run(args, extra)
         return args.run(args)
-    except USER_ERRORS + (CheckpointCorruptError,) as e:
+    except Exception as e:
+        if not (is_user_error(e) or isinstance(e, CheckpointCorruptError)):
+            raise
         sys.stdout.flush()
         print(f"jaxckpt {args.command}: error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE

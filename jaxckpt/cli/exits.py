@@ -9,12 +9,9 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from jaxckpt.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
+from jaxckpt.errors import PREEMPTED_EXIT_CODE, Preempted, is_user_error
 
 USER_ERROR_EXIT_CODE = 2
-
-# Errors a user can cause with a bad path, config or input; their messages say what to do.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, OSError)
 
 
 def _drop_late_loop_callbacks(unraisable: Any) -> None:
@@ -39,8 +36,9 @@ def quiet_late_loop_callbacks() -> None:
 def exit_code_of(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     """Calls `fn`; returns 0, or prints a user error to stderr (no traceback) and returns its code.
 
-    `Preempted` returns `PREEMPTED_EXIT_CODE`; exceptions outside `USER_ERRORS` propagate with their
-    traceback, because they are bugs to report rather than inputs to fix.
+    `Preempted` returns `PREEMPTED_EXIT_CODE`; errors that are not the user's (see
+    `jaxckpt.errors.is_user_error`: a bug in jaxckpt, or any exception from task code) propagate
+    with their traceback, because they are bugs to report rather than inputs to fix.
     """
     quiet_late_loop_callbacks()
     try:
@@ -48,9 +46,37 @@ def exit_code_of(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     except Preempted as e:
         print(f"jaxckpt: {e}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except USER_ERRORS as e:
-        name = type(e).__name__
-        label = "error" if isinstance(e, (UserError, ValueError)) else name
-        print(f"jaxckpt: {label}: {e}", file=sys.stderr)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        print(f"jaxckpt: error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
     return 0
+
+
+def run_or_exit(config: Any, workdir: Any) -> int:
+    """`jaxckpt.run` for command lines: returns an exit code, printing user errors without a traceback.
+
+    It is the entry point's business to set up logging on stderr and quiet the libraries' INFO
+    logs; this does both, then runs.
+
+    Args:
+      config: as for `jaxckpt.run`.
+      workdir: as for `jaxckpt.run`.
+
+    Returns:
+      0 on success; `USER_ERROR_EXIT_CODE` (2) after printing a user error (bad config, path or
+      input) as one line to stderr; `PREEMPTED_EXIT_CODE` (75) when a signal stopped a train run
+      after saving, so a scheduler reruns it to continue.
+
+    Raises:
+      Exception: any error that is not the user's (a bug, in jaxckpt or in task code), with its traceback.
+
+    Example:
+      >>> sys.exit(run_or_exit(config, "runs/digits"))  # doctest: +SKIP
+    """
+    from jaxckpt.runner.logs import setup_logging
+    from jaxckpt.runner.loop import run
+
+    setup_logging()
+    return exit_code_of(run, config, workdir)

@@ -23,7 +23,7 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     """Follows `args.workdir`, logging to stderr and `WORKDIR/follow.log`; returns the exit code 0."""
     from jaxckpt.runner.follow import follow
-    from jaxckpt.runner.workdir import setup_logging
+    from jaxckpt.runner.logs import setup_logging
 
     setup_logging(args.workdir, filename="follow.log")
     follow(args.workdir, split=args.split, overrides=overrides, poll_seconds=args.poll)

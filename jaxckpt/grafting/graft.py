@@ -38,9 +38,9 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-# Adapter, GraftEntry and parse_adapters are also imported from here by callers.
-from jaxckpt.grafting.adapters import Adapter, adapt, adapter_name, parse_adapters
-from jaxckpt.grafting.mapping import dead_rules, parse_mapping, source_paths, strip_prefix, unused_sources
+# Adapter and GraftEntry are also imported from here by callers.
+from jaxckpt.grafting.adapters import Adapter, adapt, adapter_name, normalize_adapters
+from jaxckpt.grafting.mapping import dead_rules, normalize_mapping, source_paths, strip_prefix, unused_sources
 from jaxckpt.grafting.report import GraftEntry, GraftReport
 from jaxckpt.tree import pathmatch, treepath
 from jaxckpt.types import PyTree
@@ -151,8 +151,8 @@ def _index_of(paths: Sequence[str]) -> Callable[[str], int | None]:
 
 
 def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
-    rules = parse_mapping(mapping)
-    adapter_rules = parse_adapters(adapters)
+    rules = normalize_mapping(mapping)
+    adapter_rules = normalize_adapters(adapters)
     src_paths, src_leaves = _source_leaves(source)
     tgt_paths, tgt_leaves, treedef = treepath.flatten_with_treedef(target)
 
@@ -265,9 +265,9 @@ def plan(
     source: PyTree,
     target: PyTree,
     *,
-    mapping: str | Mapping[str, str] | None = None,
+    mapping: Mapping[str, str] | None = None,
     skip: Sequence[str] = (),
-    adapters: str | Mapping[str, Adapter] | None = None,
+    adapters: Mapping[str, Adapter] | None = None,
 ) -> GraftReport:
     """The report `graft` would give, without reading any array.
 
@@ -282,6 +282,7 @@ def plan(
 
     Raises:
         ValueError: for malformed rules or rules that match nothing.
+        TypeError: for a string where rules are expected (as for `graft`).
 
     Example:
         >>> sds = jax.ShapeDtypeStruct
@@ -289,6 +290,9 @@ def plan(
         ...      ).counts["mismatched"]
         1
     """
+    if isinstance(skip, str):
+        raise TypeError(f"skip must be a sequence of regexes; got the string"
+                        f" {skip!r}. Wrap it in a list.")
     return _planned_report(source, target, mapping, tuple(skip), adapters)
 
 
@@ -358,10 +362,10 @@ def graft(
     source: PyTree,
     target: PyTree,
     *,
-    mapping: str | Mapping[str, str] | None = None,
+    mapping: Mapping[str, str] | None = None,
     skip: Sequence[str] = (),
     strict: bool = True,
-    adapters: str | Mapping[str, Adapter] | None = None,
+    adapters: Mapping[str, Adapter] | None = None,
 ) -> tuple[PyTree, GraftReport]:
     """Fills `target` with `source` leaves where paths and shapes agree.
 
@@ -369,15 +373,14 @@ def graft(
         source: pytree (or flat `{"a/b": leaf}` dict) of arrays, lazy readers,
             callables or `jax.ShapeDtypeStruct`s.
         target: the freshly initialised pytree (arrays or `ShapeDtypeStruct`s).
-        mapping: None for the whole tree onto itself, or source prefix -> target
-            prefix as a dict or `"src:dst,src2:dst2"`. Only target leaves under a
+        mapping: None for the whole tree onto itself, or a dict of source prefix ->
+            target prefix (`{"bert": "encoder"}`). Only target leaves under a
             destination are candidates (the rest are `untouched`); only source leaves
             under a source prefix are in scope.
         skip: regexes of target paths to keep fresh (each names a path or subtree).
         strict: raise if anything is missing, mismatched or unused; otherwise keep
             those target leaves fresh and only report them.
-        adapters: `{regex: "resize" | "interpolate" | fn}` or
-            `"regex:resize,..."`: shape-mismatched target leaves a rule names are
+        adapters: `{regex: "resize" | "interpolate" | fn}`: shape-mismatched target leaves a rule names are
             adapted on purpose. `resize` copies the overlapping block (the rest keeps
             the fresh init); `interpolate` resamples linearly along the axes whose
             size differs; `fn(source_array, target_leaf)` returns the new leaf.
@@ -390,7 +393,9 @@ def graft(
         ValueError: in strict mode, one error listing every missing, mismatched
             and unused path with shapes; always, for rules that match nothing or are
             malformed.
-        TypeError: if a concrete target leaf would be filled from an abstract one.
+        TypeError: if a concrete target leaf would be filled from an abstract one,
+            or for a string where rules are expected (parse config strings with
+            `jaxckpt.config_strings`).
 
     Example:
         >>> pretrained = {"encoder": {"w": np.ones((2, 2))}, "head": np.ones(3)}

@@ -129,7 +129,7 @@ class GraftReport:
             f" mismatched and {c['unused']} unused leaves:\n{self.problems()}\n"
             "To proceed: pass strict=False to keep these target leaves fresh and"
             " get the report; restrict what is grafted with mapping={'src_prefix':"
-            " 'dst_prefix'} (or 'src:dst,...'); keep target leaves fresh with"
+            " 'dst_prefix'}; keep target leaves fresh with"
             " skip=[regex, ...]; or change shapes on purpose with"
             " adapters={regex: 'resize' | 'interpolate' | fn}.")
 

@@ -14,8 +14,8 @@ from typing import Any
 import jax
 
 from jaxckpt.errors import UserError
-from jaxckpt.runner.task import Task
-from jaxckpt.runner.workdir import log
+from jaxckpt.runner.logs import log
+from jaxckpt.runner.task import Task, has_model_state
 from jaxckpt.train.state import TrainState
 from jaxckpt.train.step import COUNT, make_eval_step
 
@@ -29,7 +29,12 @@ def check_criteria(criteria: str, task: Task, abstract: TrainState, batch_size: 
     if not criteria:
         return
     batch = {k: v for k, v in next(iter(task.eval_batches("val", batch_size))).items() if k != "id"}
-    names = sorted(k for k in jax.eval_shape(make_eval_step(task.metrics_fn), abstract, batch) if k != COUNT)
+    eval_step = make_eval_step(task.metrics_fn, model_state=has_model_state(task))
+    names = [k for k in jax.eval_shape(eval_step, abstract, batch) if k != COUNT]
+    summarize = getattr(task, "summarize", None)
+    if callable(summarize):  # derived metrics (e.g. perplexity) are computed from the means
+        names = list(summarize({name: 1.0 for name in names}))
+    names = sorted(set(names) - {"num_examples"})
     if criteria not in [f"val/{name}" for name in names]:
         raise UserError(
             f"early_stop.criteria={criteria!r} is not a validation metric of this task; use one of "

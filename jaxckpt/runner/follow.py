@@ -47,52 +47,23 @@ from jaxckpt.checkpoint.manager import CheckpointManager
 from jaxckpt.checkpoint.stepdir import EXTRA_ITEM, read_json_item
 from jaxckpt.errors import UserError, WorkdirError
 from jaxckpt.runner import distributed, sources
-from jaxckpt.runner.metrics import append_point, format_metrics, read_metrics
-from jaxckpt.runner.task import load_task
-from jaxckpt.runner.workdir import WorkdirLock, log, write_json
+from jaxckpt.runner.config import complete
+from jaxckpt.runner.follow_results import FollowerResults, follower_results, result_path
+from jaxckpt.runner.inference import evaluate_split
+from jaxckpt.runner.lock import WorkdirLock
+from jaxckpt.runner.logs import log
+from jaxckpt.runner.metrics_jsonl import append_point, read_metrics
+from jaxckpt.runner.rundir import write_json
+from jaxckpt.runner.setup import abstract_params
+from jaxckpt.runner.task import check_task, has_model_state, load_task
+from jaxckpt.runner.writers import format_metrics
 from jaxckpt.train.state import TrainState
-from jaxckpt.train.step import make_eval_step, mean_metrics, sum_metrics
+from jaxckpt.train.step import make_eval_step
 from jaxckpt.weights.pretrained import load_params
 
+__all__ = ("FollowerResults", "apply_overrides", "follow", "follower_results")
+
 _RESERVED = ("step", "split")
-
-
-def result_path(workdir: Path, split: str, step: int) -> Path:
-    """`WORKDIR/eval_<split>_<step>.json`."""
-    return Path(workdir) / f"eval_{split}_{step}.json"
-
-
-class FollowerResults:
-    """A follower's results as late metrics for the trainer's `CheckpointManager` (see `LateMetrics`).
-
-    `metrics(step)` is `{"<split>/<name>": value}` from `eval_<split>_<step>.json`; `waiting()` is
-    whether a live follower for `split` is attached to the run's checkpoints.
-    """
-
-    def __init__(self, workdir: str | Path, split: str):
-        self._workdir = Path(workdir)
-        self._split = split
-        self._found: dict[int, dict[str, float]] = {}  # a result, once written, never changes
-
-    def metrics(self, step: int) -> dict[str, float] | None:
-        if step in self._found:
-            return self._found[step]
-        try:
-            result = json.loads(result_path(self._workdir, self._split, step).read_text())
-        except (OSError, ValueError):
-            return None
-        self._found[step] = {f"{self._split}/{k}": float("nan") if v is None else v for k, v in result.items()
-                             if k not in _RESERVED and isinstance(v, (int, float, type(None)))}
-        return self._found[step]
-
-    def waiting(self) -> bool:
-        return pins.attached(self._workdir / "checkpoints", self._split)
-
-
-def late_metrics(config: Any, workdir: str | Path) -> FollowerResults | None:
-    """The follower results that rank this run's steps: those of `early_stop.criteria`'s split."""
-    split, _, name = (config.early_stop.criteria or "").partition("/")
-    return FollowerResults(workdir, split) if name else None
 
 
 def apply_overrides(config: Mapping[str, Any], overrides: Sequence[str]) -> ml_collections.ConfigDict:
@@ -102,7 +73,7 @@ def apply_overrides(config: Mapping[str, Any], overrides: Sequence[str]) -> ml_c
       UserError: for an argument that is not `--config.KEY=VALUE`, an unknown key, or a value of
         another type than the field's.
     """
-    config = ml_collections.ConfigDict(dict(config))
+    config = complete(ml_collections.ConfigDict(dict(config)))  # a step saved before a key existed gets its default
     config.lock()
     for arg in overrides:
         key, eq, text = arg.removeprefix("--config.").partition("=")
@@ -155,18 +126,16 @@ class _Evaluator:
         key = json.dumps([config.task, config.model.to_dict(), config.data.to_dict(), config.seed], sort_keys=True)
         if key not in self._built:
             task = load_task(config, artifacts=extra.get("task_artifacts") or None)
-            params = jax.eval_shape(task.init_params, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
-            params = distributed.abstract_like(params, distributed.replicated(self._mesh))
+            check_task(task)
+            if has_model_state(task):
+                raise UserError(f"follow evaluates params only; {type(task).__name__} keeps a model state "
+                                "(e.g. batch statistics), which it does not read yet. Evaluate with run_type=val.")
+            params, _ = abstract_params(task, config, self._mesh)
             self._built = {key: (task, params, jax.jit(make_eval_step(task.metrics_fn)))}
         task, abstract, eval_step = self._built[key]
         params, _ = load_params(step_dir, abstract, tree=sources.weights_tree(config))
         state = TrainState(step=jnp.asarray(int(step_dir.name), jnp.int32), params=params, opt_state=None, rng=None)
-        distributed.check_batch_size(config.eval.batch_size, self._mesh, "eval.batch_size")
-        total = None
-        for batch in task.eval_batches(self._split, config.eval.batch_size):
-            batch = {k: v for k, v in batch.items() if k != "id"}
-            total = sum_metrics(total, eval_step(state, distributed.shard_batch(batch, self._mesh)))
-        return mean_metrics(distributed.to_host(total))
+        return evaluate_split(task, state, eval_step, self._split, config.eval.batch_size, self._mesh)
 
 
 def _written_points(workdir: Path, split: str) -> set[int]:
@@ -254,7 +223,7 @@ def _final_retention(workdir: Path, split: str, last: int, wait_seconds: float =
     """Applies the run's retention with every result in, under the workdir lock (briefly, once the trainer let go)."""
     extra = read_json_item(workdir / "checkpoints" / str(last), EXTRA_ITEM) or {}
     config = ml_collections.ConfigDict(extra.get("config") or {})
-    if not config or late_metrics(config, workdir) is None:
+    if not config or follower_results(config, workdir) is None:
         return []
     deadline = time.monotonic() + wait_seconds
     while True:  # the trainer may still be closing after its last save
@@ -271,7 +240,7 @@ def _final_retention(workdir: Path, split: str, last: int, wait_seconds: float =
         manager = CheckpointManager(
             workdir / "checkpoints", max_to_keep=ck.max_to_keep, keep_best=ck.keep_best,
             best_metric=config.early_stop.criteria or None, best_mode="min" if config.early_stop.minimize else "max",
-            keep_every_steps=ck.keep_every_steps or None, late_metrics=late_metrics(config, workdir))
+            keep_every_steps=ck.keep_every_steps or None, late_metrics=follower_results(config, workdir))
         try:
             return manager.apply_retention()
         finally:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxckpt import config_strings
 from jaxckpt.checkpoint.manager import CheckpointManager
 from jaxckpt.errors import (
     CheckpointCorruptError,
@@ -24,10 +25,11 @@ from jaxckpt.errors import (
     UserError,
     WorkdirError,
 )
-from jaxckpt.runner.metrics import truncate_after
+from jaxckpt.runner.config_diff import config_changes
+from jaxckpt.runner.logs import log
+from jaxckpt.runner.metrics_jsonl import truncate_after
+from jaxckpt.runner.rundir import set_aside, write_json
 from jaxckpt.runner.task import Task
-from jaxckpt.runner.workdir import config_changes, log, set_aside, write_json
-from jaxckpt.train.ema import EMA_KEY
 from jaxckpt.train.state import TrainState
 from jaxckpt.tree import treepath
 from jaxckpt.weights.foreign import is_foreign
@@ -233,41 +235,37 @@ def check_same_experiment(start: Start, abstract: Mapping[str, Any], workdir: Pa
         f"({len(differ)} paths differ):\n" + "\n".join(lines) + hint)
 
 
-def ema_decay(config: Any) -> float:
-    """`train.ema_decay`, 0 (off) for configs written before the key existed."""
-    return float(config.train.get("ema_decay", 0.0))
+def load_for_inference(start: Start, abstract_params: Any, abstract_model_state: Any = None, *,
+                       tree: str = "params") -> TrainState:
+    """The state val/test/predict use: the step's params (and model state), never its optimizer state.
 
-
-def weights_tree(config: Any) -> str:
-    """The checkpoint tree that evaluation, prediction and pretrained sources read (`eval.use_ema`)."""
-    return EMA_KEY if config.eval.get("use_ema", False) else "params"
-
-
-def load_for_inference(start: Start, abstract_params: Any, tree: str = "params") -> TrainState:
-    """The state val/test/predict use: the step's params, read alone (never its optimizer state).
-
-    So a run can be evaluated under any optimizer config. The loop's states carry no
-    `model_state`, so params are all an evaluation needs. `decide_start` verified the step's
+    So a run can be evaluated under any optimizer config. `decide_start` verified the step's
     checksums already, and `check_same_experiment` its shapes.
 
     Args:
       start: a "resume" or "resume_file" start.
       abstract_params: the params the config builds, as `jax.ShapeDtypeStruct`s with shardings.
+      abstract_model_state: the model state the task builds (e.g. batch statistics), or None.
       tree: `"params"`, or `"ema_params"` to evaluate the averaged weights (`eval.use_ema`).
 
     Returns:
-      A `TrainState` at the step, holding the params (or their average) on the target shardings and
-      no optimizer state.
+      A `TrainState` at the step, holding the params or their average (and model state) on the
+      target shardings and no optimizer state.
 
     Raises:
       UserError: if `tree` is the average but the step has none.
     """
-    log.info("start: %s%s", start.reason, " (its averaged weights, eval.use_ema)" if tree == EMA_KEY else "")
+    log.info("start: %s%s", start.reason, " (its averaged weights, eval.use_ema)" if tree != "params" else "")
+    step_dir = start.manager.step_dir(start.step)
     try:
-        params, _ = load_params(start.manager.step_dir(start.step), abstract_params, tree=tree)
+        params, _ = load_params(step_dir, abstract_params, tree=tree)
     except CheckpointNotFoundError as e:
         raise UserError(str(e)) from None
-    return TrainState(step=jnp.asarray(start.step, jnp.int32), params=params, opt_state=None, rng=None)
+    model_state = None
+    if abstract_model_state is not None:
+        model_state, _ = load_params(step_dir, abstract_model_state, tree="model_state")
+    return TrainState(step=jnp.asarray(start.step, jnp.int32), params=params, opt_state=None, rng=None,
+                      model_state=model_state)
 
 
 def load_start(start: Start, task: Task, config: Any, abstract: TrainState, tx: Any, mesh: Any, *,
@@ -321,17 +319,15 @@ def load_start(start: Start, task: Task, config: Any, abstract: TrainState, tx: 
 def resolve_ref(path: str) -> str:
     """`zoo:NAME` -> that zoo entry's step directory; any other path unchanged."""
     if path.startswith("zoo:"):
-        from jaxckpt import zoo  # the zoo is only needed when a config names it
+        from jaxckpt.weights import zoo  # the zoo is only needed when a config names it
 
         return str(zoo.resolve(path))
     return path
 
 
-def split_patterns(spec: str | Any) -> tuple[str, ...]:
-    """`"a,b"` -> `("a", "b")`; sequences pass through; "" -> `()`."""
-    if isinstance(spec, str):
-        return tuple(p.strip() for p in spec.split(",") if p.strip())
-    return tuple(spec or ())
+def weights_tree(config: Any) -> str:
+    """The checkpoint tree that evaluation, prediction and pretrained sources read (`eval.use_ema`)."""
+    return "ema_params" if config.eval.get("use_ema", False) else "params"
 
 
 def load_pretrained(path: str, fresh_params: Any, ck: Any, tree: str = "params") -> tuple[Any, Any]:
@@ -352,8 +348,7 @@ def load_pretrained(path: str, fresh_params: Any, ck: Any, tree: str = "params")
     if is_foreign(path) and not Path(path).exists():
         raise UserError(f"checkpoint.pretrained={path} does not exist.")
     try:
-        return load_params(path, fresh_params, mapping=ck.mapping or None, skip=split_patterns(ck.skip),
-                           strict=ck.strict, adapters=ck.adapters or None, rename=ck.rename or None, tree=tree)
+        return load_params(path, fresh_params, strict=ck.strict, tree=tree, **config_strings.checkpoint_options(ck))
     except CheckpointNotFoundError as e:
         if tree == "params":
             raise

@@ -219,12 +219,13 @@ def _open_source(
     best_mode: str,
     tree: str = PARAMS_KEY,
 ) -> tuple[dict[str, Any], _Reader, str | None]:
-    """The source's params as `{path: abstract or lazy leaf}` (nothing read), their reader, and the tree read.
+    """The source's `tree` (params) as `{path: abstract or lazy leaf}` (nothing read), their reader, the tree read.
 
-    The reader takes `{source path: sharding or None}` and returns those arrays. The tree is
-    `tree` for a jaxckpt state, None for a weights file or a params-only Orbax tree.
+    The reader takes `{source path: sharding or None}` and returns those arrays. The tree read is
+    None for a weights file or a params-only Orbax tree. A zoo entry published with `ema` stands
+    for its averaged weights when `tree` is left at "params".
     """
-    if tree == PARAMS_KEY:  # a zoo entry published with --ema stands for its averaged weights
+    if tree == PARAMS_KEY:
         tree = zoo.published_tree(path)
     ref = zoo.resolve(path)
     if is_foreign(ref):
@@ -246,31 +247,30 @@ def _open_source(
         checkpoint = resolve_step_dir(ref, step, best_metric=best_metric, best_mode=best_mode)
     saved = _read_metadata(checkpoint)
     # jaxckpt steps hold the whole train state; a params-only tree is used as it is.
-    is_state = any(p.startswith(PARAMS_KEY + "/") for p in saved)
-    prefix = tree + "/" if is_state else ""
-    if is_state and not any(p.startswith(prefix) for p in saved):
+    prefix = tree + "/" if tree != PARAMS_KEY or any(p.startswith(PARAMS_KEY + "/") for p in saved) else ""
+    if prefix and not any(p.startswith(prefix) for p in saved):
         raise CheckpointNotFoundError(
-            f"{checkpoint} holds no {tree!r} tree (its state has {sorted({p.split('/')[0] for p in saved})}). "
-            "Averaged weights exist only in runs trained with train.ema_decay > 0: set eval.use_ema=False "
-            "(or drop --ema) to read its params.")
+            f"{checkpoint} holds no {tree!r} tree (it has {sorted({p.split('/', 1)[0] for p in saved})})."
+            + (" Averaged weights exist only in runs trained with train.ema_decay > 0: set eval.use_ema=False "
+               "(or drop --ema) to read its params." if tree == zoo.EMA_TREE else ""))
     leaves = {p[len(prefix) :]: sds for p, sds in saved.items() if p.startswith(prefix)}
 
     def read(wanted: Mapping[str, Any]) -> dict[str, Any]:
         arrays = _read_arrays(checkpoint, {prefix + p: (leaves[p], sharding) for p, sharding in wanted.items()})
         return {p[len(prefix) :]: a for p, a in arrays.items()}
 
-    return leaves, read, tree if is_state else None
+    return leaves, read, tree if prefix else None
 
 
 def load_params(
     path: os.PathLike | str,
     target_params: Params,
     *,
-    mapping: str | Mapping[str, str] | None = None,
+    mapping: Mapping[str, str] | None = None,
     skip: Sequence[str] = (),
     strict: bool = True,
     step: int | str | None = None,
-    adapters: str | Mapping[str, Any] | None = None,
+    adapters: Mapping[str, Any] | None = None,
     best_metric: str | None = None,
     best_mode: str = "min",
     rename: RenameSpec = None,
@@ -303,10 +303,9 @@ def load_params(
       best_metric: the metric ranking steps for `step="best"`.
       best_mode: "min" or "max" for `step="best"`.
       rename: for weights files only: rules mapping tensor names to tree paths (see
-        `jaxckpt.weights.foreign.parse_rename`), e.g. `r"bert\.(.*)=>encoder/\1"`.
-      tree: for jaxckpt checkpoints: the state's subtree to read, `"params"` or `"ema_params"`
-        (the averaged weights of a run trained with `train.ema_decay`); the report's
-        `source_tree` says which was read. Ignored for weights files and bare Orbax trees.
+        `jaxckpt.weights.foreign.rename_rules`), e.g. `{r"bert\.(.*)": r"encoder/\1"}`.
+      tree: which top-level subtree of a jaxckpt step is the source: "params" (default), or another
+        field of the saved `TrainState` such as "model_state" (batch statistics).
 
     Returns:
       `(params, report)`: params shaped like `target_params`, and the `GraftReport`.
@@ -322,7 +321,7 @@ def load_params(
     Example:
       >>> params, report = load_params("runs/pretrain", fresh_params, mapping={"encoder": "encoder"},
       ...                              strict=False)
-      >>> params, report = load_params("bert.safetensors", fresh_params, rename=r"bert\.(.*)=>encoder/\1",
+      >>> params, report = load_params("bert.safetensors", fresh_params, rename={r"bert\.(.*)": r"encoder/\1"},
       ...                              strict=False)
       >>> print(report)
     """
