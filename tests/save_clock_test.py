@@ -59,7 +59,8 @@ def test_run_py_saves_by_time_and_retention_treats_those_steps_like_any_other(tm
     workdir = tmp_path / "run"
     flags = tiny_flags(data_dir, **{"task": "tests.slow_task", "run_type": "train", "train.num_steps": 30,
                                     "checkpoint.every_steps": 1000, "checkpoint.every_seconds": 1.0,
-                                    "checkpoint.max_to_keep": 2, "checkpoint.keep_best": 0})
+                                    "checkpoint.max_to_keep": 2, "checkpoint.keep_best": 0,
+                                    "train.prefetch": 0})  # each step waits for its own slow batch
     done = run_cli([*flags, "--workdir", str(workdir)], env={"SLOW_TRAIN_SECONDS": "0.1"}, timeout=300)
     assert done.returncode == 0, done.stderr
     log = (workdir / "train.log").read_text()
