@@ -14,10 +14,13 @@ __version__ = "0.1.0"
 # Public name -> module that defines it.
 _EXPORTS: dict[str, str] = {
     "CheckpointCorruptError": "jaxckpt.errors",
+    "CheckpointFormatError": "jaxckpt.errors",
     "CheckpointManager": "jaxckpt.checkpoint.manager",
     "CheckpointNotFoundError": "jaxckpt.errors",
+    "CheckpointReadError": "jaxckpt.errors",
     "CheckpointSaveError": "jaxckpt.errors",
     "ConfigError": "jaxckpt.errors",
+    "Fuse": "jaxckpt.grafting.structure",
     "GraftEntry": "jaxckpt.grafting.report",
     "GraftReport": "jaxckpt.grafting.report",
     "MissingDependencyError": "jaxckpt.errors",
@@ -25,8 +28,11 @@ _EXPORTS: dict[str, str] = {
     "PREEMPTED_EXIT_CODE": "jaxckpt.errors",
     "Preempted": "jaxckpt.errors",
     "RetentionPolicy": "jaxckpt.checkpoint.retention",
+    "Split": "jaxckpt.grafting.structure",
+    "Stack": "jaxckpt.grafting.structure",
     "Task": "jaxckpt.runner.task",
     "TrainState": "jaxckpt.train.state",
+    "Unstack": "jaxckpt.grafting.structure",
     "UserError": "jaxckpt.errors",
     "WorkdirError": "jaxckpt.errors",
     "WorkdirLock": "jaxckpt.runner.lock",
@@ -35,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "describe_trainable": "jaxckpt.train.optim",
     "distributed": "jaxckpt.runner.distributed",
     "evaluate": "jaxckpt.runner.loop",
+    "export_hf": "jaxckpt.weights.hf",
     "flatten": "jaxckpt.tree.treepath",
     "follow": "jaxckpt.runner.follow",
     "freeze_and_scale": "jaxckpt.train.optim",
@@ -91,7 +98,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from jaxckpt.errors import (
         PREEMPTED_EXIT_CODE,
         CheckpointCorruptError,
+        CheckpointFormatError,
         CheckpointNotFoundError,
+        CheckpointReadError,
         CheckpointSaveError,
         MissingDependencyError,
         NonFiniteLossError,
@@ -101,6 +110,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     )
     from jaxckpt.grafting.graft import graft, plan
     from jaxckpt.grafting.report import GraftEntry, GraftReport
+    from jaxckpt.grafting.structure import Fuse, Split, Stack, Unstack
     from jaxckpt.runner import distributed
     from jaxckpt.runner.config import default_config
     from jaxckpt.runner.follow import follow
@@ -114,4 +124,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from jaxckpt.tree.pathmatch import label_tree, match
     from jaxckpt.tree.treepath import flatten, unflatten, unflatten_dict
     from jaxckpt.weights.foreign import graft_foreign, read_foreign, write_safetensors
+    from jaxckpt.weights.hf import export_hf
     from jaxckpt.weights.pretrained import load_params, resolve_checkpoint_path

@@ -11,6 +11,10 @@ sequences (STYLE #11). This module is the one place that turns the first into th
 | `optimizer.lr_multipliers`     | `"head:10,encoder:0.1"`           | `(("head", 10.0), ("encoder", 0.1))` |
 | `checkpoint.rename`            | `r"fc(\d)\.weight=>Dense_\1/kernel;..."` | `((r"fc(\d)\.weight", r"Dense_\1/kernel"), ...)` |
 
+`checkpoint.structure` (`"split h_{i}/qkv => h_{i}/q, h_{i}/k, h_{i}/v @ 1; ..."`) is parsed by
+`jaxckpt.grafting.structure.parse_structure` instead: its values are the graft's rule types, and
+this module sits below the graft layer.
+
 Only the syntax is checked here; what the values mean (a regex that compiles, a known adapter, a
 multiplier >= 0, a rule that matches something) is checked by the function that uses them, for
 Python callers and configs alike. A config value that is already a Python structure (a config file

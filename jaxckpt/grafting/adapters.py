@@ -7,6 +7,9 @@ fresh) unless an adapter rule names it. Then:
   fresh init;
 * `"interpolate"` resamples linearly along the axes whose size differs;
 * `fn(source_array, target_leaf)` returns the new leaf, at the target shape.
+
+Structural adapters, which change the tree's structure rather than a leaf's shape, are in
+`jaxckpt.grafting.structure`.
 """
 
 from typing import Any, Callable, Mapping
@@ -68,7 +71,6 @@ def adapter_name(adapter: Adapter) -> str:
         adapter, "__name__", repr(adapter))
 
 
-
 def adapt(adapter: Adapter, value: Any, target_leaf: Any, shape: tuple[int, ...],
           dtype: np.dtype, path: str) -> Any:
     """Maps a source array onto a target leaf of another shape.
@@ -117,4 +119,3 @@ def adapt(adapter: Adapter, value: Any, target_leaf: Any, shape: tuple[int, ...]
             f" {path!r}, whose target shape is {shape}. It must return the target"
             " shape.")
     return out
-

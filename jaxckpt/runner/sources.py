@@ -25,6 +25,7 @@ from jaxckpt.errors import (
     UserError,
     WorkdirError,
 )
+from jaxckpt.grafting.structure import parse_structure
 from jaxckpt.runner.config_diff import config_changes
 from jaxckpt.runner.logs import log
 from jaxckpt.runner.metrics_jsonl import truncate_after
@@ -73,22 +74,30 @@ def _pick_step(manager: CheckpointManager, best: bool, where: str, criteria: str
 
 
 def _intact_step(manager: CheckpointManager, best: bool, where: Path, criteria: str) -> int | None:
-    """The step to resume from, after checking its arrays; corrupt candidates are moved aside.
+    """The step to resume from, after checking its arrays; proven-corrupt candidates are moved aside.
 
     Each candidate (latest, or best) is read in full and compared with the checksums saved
-    with it. A corrupt one is logged as a warning and moved to `checkpoints/corrupt/<step>` (never
-    deleted), and the next candidate is tried, so a run killed while its disk was failing resumes
-    from the newest step that is still whole.
+    with it. One proven corrupt (`CheckpointCorruptError`) is logged as a warning and moved to
+    `checkpoints/corrupt/<step>` (never deleted; a read-only manager moves nothing), and the next
+    candidate is tried, so a run killed while its disk was failing resumes from the newest step
+    that is still whole. A failed read that proves nothing (`CheckpointReadError`) is raised: no
+    step is moved for it.
 
     Returns:
-      The step, or None if every step was corrupt (all moved aside).
+      The step, or None if every step was corrupt.
     """
-    while manager.all_steps():
-        step = _pick_step(manager, best, where, criteria)
+    candidates = manager.candidates("best" if best else "latest")
+    if best and not candidates and manager.all_steps():
+        _pick_step(manager, best, where, criteria)  # raises, saying why no step ranks
+    for step in candidates:
         try:
             manager.verify(step)
             return step
         except CheckpointCorruptError as e:
+            if manager.read_only:
+                log.warning("checkpoint step %d is corrupt (left in place: this process does not hold the "
+                            "workdir lock); falling back to the previous intact step. %s", step, e)
+                continue
             moved = _quarantine(manager, step)
             log.warning("checkpoint step %d is corrupt and was moved to %s (not deleted); falling back to "
                         "the previous intact step. %s", step, moved, e)
@@ -132,10 +141,10 @@ def decide_start(config: Any, workdir: Path, manager: CheckpointManager | None, 
     if own and ck.resume:
         step = _intact_step(manager, ck.resume_best, workdir, criteria)
         if step is None:
+            where = "left in place" if manager.read_only else f"moved to {manager.directory / 'corrupt'} (not deleted)"
             raise CorruptCheckpointsError(
-                f"every checkpoint in {manager.directory} ({own}) is corrupt; they were moved to "
-                f"{manager.directory / 'corrupt'} (not deleted). Rerun to start over in this workdir, or "
-                "restore them from a backup.")
+                f"every checkpoint in {manager.directory} ({own}) is corrupt; they were {where}. Rerun to "
+                "start over in this workdir, or restore them from a backup.")
         which = "best" if ck.resume_best else "latest"
         others = " (checkpoint.resume_file/pretrained are ignored on resume)" if ck.resume_file or ck.pretrained else ""
         return Start("resume", f"resuming from this workdir's {which} checkpoint, step {step}{others}",
@@ -145,8 +154,12 @@ def decide_start(config: Any, workdir: Path, manager: CheckpointManager | None, 
             f"{workdir} already holds checkpoints {own} but checkpoint.resume=False. Starting over here "
             "would mix two runs: pass a new --workdir, or move its checkpoints/ away.")
     if ck.resume_file:
-        checkpoint_dir, step = resolve_checkpoint_path(resolve_ref(ck.resume_file))
+        checkpoint_dir, step = resolve_checkpoint_path(resolve_ref(ck.resume_file), key="checkpoint.resume_file")
+        # Ranked by the rule its steps record (format 2 on), else by this config's.
         source = CheckpointManager(checkpoint_dir, read_only=True)
+        if source.policy.best_metric is None and criteria:
+            source = CheckpointManager(checkpoint_dir, read_only=True, best_metric=criteria,
+                                       best_mode="min" if config.early_stop.minimize else "max")
         if step is None:
             step = _pick_step(source, ck.resume_best, ck.resume_file, criteria)
         try:
@@ -334,27 +347,32 @@ def load_pretrained(path: str, fresh_params: Any, ck: Any, tree: str = "params")
     """Weights-only load of `path` into `fresh_params` through `load_params`, per the checkpoint config.
 
     `path` is anything `jaxckpt.weights.pretrained.load_params` takes: a run, checkpoint or step directory,
-    a step's `state/` item, `zoo:NAME`, a bare Orbax PyTree checkpoint, a `.safetensors` file or a
-    PyTorch state dict (`.pt`/`.pth`/`.bin`). Only the arrays the graft loads are read. `tree`
-    picks a jaxckpt checkpoint's `"params"` or its averaged `"ema_params"` (`eval.use_ema`).
+    a step's `state/` item, `zoo:NAME`, a bare Orbax PyTree checkpoint, a `.safetensors` file, a
+    PyTorch state dict (`.pt`/`.pth`/`.bin`) or an HF folder (`hf:DIR`). Only the arrays the graft
+    loads are read. `tree` picks a jaxckpt checkpoint's `"params"` or its averaged `"ema_params"`
+    (`eval.use_ema`).
 
     Returns:
       `(params, GraftReport)`.
 
     Raises:
-      UserError: for a missing weights file, or any graft or option error (reworded as the config
-        fields that fix it).
+      UserError: for a missing or corrupt source, or any graft or option error (reworded as the
+        config fields that fix it).
     """
     if is_foreign(path) and not Path(path).exists():
         raise UserError(f"checkpoint.pretrained={path} does not exist.")
     try:
-        return load_params(path, fresh_params, strict=ck.strict, tree=tree, **config_strings.checkpoint_options(ck))
+        structure = parse_structure(getattr(ck, "structure", ""))
+        return load_params(path, fresh_params, strict=ck.strict, structure=structure, tree=tree,
+                           **config_strings.checkpoint_options(ck))
     except CheckpointNotFoundError as e:
-        if tree == "params":
-            raise
-        raise UserError(f"checkpoint.pretrained={path}: {e}") from None
+        raise UserError(f"checkpoint.pretrained={path}: {e}") from e
+    except CheckpointCorruptError as e:
+        raise CorruptCheckpointsError(
+            f"checkpoint.pretrained={path}: {e} Point checkpoint.pretrained at another step or run.") from e
     except ValueError as e:
         raise UserError(
             f"{e}\nIn a config these are --config.checkpoint.strict=False, checkpoint.mapping='src:dst,...', "
-            "checkpoint.skip='regex,...' and checkpoint.adapters='regex:resize,...'; "
+            "checkpoint.skip='regex,...', checkpoint.adapters='regex:resize,...' and checkpoint.structure="
+            "'split SRC => DST1, DST2 @ AXIS; ...'; "
             f"`python -m jaxckpt plan {path} --config ...` shows the plan without training.") from e

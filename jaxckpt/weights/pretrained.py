@@ -5,7 +5,8 @@ checkpoint or step directory (or its `state/` item), `zoo:NAME`, a bare Orbax Py
 params, a `.safetensors` file or a PyTorch state dict. It reads the source's metadata, plans the
 graft on abstract leaves (`graft.plan`), then reads only the arrays the plan loads: from Orbax with
 a partial restore, each straight onto the sharding of the target leaf it fills; from a weights file
-tensor by tensor. Optimizer state and unused params are never read.
+tensor by tensor. Optimizer state and unused params are never read. `hf:DIR` names a Hugging Face
+folder (`jaxckpt.weights.hf`), converted by its family's table on the way.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxckpt.checkpoint import state_item
+from jaxckpt.checkpoint import integrity, state_item, storage
 from jaxckpt.checkpoint.retention import RetentionPolicy
 from jaxckpt.checkpoint.stepdir import STATE_ITEM, read_json_item, read_state_metadata
-from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError
+from jaxckpt.errors import CheckpointNotFoundError
 from jaxckpt.grafting.graft import GraftReport, graft, plan
+from jaxckpt.grafting.structure import Derived, StructureRule, restructure
 from jaxckpt.tree import treepath
 from jaxckpt.types import Params
-from jaxckpt.weights import zoo
+from jaxckpt.weights import hf, zoo
 from jaxckpt.weights.foreign import RenameSpec, is_foreign, read_foreign
 
 PARAMS_KEY = "params"
@@ -60,7 +62,7 @@ def _steps_in(checkpoint_dir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit() and _is_step_dir(p))
 
 
-def resolve_checkpoint_path(path: os.PathLike | str) -> tuple[pathlib.Path, int | None]:
+def resolve_checkpoint_path(path: os.PathLike | str, *, key: str | None = None) -> tuple[pathlib.Path, int | None]:
     """Finds the checkpoint directory (and step, if the path names one) behind a user's path.
 
     Args:
@@ -68,6 +70,7 @@ def resolve_checkpoint_path(path: os.PathLike | str) -> tuple[pathlib.Path, int 
         `<step>/` folders), one step directory (`.../checkpoints/<step>`, holding `state/`), the
         state item of one (`.../checkpoints/<step>/state`: that step), or `zoo:NAME` (that zoo
         entry's step).
+      key: the config key the path came from (e.g. "checkpoint.resume_file"), named in errors.
 
     Returns:
       `(checkpoint_dir, step)`: `step` is the step the path names, or None when the caller picks
@@ -84,9 +87,11 @@ def resolve_checkpoint_path(path: os.PathLike | str) -> tuple[pathlib.Path, int 
       >>> resolve_checkpoint_path("runs/digits/checkpoints/300/state")
       (PosixPath('/abs/runs/digits/checkpoints'), 300)
     """
-    path = zoo.resolve(path).expanduser().absolute()
+    given = os.fspath(path)
+    path = storage.local_path(given, key=key) if not zoo.is_ref(given) else zoo.resolve(given)
     if not path.exists():
-        raise CheckpointNotFoundError(f"Checkpoint path {path} does not exist; expected {_EXPECTED}.")
+        where = f"{key}={given}: checkpoint path" if key else "Checkpoint path"
+        raise CheckpointNotFoundError(f"{where} {path} does not exist; expected {_EXPECTED}.")
     if _is_state_item(path):
         path = path.parent
     if _is_step_dir(path):
@@ -150,13 +155,8 @@ def _read_metadata(checkpoint: pathlib.Path) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of a step directory's state or a bare PyTree checkpoint; reads no array."""
     if _is_step_dir(checkpoint):
         return read_state_metadata(checkpoint)
-    try:
-        tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(checkpoint)).tree
-    except Exception as e:
-        raise CheckpointCorruptError(
-            f"Cannot read the array metadata of the Orbax checkpoint {checkpoint}: {type(e).__name__}: "
-            f"{e}. It is incomplete or damaged; save it again.", checkpoint
-        ) from e
+    tree = integrity.read_step(checkpoint, lambda: ocp.PyTreeCheckpointHandler().metadata(epath.Path(checkpoint)).tree,
+                               what="the array metadata")
     return {p: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)) for p, m in treepath.flatten(tree).items()}
 
 
@@ -171,12 +171,9 @@ def _read_arrays(
         return {}
     item_dir = _item_dir(checkpoint)
     if state_item.layout_arrays(item_dir) is not None and jax.process_count() == 1:
-        try:  # written by jaxckpt: one batch of key reads, no Orbax restore machinery
-            return state_item.read_arrays(item_dir, {p: (saved.dtype, sharding) for p, (saved, sharding) in wanted.items()})
-        except Exception as e:
-            raise CheckpointCorruptError(
-                f"Cannot read params from {checkpoint}: {type(e).__name__}: {e}. Load another step.", checkpoint
-            ) from e
+        # Written by jaxckpt: one batch of key reads, no Orbax restore machinery.
+        cast = {p: (saved.dtype, sharding) for p, (saved, sharding) in wanted.items()}
+        return integrity.read_step(checkpoint, lambda: state_item.read_arrays(item_dir, cast), what="the params")
     items, args = {}, {}
     for path, (saved, sharding) in wanted.items():
         items[path] = jax.ShapeDtypeStruct(saved.shape, saved.dtype, sharding=sharding)
@@ -184,19 +181,10 @@ def _read_arrays(
             args[path] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=saved.dtype)
         else:
             args[path] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=saved.shape, dtype=saved.dtype)
-    try:
-        restored = ocp.PyTreeCheckpointHandler().restore(
-            epath.Path(item_dir),
-            args=ocp.args.PyTreeRestore(
-                item=treepath.unflatten_dict(items),
-                restore_args=treepath.unflatten_dict(args),
-                partial_restore=True,
-            ),
-        )
-    except Exception as e:
-        raise CheckpointCorruptError(
-            f"Cannot read params from {checkpoint}: {type(e).__name__}: {e}. Load another step.", checkpoint
-        ) from e
+    restore = ocp.args.PyTreeRestore(item=treepath.unflatten_dict(items), restore_args=treepath.unflatten_dict(args),
+                                     partial_restore=True)
+    restored = integrity.read_step(
+        checkpoint, lambda: ocp.PyTreeCheckpointHandler().restore(epath.Path(item_dir), args=restore), what="the params")
     flat = treepath.flatten(restored)
     return {path: flat[path] for path in wanted}
 
@@ -218,28 +206,38 @@ def _open_source(
     best_metric: str | None,
     best_mode: str,
     tree: str = PARAMS_KEY,
-) -> tuple[dict[str, Any], _Reader, str | None]:
-    """The source's `tree` (params) as `{path: abstract or lazy leaf}` (nothing read), their reader, the tree read.
+) -> tuple[dict[str, Any], _Reader, tuple[StructureRule, ...], str | None]:
+    """The source's `tree` (params) as `{path: abstract or lazy leaf}` (nothing read), their reader,
+    the structural rules the source itself needs (an HF folder's fused tensors), and the tree read
+    (None for a weights file, an HF folder or a params-only Orbax tree).
 
-    The reader takes `{source path: sharding or None}` and returns those arrays. The tree read is
-    None for a weights file or a params-only Orbax tree. A zoo entry published with `ema` stands
-    for its averaged weights when `tree` is left at "params".
+    The reader takes `{source path: sharding or None}` and returns those arrays. A zoo entry
+    published with `ema` stands for its averaged weights when `tree` is left at "params".
     """
     if tree == PARAMS_KEY:
         tree = zoo.published_tree(path)
+    if hf.is_hf(path):
+        _one_weights_set(path, step, "an HF folder")
+        if tree != PARAMS_KEY:
+            raise ValueError(f"tree={tree!r} applies to jaxckpt steps; {path} holds parameters only.")
+        if rename:
+            raise ValueError(f"rename= does not apply to {path}: its config.json picks the family "
+                             "table that names every tensor. Drop rename; move subtrees with mapping=.")
+        opened = hf.open_hf(path)
+        leaves = opened.leaves
+        return leaves, lambda wanted: {p: np.asarray(leaves[p]) for p in wanted}, opened.structure, None
     ref = zoo.resolve(path)
     if is_foreign(ref):
         if not ref.exists():
             raise CheckpointNotFoundError(f"Weights file {ref} does not exist.")
         _one_weights_set(ref, step, "a weights file")
         leaves = read_foreign(ref, rename=rename)
-        return leaves, lambda wanted: {p: np.asarray(leaves[p]) for p in wanted}, None
+        return leaves, lambda wanted: {p: np.asarray(leaves[p]) for p in wanted}, (), None
     if rename:
         raise ValueError(
             f"rename= maps the tensor names of .safetensors/.pt/.pth/.bin files to tree paths, but {path} "
             "is an Orbax checkpoint, whose names are tree paths already. Drop rename, and move subtrees "
             "with mapping={'source_prefix': 'target_prefix'} instead.")
-    ref = ref.expanduser().absolute()
     if not _is_state_item(ref) and _is_orbax_tree(ref):
         _one_weights_set(ref, step, "a bare Orbax PyTree checkpoint")
         checkpoint = ref
@@ -259,7 +257,7 @@ def _open_source(
         arrays = _read_arrays(checkpoint, {prefix + p: (leaves[p], sharding) for p, sharding in wanted.items()})
         return {p[len(prefix) :]: a for p, a in arrays.items()}
 
-    return leaves, read, tree if prefix else None
+    return leaves, read, (), tree if prefix else None
 
 
 def load_params(
@@ -275,6 +273,7 @@ def load_params(
     best_mode: str = "min",
     rename: RenameSpec = None,
     tree: str = PARAMS_KEY,
+    structure: Sequence[StructureRule] = (),
 ) -> tuple[Params, GraftReport]:
     r"""Grafts a checkpoint's or weights file's params into `target_params`, reading only what it loads.
 
@@ -289,7 +288,11 @@ def load_params(
           `state/`), e.g. written by `ocp.StandardCheckpointer().save(path, params)`; the whole tree
           is the source unless it has a top-level `params`;
         * a `.safetensors` file or a PyTorch state dict (`.pt`/`.pth`/`.bin`, needs torch), read
-          through `jaxckpt.read_foreign` (names via `rename`).
+          through `jaxckpt.read_foreign` (names via `rename`);
+        * `hf:DIR`, a Hugging Face folder as `save_pretrained` writes it (`config.json` and single
+          or sharded safetensors, or `pytorch_model.bin` with torch): its config picks the family's
+          rename/layout table (`jaxckpt.weights.hf_presets`), fused tensors are split by the
+          graft's `Split` rules, and the report names the rule that made each such leaf.
       target_params: the new model's params: fresh arrays (unloaded leaves keep them), or
         `jax.ShapeDtypeStruct`s (loaded leaves come back as `jax.Array`s on their shardings, or
         on the default device when they have none; the others stay abstract for the caller to
@@ -306,13 +309,17 @@ def load_params(
         `jaxckpt.weights.foreign.rename_rules`), e.g. `{r"bert\.(.*)": r"encoder/\1"}`.
       tree: which top-level subtree of a jaxckpt step is the source: "params" (default), or another
         field of the saved `TrainState` such as "model_state" (batch statistics).
+      structure: structural rules (`Split`, `Fuse`, `Stack`, `Unstack`) applied to the source's
+        params first, as for `graft`; only the source leaves the loaded ones are made from are read.
 
     Returns:
       `(params, report)`: params shaped like `target_params`, and the `GraftReport`.
 
     Raises:
       CheckpointNotFoundError: if the path, file or step does not exist or holds no checkpoint.
-      CheckpointCorruptError: if the metadata or the needed arrays cannot be read.
+      CheckpointCorruptError: if the metadata or the needed arrays are proven damaged.
+      CheckpointReadError: if they cannot be read for another reason (EMFILE, EIO, ...).
+      CheckpointFormatError: if a newer jaxckpt wrote the step.
       ImportError: for a PyTorch file without torch installed.
       ValueError: in strict mode, one error listing every problem leaf; for rules matching nothing;
         for an adapter onto an abstract target leaf; for `step` with a single set of weights; for
@@ -325,7 +332,9 @@ def load_params(
       ...                              strict=False)
       >>> print(report)
     """
-    source, read, source_tree = _open_source(path, step, rename, best_metric, best_mode, tree)
+    raw, read, own_structure, source_tree = _open_source(path, step, rename, best_metric, best_mode, tree)
+    structure = own_structure + tuple(structure)
+    source = restructure(raw, structure) if structure else raw
     report = plan(source, target_params, mapping=mapping, skip=skip, adapters=adapters)
     if strict:
         report.check()
@@ -333,9 +342,14 @@ def load_params(
     _check_no_abstract_adapted(report, targets)
     wanted = {}
     for entry in report.loaded + report.adapted:
-        same_shape = tuple(source[entry.source].shape) == tuple(np.shape(targets[entry.path]))
+        leaf = source[entry.source]
+        if isinstance(leaf, Derived):  # Read what it is made from; it is cut or joined on the host.
+            wanted.update((p, None) for p in leaf.inputs)
+            continue
+        same_shape = tuple(leaf.shape) == tuple(np.shape(targets[entry.path]))
         wanted[entry.source] = _sharding_of(targets[entry.path]) if same_shape else None
-    source.update(read(wanted))
+    raw.update(read(wanted))
+    source = restructure(raw, structure) if structure else raw
     params, report = graft(source, target_params, mapping=mapping, skip=skip, strict=strict, adapters=adapters)
     abstract_loaded = [e for e in report.loaded if isinstance(targets[e.path], jax.ShapeDtypeStruct)]
     if abstract_loaded:
@@ -343,8 +357,9 @@ def load_params(
         # dtype, on its sharding (or the default device when it has none).
         flat = treepath.flatten(params)
         for entry in abstract_loaded:
-            target = targets[entry.path]
-            flat[entry.path] = jax.device_put(source[entry.source].astype(target.dtype), _sharding_of(target))
+            target, leaf = targets[entry.path], source[entry.source]
+            value = leaf() if isinstance(leaf, Derived) else leaf
+            flat[entry.path] = jax.device_put(np.asarray(value).astype(target.dtype), _sharding_of(target))
         params = treepath.unflatten(flat, target_params)
     return params, dataclasses.replace(report, source_tree=source_tree)
 
