@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "evaluate": "jaxckpt.runner.loop",
     "export_hf": "jaxckpt.weights.hf",
     "flatten": "jaxckpt.tree.treepath",
+    "follow": "jaxckpt.runner.follow",
     "freeze_and_scale": "jaxckpt.train.optim",
     "graft": "jaxckpt.grafting.graft",
     "graft_foreign": "jaxckpt.weights.foreign",
@@ -66,6 +67,7 @@ _EXPORTS: dict[str, str] = {
     "train_and_evaluate": "jaxckpt.runner.loop",
     "unflatten": "jaxckpt.tree.treepath",
     "unflatten_dict": "jaxckpt.tree.treepath",
+    "update_ema": "jaxckpt.train.ema",
     "write_safetensors": "jaxckpt.weights.foreign",
 }
 
@@ -111,9 +113,11 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from jaxckpt.grafting.structure import Fuse, Split, Stack, Unstack
     from jaxckpt.runner import distributed
     from jaxckpt.runner.config import default_config
+    from jaxckpt.runner.follow import follow
     from jaxckpt.runner.lock import WorkdirLock
     from jaxckpt.runner.loop import evaluate, predict, run, train_and_evaluate
     from jaxckpt.runner.task import Task, load_task
+    from jaxckpt.train.ema import update_ema
     from jaxckpt.train.optim import describe_trainable, freeze_and_scale, make_optimizer, make_schedule
     from jaxckpt.train.state import TrainState
     from jaxckpt.train.step import make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics

@@ -49,3 +49,18 @@ def run_cli(args: list[str], *, env: dict[str, str] | None = None, timeout: floa
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def tiny_flags(data_dir: str | os.PathLike, **overrides) -> list[str]:
+    """`--config ... --config.KEY=VALUE` arguments for experiments/run.py giving `tiny_config(data_dir, **overrides)`."""
+    config, base = tiny_config(data_dir, **overrides), digits.get_config()
+    flags = ["--config", "experiments/configs/digits.py"]
+    for section, fields in config.items():
+        if not hasattr(fields, "items"):
+            if fields != base[section]:
+                flags.append(f"--config.{section}={fields}")
+            continue
+        for key, value in fields.items():
+            if value != base[section][key]:
+                flags.append(f"--config.{section}.{key}={value}")
+    return flags

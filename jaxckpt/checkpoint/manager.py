@@ -42,14 +42,14 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, Sequence
 
 import flax.serialization
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxckpt.checkpoint import formats, state_item, storage, writers
+from jaxckpt.checkpoint import formats, pins, state_item, storage, writers
 from jaxckpt.checkpoint.retention import RetentionPolicy
 from jaxckpt.checkpoint.stepdir import (
     CORRUPT_DIR,
@@ -105,12 +105,39 @@ def _metrics_ready(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
+class LateMetrics(Protocol):
+    """Metrics that arrive after a step was saved, e.g. from a follower evaluator in another process."""
+
+    def metrics(self, step: int) -> Mapping[str, Any] | None:
+        """The late metrics of `step` (e.g. `{"val/loss": 0.3}`), or None if none arrived yet."""
+
+    def waiting(self) -> bool:
+        """Whether metrics are still coming for steps that lack them (a live evaluator is attached)."""
+
+
+class _PinnedPolicy:
+    """The Orbax preservation policy of a manager: its retention, late metrics and pins together."""
+
+    def __init__(self, manager: "CheckpointManager"):
+        self._manager = manager
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any = None) -> list[bool]:
+        del context
+        keep = self._manager._steps_to_keep({info.step: info.metrics for info in checkpoints})
+        return [info.step in keep for info in checkpoints]
+
+
 class CheckpointManager:
     """Saves and restores train states under one directory, keeping the right checkpoints.
 
     Retention: the latest `max_to_keep` steps, plus the best `keep_best` by `metrics[best_metric]`,
     plus every `keep_every_steps`-th step (see `jaxckpt.checkpoint.retention.RetentionPolicy`). The best is
     recomputed from the metrics saved on disk, so it survives a restart.
+
+    Late metrics (`late_metrics=`, e.g. a follower evaluator's results) rank the steps saved
+    without the best metric, exactly as if they had been saved with it. While `waiting()` says
+    more are coming, a step still lacking its metric is kept, so it can be ranked once it has one;
+    steps pinned by a reader in another process (`jaxckpt.checkpoint.pins`) are never deleted.
 
     Example:
       >>> mngr = CheckpointManager(workdir / "checkpoints", best_metric="val_loss")
@@ -130,6 +157,7 @@ class CheckpointManager:
         keep_every_steps: int | None = None,
         async_save: bool = True,
         read_only: bool = False,
+        late_metrics: LateMetrics | None = None,
     ):
         """Opens (and creates) a checkpoint directory; leftovers of a killed save are removed.
 
@@ -143,11 +171,14 @@ class CheckpointManager:
           async_save: write in the background; `save` returns once arrays are copied to the host.
           read_only: only read (e.g. another run's checkpoints): nothing is created, cleaned,
             saved, deleted or moved, and the directory must exist.
+          late_metrics: metrics arriving after a save (see the class docstring); saved metrics win
+            where both name the same metric.
 
         Raises:
           ValueError: for an inconsistent retention setting (e.g. `max_to_keep=0`).
           CheckpointNotFoundError: if `read_only` and the directory does not exist.
         """
+        self._late = late_metrics
         self._directory = storage.local_path(directory)
         self._async = async_save
         self._read_only = read_only
@@ -181,7 +212,7 @@ class CheckpointManager:
         self._thread_error: BaseException | None = None
         self._metrics: dict[int, dict[str, Any] | None] = {}
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=self._policy,
+            preservation_policy=_PinnedPolicy(self),
             # A best_fn makes Orbax write each step's metrics item; ranking itself is the policy's.
             best_fn=lambda metrics: 0.0,
             best_mode=best_mode,
@@ -406,7 +437,41 @@ class CheckpointManager:
         for step in self._mngr.all_steps():
             if step not in self._metrics:
                 self._metrics[step] = read_json_item(self.step_dir(step), "metrics")
-        return {step: self._metrics[step] for step in self._mngr.all_steps()}
+        return {step: self._with_late(step, self._metrics[step]) for step in self._mngr.all_steps()}
+
+    def _with_late(self, step: int, saved: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        late = self._late.metrics(step) if self._late is not None else None
+        return {**late, **(saved or {})} if late else saved
+
+    def _steps_to_keep(self, saved: Mapping[int, Mapping[str, Any] | None]) -> set[int]:
+        """The retention decision: the policy over saved and late metrics, steps awaiting a metric, pins."""
+        metrics = {step: self._with_late(step, m) for step, m in saved.items()}
+        keep = self._policy.steps_to_keep(metrics)
+        name = self._policy.best_metric
+        if name and self._policy.keep_best and self._late is not None and self._late.waiting():
+            keep |= {step for step, m in metrics.items() if name not in (m or {})}
+        return pins.guard(self._directory, metrics, keep, mark=jax.process_index() == 0)
+
+    def apply_retention(self) -> list[int]:
+        """Deletes the steps retention no longer keeps, without saving (e.g. once late metrics arrived).
+
+        Orbax applies retention only when it saves; a follower evaluator's last results arrive after
+        the trainer's last save, so the follower calls this once the run has finished.
+
+        Returns:
+          The deleted steps.
+        """
+        if self._read_only:
+            raise ValueError(f"This CheckpointManager for {self._directory} is read-only; it deletes nothing.")
+        self.wait()
+        saved = {step: self._metrics.get(step) for step in self._metrics_by_step()}
+        keep = self._steps_to_keep(saved)
+        deleted = [step for step in self.all_steps() if step not in keep]
+        for step in deleted:
+            self._mngr.delete(step)
+            self._metrics.pop(step, None)
+        pins.forget_deleted(self._directory, self.all_steps())
+        return deleted
 
     def _resolve_step(self, step: int | str) -> int:
         """Turns "latest" / "best" / an int into a saved step, or says why there is none."""

@@ -34,6 +34,7 @@ import sys
 from typing import Any, Sequence
 
 from jaxckpt import config_strings
+from jaxckpt.cli import follow as follow_command
 from jaxckpt.cli import tables as cli_tables
 from jaxckpt.cli import verify as cli_verify
 from jaxckpt.cli.exits import USER_ERROR_EXIT_CODE, describe, quiet_late_loop_callbacks
@@ -90,7 +91,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
     checkpoint_dir, named_step, config = _saved_config(zoo.resolve(args.path))
     best_metric, best_mode = best_rule(config)
-    manager = CheckpointManager(checkpoint_dir, read_only=True, best_metric=best_metric, best_mode=best_mode)
+    from jaxckpt.runner.follow_results import FollowerResults  # a follower's results rank steps as the trainer's do
+
+    split, _, name = (best_metric or "").partition("/")
+    manager = CheckpointManager(checkpoint_dir, read_only=True, best_metric=best_metric, best_mode=best_mode,
+                                late_metrics=FollowerResults(checkpoint_dir.parent, split) if name else None)
     try:
         steps = manager.all_steps()
         if not steps:
@@ -138,6 +143,9 @@ def _inspect(args: argparse.Namespace) -> int:
     flat = read_state_metadata(checkpoint_dir / str(step))
     labels, training = cli_tables.saved_training(flat, (config or {}).get("optimizer"))
     out += ["", f"state of step {step} (from metadata; no array is read):"]
+    ema = [p for p in flat if p.startswith(zoo.EMA_TREE + "/")]
+    out.append(f"averaged weights: {zoo.EMA_TREE} ({len(ema)} arrays; eval.use_ema=True or --ema reads them)" if ema
+               else "averaged weights: none (train.ema_decay was 0)")
     out.append(cli_tables.state_table(flat, show_all=args.all, labels=labels))
     if training:
         out += ["", training]
@@ -336,10 +344,11 @@ def _export(args: argparse.Namespace) -> int:
     step_dir = resolve_step_dir(path, "best" if args.best else args.step,
                                 best_metric=best_metric, best_mode=best_mode)
     saved = read_state_metadata(step_dir)
-    prefix = PARAMS_KEY + "/" if any(p.startswith(PARAMS_KEY + "/") for p in saved) else ""
+    tree = zoo.EMA_TREE if args.ema else zoo.published_tree(args.source)
+    prefix = tree + "/" if any(p.startswith(PARAMS_KEY + "/") for p in saved) else ""
     abstract = unflatten_dict({p[len(prefix):]: leaf for p, leaf in saved.items() if p.startswith(prefix)})
     # A strict graft onto the step's own shapes: Orbax reads the params and nothing else.
-    params, _ = load_params(step_dir, abstract)
+    params, report = load_params(step_dir, abstract, tree=tree)
     if args.format == "hf":
         from jaxckpt.cli.hf_cli import export_step
 
@@ -348,7 +357,8 @@ def _export(args: argparse.Namespace) -> int:
     names = write_safetensors(params, args.out, layout=args.layout)
     leaves = flatten(params)
     nbytes = sum(leaf.nbytes for leaf in leaves.values())
-    print(f"exported the params of step {step_dir.name} ({args.source}) to {args.out}: {len(names)} tensors, "
+    what = "averaged params (ema_params)" if report.source_tree == zoo.EMA_TREE else "params"
+    print(f"exported the {what} of step {step_dir.name} ({args.source}) to {args.out}: {len(names)} tensors, "
           f"{cli_tables.human_bytes(nbytes)}, {args.layout} layout")
     rows = [[name, param, str(tuple(leaves[param].shape))] for param, name in names.items()]
     print(cli_tables.table(rows, ["tensor", "from param", "param shape"]))
@@ -361,8 +371,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _zoo_publish(args: argparse.Namespace) -> int:
     step = "best" if args.best else args.step
-    path = publish(args.workdir, args.name, step=step, overwrite=args.overwrite)
-    print(f"published zoo:{args.name} (step {path.name} of {args.workdir}) at {path.parent.parent}")
+    path = publish(args.workdir, args.name, step=step, overwrite=args.overwrite, ema=args.ema)
+    what = ", its averaged weights" if args.ema else ""
+    print(f"published zoo:{args.name} (step {path.name} of {args.workdir}{what}) at {path.parent.parent}")
     return 0
 
 
@@ -423,6 +434,8 @@ def _parser() -> argparse.ArgumentParser:
     step = export.add_mutually_exclusive_group()
     step.add_argument("--step", type=int, default=None, help="export this step (default: the latest)")
     step.add_argument("--best", action="store_true", help="export the best step by early_stop.criteria")
+    export.add_argument("--ema", action="store_true",
+                        help="export the averaged weights (ema_params; runs trained with train.ema_decay)")
     export.set_defaults(run=_export)
 
     zoo_parser = commands.add_parser("zoo", help="named, self-contained checkpoints")
@@ -434,9 +447,12 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--step", type=int, default=None, help="publish this step (default: the latest)")
     which.add_argument("--best", action="store_true", help="publish the best step by early_stop.criteria")
     publish.add_argument("--overwrite", action="store_true", help="replace an entry of the same name")
+    publish.add_argument("--ema", action="store_true",
+                         help="publish the averaged weights: zoo:NAME then loads ema_params, not params")
     publish.set_defaults(run=_zoo_publish)
     listing = zoo_commands.add_parser("list", help="list the zoo's entries")
     listing.set_defaults(run=_zoo_list)
+    follow_command.add_parser(commands)
     return parser
 
 
@@ -458,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # `plan` hands its unknown arguments (--config, --config.KEY=VALUE) to ml_collections.
         args, extra = parser.parse_known_args(argv)
-        if extra and args.command != "plan":
+        if extra and args.command not in ("plan", "follow"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:
         return int(e.code or 0)
@@ -471,6 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "plan":
             return _plan(args, ["--config", args.config, *extra])
+        if args.command == "follow":
+            return follow_command.run(args, extra)
         return args.run(args)
     except Exception as e:
         if not (is_user_error(e) or isinstance(e, CheckpointCorruptError)):

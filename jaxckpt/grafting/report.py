@@ -70,6 +70,8 @@ class GraftReport:
         untouched: outside every mapped destination: kept fresh, not a problem.
         unused: source leaves in scope that no target leaf takes.
         cast: loaded or adapted leaves whose dtype was cast.
+        source_tree: which tree of a jaxckpt checkpoint was read (`"params"`, or `"ema_params"` for
+            the averaged weights); None when the source is not a jaxckpt checkpoint.
 
     Example:
         >>> report = GraftReport(loaded=(GraftEntry("w", "w", (2,), (2,)),))
@@ -84,6 +86,7 @@ class GraftReport:
     untouched: tuple[GraftEntry, ...] = ()
     unused: tuple[GraftEntry, ...] = ()
     cast: tuple[GraftEntry, ...] = ()
+    source_tree: str | None = None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -170,7 +173,7 @@ class GraftReport:
             The aligned table and the bucket counts.
         """
         rows = self._rows(every_leaf)
-        lines = ["GraftReport"]
+        lines = ["GraftReport" + (f" (source tree: {self.source_tree})" if self.source_tree else "")]
         if rows:
             rows.insert(0, ("bucket", "path", "source", "shapes"))
             if not any(row[2] for row in rows[1:]):  # No leaf comes from another path.
@@ -215,7 +218,7 @@ class GraftReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-able dicts and lists."""
-        out: dict[str, Any] = {"counts": self.counts, "ok": self.ok}
+        out: dict[str, Any] = {"counts": self.counts, "ok": self.ok, "source_tree": self.source_tree}
         for name in _BUCKETS:
             out[name] = [e.to_dict() for e in getattr(self, name)]
         return out

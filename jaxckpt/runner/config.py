@@ -41,10 +41,12 @@ def default_config() -> Any:
     c.train.eval_every_steps = 100  # validate every N steps (train_val only)
     c.train.log_every_steps = 20  # write averaged train metrics every N steps
     c.train.prefetch = 2  # batches prepared ahead on a background thread; 0 = on the main thread
+    c.train.ema_decay = 0.0  # keep an exponential moving average of the params with this decay; 0 = off
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256  # eval/predict batch size (last batch padded and masked)
     c.eval.split = ""  # split that run_type=val/test/predict use; "" = val, test, test
+    c.eval.use_ema = False  # validation, val/test/predict and pretrained read the averaged params (train.ema_decay)
 
     c.predict = ml_collections.ConfigDict()
     c.predict.max_examples = 0  # predict at most this many examples of the split; 0 = all
@@ -65,6 +67,7 @@ def default_config() -> Any:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 100  # save every N steps (and at the end, and at a new best)
+    c.checkpoint.every_seconds = 0.0  # also save once this much wall time passed since the last save; 0 = off
     c.checkpoint.max_to_keep = 3  # keep the latest N checkpoints; -1 keeps all
     c.checkpoint.keep_best = 1  # also keep the best K by early_stop.criteria
     c.checkpoint.keep_every_steps = 0  # also keep every N-th step forever; 0 = off

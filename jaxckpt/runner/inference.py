@@ -69,7 +69,7 @@ def _load_for_inference(config: Any, workdir: Path, task: Task | None) -> tuple[
         params, model_state = abstract_params(task, config, mesh)
         built = {"params": params} if model_state is None else {"params": params, "model_state": model_state}
         sources.check_same_experiment(start, built, workdir, config, training=False)
-        state = sources.load_for_inference(start, params, model_state)
+        state = sources.load_for_inference(start, params, model_state, tree=sources.weights_tree(config))
     finally:
         if manager is not None:
             manager.close()

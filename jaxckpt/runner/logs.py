@@ -61,9 +61,10 @@ def quiet_library_logs() -> None:
                 logger.addFilter(kind())
 
 
-def setup_logging(workdir: str | os.PathLike | None = None, *, write: bool = True) -> logging.Logger:
+def setup_logging(workdir: str | os.PathLike | None = None, *, write: bool = True,
+                  filename: str = "train.log") -> logging.Logger:
     """For command-line entry points: sends the `jaxckpt` logger to stderr (and, with a `workdir`
-    and `write`, to `WORKDIR/train.log`) and quiets the libraries' INFO logs (process-wide)."""
+    and `write`, to `WORKDIR/<filename>`) and quiets the libraries' INFO logs (process-wide)."""
     log.setLevel(logging.INFO)
     log.propagate = False
     quiet_library_logs()
@@ -76,7 +77,7 @@ def setup_logging(workdir: str | os.PathLike | None = None, *, write: bool = Tru
     log.addHandler(stream)
     if workdir is not None and write:
         Path(workdir).mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(Path(workdir) / "train.log")
+        file_handler = logging.FileHandler(Path(workdir) / filename)
         file_handler.setFormatter(fmt)
         log.addHandler(file_handler)
     return log

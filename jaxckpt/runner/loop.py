@@ -38,9 +38,11 @@ from jaxckpt.runner.metrics_jsonl import truncate_after
 from jaxckpt.runner.preemption import StopRequest
 from jaxckpt.runner.prefetch import Prefetcher
 from jaxckpt.runner.rundir import entries, remove_bookkeeping, write_json
-from jaxckpt.runner.setup import abstract_state, fresh_state, open_manager
+from jaxckpt.runner.save_clock import SaveClock
+from jaxckpt.runner.setup import abstract_state, ema_decay, fresh_state, open_manager
 from jaxckpt.runner.task import Task, artifacts_of, check_task, check_train_iterator, has_model_state, load_task
 from jaxckpt.runner.writers import format_metrics, open_writers
+from jaxckpt.train.ema import EMA_KEY
 from jaxckpt.train.state import TrainState
 from jaxckpt.train.step import make_eval_step, make_train_step
 
@@ -191,11 +193,15 @@ def _train(config: Any, workdir: Path, task: Task, manager: CheckpointManager, m
 
     with_state = has_model_state(task)
     train_step = jax.jit(make_train_step(task.loss_fn, grad_accum_steps=config.train.grad_accum_steps,
-                                         model_state=with_state), donate_argnums=0)
+                                         model_state=with_state, ema_decay=ema_decay(config)), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(task.metrics_fn, model_state=with_state))
     criteria = config.early_stop.criteria
     patience = config.early_stop.patience
     artifacts = artifacts_of(task)
+    use_ema = sources.weights_tree(config) == EMA_KEY
+    if validate and use_ema and state.ema_params is None:
+        raise UserError("eval.use_ema=True validates the averaged weights, but train.ema_decay=0 keeps none: "
+                        "set train.ema_decay (e.g. 0.999) or eval.use_ema=False.")
 
     # Train metrics are averaged over each logging window; a checkpoint in mid-window carries the
     # window's per-step values so a resumed run logs exactly what an uninterrupted one would.
@@ -215,6 +221,7 @@ def _train(config: Any, workdir: Path, task: Task, manager: CheckpointManager, m
         manager.save(step, state, metrics=metrics, extra=extra)
 
     step = start_step
+    clock = SaveClock(config.checkpoint.get("every_seconds", 0.0), config.train.log_every_steps)
     last_log = time.perf_counter()
     progress = _Progress(num_steps, step, enabled=primary)
     batches = Prefetcher(train_iter, lambda batch: distributed.shard_batch(batch, mesh),
@@ -245,7 +252,8 @@ def _train(config: Any, workdir: Path, task: Task, manager: CheckpointManager, m
                         progress.report(step, speed, train_metrics)
                 val_metrics = None
                 if validate and (step % config.train.eval_every_steps == 0 or at_end):
-                    val_metrics = evaluate_split(task, state, eval_step, "val", config.eval.batch_size, mesh)
+                    evaluated = state.replace(params=state.ema_params) if use_ema else state
+                    val_metrics = evaluate_split(task, evaluated, eval_step, "val", config.eval.batch_size, mesh)
                     if primary:
                         writers.write(step, "val", val_metrics)
                         log.info("step %d val %s", step, format_metrics(val_metrics))
@@ -257,9 +265,14 @@ def _train(config: Any, workdir: Path, task: Task, manager: CheckpointManager, m
                 stop_early = patience >= 0 and loop_state["bad_evals"] > patience
                 if stop_early:  # saved with the step, so a rerun knows the run is over
                     loop_state["stopped_early_at"] = step
+                timed = clock.due(step)  # on every process at every step, so they decide together
                 if (step % config.checkpoint.every_steps == 0 or at_end or improved or stop_early
-                        or stopping):
+                        or stopping or timed):
+                    if timed:
+                        log.info("step %d: %.1fs since the last save, saving (checkpoint.every_seconds=%g)",
+                                 step, clock.elapsed(), clock.every_seconds)
                     save(step, {f"val/{k}": v for k, v in val_metrics.items()} if val_metrics else None)
+                    clock.saved()
                 if stopping:
                     manager.wait()
                     log.warning("stop requested by signal %d: saved step %d", stop.signum, step)

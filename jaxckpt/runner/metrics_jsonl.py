@@ -10,12 +10,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import pathlib
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 from jaxckpt.checkpoint.storage import give_default_mode
 
@@ -121,6 +123,11 @@ def truncate_after(path: PathLike, step: int, *, dropped_to: PathLike | None = N
     path = pathlib.Path(path)
     if not path.exists():
         return 0
+    with _appends_held(path):  # a follower evaluator appending now would land in the replaced file
+        return _truncate_after(path, step, dropped_to)
+
+
+def _truncate_after(path: pathlib.Path, step: int, dropped_to: PathLike | None) -> int:
     parsed = _parse_lines(path)
     kept = [line for line, record in parsed if int(record["step"]) <= step]
     dropped = [line for line, record in parsed if int(record["step"]) > step]
@@ -136,3 +143,52 @@ def truncate_after(path: PathLike, step: int, *, dropped_to: PathLike | None = N
 
     atomic_write(path, write)
     return len(parsed) - len(kept)
+
+
+@contextlib.contextmanager
+def _appends_held(path: pathlib.Path) -> Iterator[int]:
+    """An O_APPEND descriptor of the file now at `path`, flock'ed: appends and truncations never overlap.
+
+    `truncate_after` replaces the file by a rename, so a writer that waited for the lock on the old
+    file sees another inode at `path` once it gets it, and opens the new file instead.
+    """
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)  # drops the flock
+
+
+def append_point(path: PathLike, step: int, split: str, metrics: Mapping[str, int | float | None]) -> None:
+    """Appends one point to a `metrics.jsonl` another process may be writing too.
+
+    For a second writer beside the training run's own `JsonlWriter` (e.g. a follower evaluator):
+    the file is opened with O_APPEND and the line goes out in one `write()`, which a local POSIX
+    filesystem never interleaves with another appender's line; an flock on the file keeps it from
+    landing in a file `truncate_after` is replacing.
+
+    Args:
+        path: the JSONL file (created if absent).
+        step: the training step the metrics belong to.
+        split: the data split, e.g. `"val"`.
+        metrics: Python scalars by name (as `mean_metrics` returns them); NaN and inf are written as `null`.
+    """
+    path = pathlib.Path(path)
+    record: dict[str, Any] = {"step": int(step), "split": str(split)}
+    for name, value in metrics.items():
+        finite = value is not None and (isinstance(value, int) or math.isfinite(value))
+        record[name] = value if finite else None
+    line = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _appends_held(path) as fd:
+        os.write(fd, line)
+        os.fsync(fd)

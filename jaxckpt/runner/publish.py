@@ -21,7 +21,7 @@ import tempfile
 from typing import Any, Mapping
 
 from jaxckpt.checkpoint import storage
-from jaxckpt.checkpoint.stepdir import EXTRA_ITEM, library_version, read_json_item
+from jaxckpt.checkpoint.stepdir import EXTRA_ITEM, library_version, read_json_item, read_state_metadata
 from jaxckpt.runner.metrics_jsonl import read_metrics
 from jaxckpt.runner.rundir import best_rule
 from jaxckpt.weights import zoo
@@ -58,6 +58,7 @@ def publish(
     overwrite: bool = False,
     best_metric: str | None = None,
     best_mode: str | None = None,
+    ema: bool = False,
 ) -> pathlib.Path:
     """Copies one step of a run into the zoo as `<zoo>/<name>/`, self-contained.
 
@@ -73,12 +74,15 @@ def publish(
         overwrite: replace an existing entry of the same name.
         best_metric: the metric ranking steps for `step="best"` (default: from the run's config).
         best_mode: `"min"` or `"max"` for `best_metric` (default: from the run's config).
+        ema: publish the step's averaged weights (`ema_params`, from `train.ema_decay`): the
+            entry records `"weights": "ema_params"`, and `zoo:NAME` as a weights source reads them.
 
     Returns:
         The entry's step directory (what `zoo.resolve("zoo:NAME")` returns).
 
     Raises:
-        ValueError: for an invalid name, or `step="best"` when no metric ranks steps.
+        ValueError: for an invalid name, `step="best"` when no metric ranks steps, or `ema` for a
+            step without averaged weights.
         FileExistsError: if the name is taken and `overwrite` is False.
         CheckpointNotFoundError: if the run has no checkpoint, or not the asked step.
 
@@ -100,6 +104,10 @@ def publish(
             )
     step_dir = resolve_step_dir(source, step, best_metric=best_metric, best_mode=best_mode or "min")
     chosen = int(step_dir.name)
+    if ema and not any(p.startswith(zoo.EMA_TREE + "/") for p in read_state_metadata(step_dir)):
+        raise ValueError(
+                f"--ema: step {chosen} of {checkpoint_dir} holds no averaged weights ({zoo.EMA_TREE}); it was "
+                "trained with train.ema_decay=0. Publish its params (drop --ema).")
     saved_metrics = read_json_item(step_dir, "metrics") or {}
 
     root = zoo.zoo_dir()
@@ -125,6 +133,7 @@ def publish(
                 "metrics": _finite_or_none(metrics),
                 "published_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "jaxckpt_version": library_version(),
+                "weights": zoo.EMA_TREE if ema else "params",
         }
         (staging / zoo.ENTRY_FILE).write_text(json.dumps(record, indent=2) + "\n")
         if entry.exists():

@@ -10,6 +10,7 @@ import optax
 
 from jaxckpt.checkpoint.manager import CheckpointManager
 from jaxckpt.runner import distributed
+from jaxckpt.runner.follow_results import follower_results
 from jaxckpt.runner.task import has_model_state
 from jaxckpt.train.optim import freeze_and_scale, make_optimizer
 from jaxckpt.train.state import TrainState
@@ -27,7 +28,13 @@ def open_manager(config: Any, workdir: Path, *, read_only: bool = False) -> Chec
         keep_every_steps=ck.keep_every_steps or None,
         async_save=ck.async_save,
         read_only=read_only,
+        late_metrics=follower_results(config, workdir),  # a follower evaluator's results rank steps too
     )
+
+
+def ema_decay(config: Any) -> float:
+    """`train.ema_decay`: the decay of the params' moving average; 0 keeps none."""
+    return float(config.train.get("ema_decay", 0.0))
 
 
 def _init_rngs(config: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -70,8 +77,10 @@ def abstract_state(task: Any, config: Any, mesh: Any, tx: optax.GradientTransfor
     rng, _, _ = _init_rngs(config)
     params, model_state = abstract_params(task, config, mesh)
     tx = optimizer(config, params, tx)
+    ema = ema_decay(config) > 0
     abstract = jax.eval_shape(
-        lambda p, m: TrainState.create(apply_fn=None, params=p, tx=tx, rng=rng, model_state=m), params, model_state)
+        lambda p, m: TrainState.create(apply_fn=None, params=p, tx=tx, rng=rng, model_state=m, ema=ema), params,
+        model_state)
     return distributed.abstract_like(abstract, distributed.replicated(mesh)), tx
 
 
@@ -84,5 +93,6 @@ def fresh_state(task: Any, config: Any, tx: Any, mesh: Any, params: Any = None) 
     model_state = None
     if has_model_state(task):
         model_state = jax.jit(task.init_model_state, out_shardings=replicated)(state_rng)
-    create = lambda p, m: TrainState.create(apply_fn=None, params=p, tx=tx, rng=rng, model_state=m)
+    ema = ema_decay(config) > 0
+    create = lambda p, m: TrainState.create(apply_fn=None, params=p, tx=tx, rng=rng, model_state=m, ema=ema)
     return jax.jit(create, out_shardings=replicated)(params, model_state)

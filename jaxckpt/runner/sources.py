@@ -248,7 +248,8 @@ def check_same_experiment(start: Start, abstract: Mapping[str, Any], workdir: Pa
         f"({len(differ)} paths differ):\n" + "\n".join(lines) + hint)
 
 
-def load_for_inference(start: Start, abstract_params: Any, abstract_model_state: Any = None) -> TrainState:
+def load_for_inference(start: Start, abstract_params: Any, abstract_model_state: Any = None, *,
+                       tree: str = "params") -> TrainState:
     """The state val/test/predict use: the step's params (and model state), never its optimizer state.
 
     So a run can be evaluated under any optimizer config. `decide_start` verified the step's
@@ -258,14 +259,21 @@ def load_for_inference(start: Start, abstract_params: Any, abstract_model_state:
       start: a "resume" or "resume_file" start.
       abstract_params: the params the config builds, as `jax.ShapeDtypeStruct`s with shardings.
       abstract_model_state: the model state the task builds (e.g. batch statistics), or None.
+      tree: `"params"`, or `"ema_params"` to evaluate the averaged weights (`eval.use_ema`).
 
     Returns:
-      A `TrainState` at the step, holding the params (and model state) on the target shardings
-      and no optimizer state.
+      A `TrainState` at the step, holding the params or their average (and model state) on the
+      target shardings and no optimizer state.
+
+    Raises:
+      UserError: if `tree` is the average but the step has none.
     """
-    log.info("start: %s", start.reason)
+    log.info("start: %s%s", start.reason, " (its averaged weights, eval.use_ema)" if tree != "params" else "")
     step_dir = start.manager.step_dir(start.step)
-    params, _ = load_params(step_dir, abstract_params)
+    try:
+        params, _ = load_params(step_dir, abstract_params, tree=tree)
+    except CheckpointNotFoundError as e:
+        raise UserError(str(e)) from None
     model_state = None
     if abstract_model_state is not None:
         model_state, _ = load_params(step_dir, abstract_model_state, tree="model_state")
@@ -313,7 +321,7 @@ def load_start(start: Start, task: Task, config: Any, abstract: TrainState, tx: 
         return state, loop_state, data_state
     if start.kind == "pretrained":
         fresh_params = fresh(task, config, tx, mesh).params
-        params, report = load_pretrained(start.path, fresh_params, config.checkpoint)
+        params, report = load_pretrained(start.path, fresh_params, config.checkpoint, tree=weights_tree(config))
         log.info("graft report (%s):\n%s", start.path, report)
         if jax.process_index() == 0:
             write_json(workdir / "graft_report.json", report.to_dict())
@@ -330,13 +338,19 @@ def resolve_ref(path: str) -> str:
     return path
 
 
-def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
+def weights_tree(config: Any) -> str:
+    """The checkpoint tree that evaluation, prediction and pretrained sources read (`eval.use_ema`)."""
+    return "ema_params" if config.eval.get("use_ema", False) else "params"
+
+
+def load_pretrained(path: str, fresh_params: Any, ck: Any, tree: str = "params") -> tuple[Any, Any]:
     """Weights-only load of `path` into `fresh_params` through `load_params`, per the checkpoint config.
 
     `path` is anything `jaxckpt.weights.pretrained.load_params` takes: a run, checkpoint or step directory,
     a step's `state/` item, `zoo:NAME`, a bare Orbax PyTree checkpoint, a `.safetensors` file, a
     PyTorch state dict (`.pt`/`.pth`/`.bin`) or an HF folder (`hf:DIR`). Only the arrays the graft
-    loads are read.
+    loads are read. `tree` picks a jaxckpt checkpoint's `"params"` or its averaged `"ema_params"`
+    (`eval.use_ema`).
 
     Returns:
       `(params, GraftReport)`.
@@ -349,7 +363,7 @@ def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
         raise UserError(f"checkpoint.pretrained={path} does not exist.")
     try:
         structure = parse_structure(getattr(ck, "structure", ""))
-        return load_params(path, fresh_params, strict=ck.strict, structure=structure,
+        return load_params(path, fresh_params, strict=ck.strict, structure=structure, tree=tree,
                            **config_strings.checkpoint_options(ck))
     except CheckpointNotFoundError as e:
         raise UserError(f"checkpoint.pretrained={path}: {e}") from e

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxckpt.train.ema import check_decay, update_ema
 from jaxckpt.train.state import TrainState
 from jaxckpt.types import Batch, LossFn
 
@@ -23,7 +24,8 @@ COUNT = "count"
 """Key of the example count in summed eval metrics."""
 
 
-def make_train_step(loss_fn: LossFn, *, grad_accum_steps: int = 1, model_state: bool = False) -> TrainStep:
+def make_train_step(loss_fn: LossFn, *, grad_accum_steps: int = 1, model_state: bool = False,
+                    ema_decay: float = 0.0) -> TrainStep:
     """Builds `train_step(state, batch) -> (state, metrics)` from a loss function.
 
     The step's randomness is `fold_in(state.rng, state.step)`, so it depends only on the step.
@@ -36,12 +38,15 @@ def make_train_step(loss_fn: LossFn, *, grad_accum_steps: int = 1, model_state: 
         new_model_state))`, and the state's `model_state` is updated.
       grad_accum_steps: number of micro-batches per update (>= 1); must divide the batch size.
       model_state: whether `loss_fn` reads and updates `state.model_state` (e.g. batch norm).
+      ema_decay: with a value in (0, 1), also update `state.ema_params` (the state must be created
+        with `ema=True`) to `decay * ema + (1 - decay) * new_params`; 0 leaves it alone.
 
     Returns:
       A pure `train_step`. Its metrics are `{"loss": ..., "grad_norm": ..., **aux}`.
 
     Raises:
-      ValueError: for `grad_accum_steps < 1`, or (at trace time) a batch it does not divide.
+      ValueError: for `grad_accum_steps < 1` or an `ema_decay` outside [0, 1), or (at trace time)
+        a batch it does not divide or an `ema_decay` for a state without `ema_params`.
 
     Example:
       >>> def loss_fn(params, batch, rng):
@@ -52,6 +57,7 @@ def make_train_step(loss_fn: LossFn, *, grad_accum_steps: int = 1, model_state: 
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}.")
+    ema_decay = check_decay(ema_decay)
 
     def loss_and_grads(params, model_state_in, batch, rng):
         if model_state:
@@ -88,6 +94,12 @@ def make_train_step(loss_fn: LossFn, *, grad_accum_steps: int = 1, model_state: 
             scale = 1.0 / grad_accum_steps
             loss, aux, grads = jax.tree.map(lambda x: x * scale, (loss, aux, grads))
         new_state = state.apply_gradients(grads=grads, model_state=new_model_state)
+        if ema_decay:
+            if state.ema_params is None:
+                raise ValueError(
+                    f"make_train_step(ema_decay={ema_decay}) needs a state with an average: build it with "
+                    "TrainState.create(..., ema=True).")
+            new_state = new_state.replace(ema_params=update_ema(state.ema_params, new_state.params, ema_decay))
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
         return new_state, metrics
 

@@ -11,6 +11,7 @@ folder (`jaxckpt.weights.hf`), converted by its family's table on the way.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 from typing import Any, Callable, Mapping, Sequence
@@ -205,12 +206,16 @@ def _open_source(
     best_metric: str | None,
     best_mode: str,
     tree: str = PARAMS_KEY,
-) -> tuple[dict[str, Any], _Reader, tuple[StructureRule, ...]]:
+) -> tuple[dict[str, Any], _Reader, tuple[StructureRule, ...], str | None]:
     """The source's `tree` (params) as `{path: abstract or lazy leaf}` (nothing read), their reader,
-    and the structural rules the source itself needs (an HF folder's fused tensors).
+    the structural rules the source itself needs (an HF folder's fused tensors), and the tree read
+    (None for a weights file, an HF folder or a params-only Orbax tree).
 
-    The reader takes `{source path: sharding or None}` and returns those arrays.
+    The reader takes `{source path: sharding or None}` and returns those arrays. A zoo entry
+    published with `ema` stands for its averaged weights when `tree` is left at "params".
     """
+    if tree == PARAMS_KEY:
+        tree = zoo.published_tree(path)
     if hf.is_hf(path):
         _one_weights_set(path, step, "an HF folder")
         if tree != PARAMS_KEY:
@@ -220,14 +225,14 @@ def _open_source(
                              "table that names every tensor. Drop rename; move subtrees with mapping=.")
         opened = hf.open_hf(path)
         leaves = opened.leaves
-        return leaves, lambda wanted: {p: np.asarray(leaves[p]) for p in wanted}, opened.structure
+        return leaves, lambda wanted: {p: np.asarray(leaves[p]) for p in wanted}, opened.structure, None
     ref = zoo.resolve(path)
     if is_foreign(ref):
         if not ref.exists():
             raise CheckpointNotFoundError(f"Weights file {ref} does not exist.")
         _one_weights_set(ref, step, "a weights file")
         leaves = read_foreign(ref, rename=rename)
-        return leaves, lambda wanted: {p: np.asarray(leaves[p]) for p in wanted}, ()
+        return leaves, lambda wanted: {p: np.asarray(leaves[p]) for p in wanted}, (), None
     if rename:
         raise ValueError(
             f"rename= maps the tensor names of .safetensors/.pt/.pth/.bin files to tree paths, but {path} "
@@ -243,14 +248,16 @@ def _open_source(
     prefix = tree + "/" if tree != PARAMS_KEY or any(p.startswith(PARAMS_KEY + "/") for p in saved) else ""
     if prefix and not any(p.startswith(prefix) for p in saved):
         raise CheckpointNotFoundError(
-            f"{checkpoint} holds no {tree!r} tree (it has {sorted({p.split('/', 1)[0] for p in saved})}).")
+            f"{checkpoint} holds no {tree!r} tree (it has {sorted({p.split('/', 1)[0] for p in saved})})."
+            + (" Averaged weights exist only in runs trained with train.ema_decay > 0: set eval.use_ema=False "
+               "(or drop --ema) to read its params." if tree == zoo.EMA_TREE else ""))
     leaves = {p[len(prefix) :]: sds for p, sds in saved.items() if p.startswith(prefix)}
 
     def read(wanted: Mapping[str, Any]) -> dict[str, Any]:
         arrays = _read_arrays(checkpoint, {prefix + p: (leaves[p], sharding) for p, sharding in wanted.items()})
         return {p[len(prefix) :]: a for p, a in arrays.items()}
 
-    return leaves, read, ()
+    return leaves, read, (), tree if prefix else None
 
 
 def load_params(
@@ -325,7 +332,7 @@ def load_params(
       ...                              strict=False)
       >>> print(report)
     """
-    raw, read, own_structure = _open_source(path, step, rename, best_metric, best_mode, tree)
+    raw, read, own_structure, source_tree = _open_source(path, step, rename, best_metric, best_mode, tree)
     structure = own_structure + tuple(structure)
     source = restructure(raw, structure) if structure else raw
     report = plan(source, target_params, mapping=mapping, skip=skip, adapters=adapters)
@@ -354,7 +361,7 @@ def load_params(
             value = leaf() if isinstance(leaf, Derived) else leaf
             flat[entry.path] = jax.device_put(np.asarray(value).astype(target.dtype), _sharding_of(target))
         params = treepath.unflatten(flat, target_params)
-    return params, report
+    return params, dataclasses.replace(report, source_tree=source_tree)
 
 
 def _check_no_abstract_adapted(report: GraftReport, targets: Mapping[str, Any]) -> None:

@@ -33,6 +33,7 @@ from jaxckpt.errors import ZooEntryNotFoundError
 PREFIX = "zoo:"
 ENTRY_FILE = "zoo.json"
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
+EMA_TREE = "ema_params"  # jaxckpt.train.ema.EMA_KEY; the weights layer does not import the train layer
 
 
 def zoo_dir() -> pathlib.Path:
@@ -103,6 +104,15 @@ def list_entries() -> list[dict[str, Any]]:
         if record is not None:
             entries.append(record)
     return entries
+
+
+def published_tree(ref: Any) -> str:
+    """Which tree of its step a zoo entry stands for: `"params"`, or `"ema_params"` if published with `ema`."""
+    if not is_ref(ref):
+        return "params"
+    resolve(ref)  # a missing entry is reported by name
+    record = read_json(zoo_dir() / check_name(ref[len(PREFIX):]) / ENTRY_FILE) or {}
+    return record.get("weights", "params")
 
 
 def is_ref(ref: Any) -> bool:
