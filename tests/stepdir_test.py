@@ -8,7 +8,7 @@ import pytest
 
 import jaxckpt
 from jaxckpt import errors
-from jaxckpt.checkpoint import stepdir
+from jaxckpt.checkpoint import formats, stepdir
 from jaxckpt.checkpoint.manager import CheckpointManager
 from jaxckpt.train.state import TrainState
 
@@ -64,4 +64,4 @@ def test_errors_are_the_public_ones_and_keep_their_standard_bases():
 
 
 def test_library_version_is_the_package_version():
-    assert stepdir.library_version() == jaxckpt.__version__
+    assert formats.library_version() == jaxckpt.__version__

@@ -73,7 +73,7 @@ def test_a_published_entry_follows_the_umask(tmp_path, zoo_root):
     run = _make_run(tmp_path / "run", [0.5])
     old = os.umask(0o022)
     try:
-        zoo.publish(run, "shared")
+        publish(run, "shared")
     finally:
         os.umask(old)
     assert stat.S_IMODE((zoo_root / "shared").stat().st_mode) == 0o755

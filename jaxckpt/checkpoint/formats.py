@@ -18,12 +18,24 @@ upgrading jaxckpt reads it.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import os
 import pathlib
+import sys
 from typing import Any
 
 from jaxckpt.errors import CheckpointFormatError
+
+
+@functools.cache  # a metadata lookup (~1 ms) on every save otherwise
+def library_version() -> str:
+    """The installed jaxckpt version (or the package's `__version__` when run from a source tree)."""
+    try:
+        return importlib.metadata.version("jaxckpt")
+    except importlib.metadata.PackageNotFoundError:
+        return str(getattr(sys.modules.get("jaxckpt"), "__version__", "unknown"))
 
 FORMAT = 2
 """The format this release writes."""
@@ -65,8 +77,6 @@ def check_readable(step_dir: os.PathLike | str) -> int:
     """
     number, version = step_format(step_dir)
     if number > FORMAT:
-        from jaxckpt.checkpoint.stepdir import library_version  # (stepdir imports this module)
-
         raise CheckpointFormatError(
             f"Step {pathlib.Path(step_dir).name} at {step_dir} was written by jaxckpt {version} (format {number}); "
             f"this jaxckpt {library_version()} reads formats {READS[0]} to {READS[-1]}: upgrade jaxckpt to read it.")

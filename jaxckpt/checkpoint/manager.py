@@ -56,7 +56,6 @@ from jaxckpt.checkpoint.stepdir import (
     EXTRA_ITEM,
     INFO_ITEM,
     STATE_ITEM,
-    library_version,
     read_json_item,
     read_state,
     read_state_metadata,
@@ -293,7 +292,7 @@ class CheckpointManager:
             log.warning("async_save=True, but this state is saved synchronously on the calling thread: %s", slow)
         info = {
             "format": formats.FORMAT,
-            "jaxckpt_version": library_version(),
+            "jaxckpt_version": formats.library_version(),
             "jax_version": jax.__version__,
             "orbax_version": ocp.__version__,
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),

@@ -6,11 +6,8 @@ See `jaxckpt.checkpoint` for the layout of a step directory.
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
 import os
 import pathlib
-import sys
 from typing import Any, Mapping
 
 import jax
@@ -26,15 +23,6 @@ STATE_ITEM = "state"
 EXTRA_ITEM = "extra"
 INFO_ITEM = "jaxckpt"
 CORRUPT_DIR = "corrupt"
-
-
-@functools.cache  # a metadata lookup (~1 ms) on every save otherwise
-def library_version() -> str:
-    """The installed jaxckpt version (or the package's `__version__` when run from a source tree)."""
-    try:
-        return importlib.metadata.version("jaxckpt")
-    except importlib.metadata.PackageNotFoundError:
-        return str(getattr(sys.modules.get("jaxckpt"), "__version__", "unknown"))
 
 
 def read_state_metadata(step_dir: os.PathLike | str) -> dict[str, jax.ShapeDtypeStruct]:

@@ -21,7 +21,8 @@ import tempfile
 from typing import Any, Mapping
 
 from jaxckpt.checkpoint import storage
-from jaxckpt.checkpoint.stepdir import EXTRA_ITEM, library_version, read_json_item, read_state_metadata
+from jaxckpt.checkpoint.formats import library_version
+from jaxckpt.checkpoint.stepdir import EXTRA_ITEM, read_json_item, read_state_metadata
 from jaxckpt.runner.metrics_jsonl import read_metrics
 from jaxckpt.runner.rundir import best_rule
 from jaxckpt.weights import zoo
