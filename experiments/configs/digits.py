@@ -68,4 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.early_stop.criteria = "val/loss"  # metric that picks the best checkpoint and stops early
     config.early_stop.minimize = True  # whether lower criteria is better
     config.early_stop.patience = -1  # evaluations without improvement before stopping; -1 = off
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # data-parallel axis size; -1 = the devices mesh.fsdp leaves
+    config.mesh.fsdp = 1  # axis params and optimizer state are sharded along; 1 = replicated
+    config.mesh.rules = ""  # "regex=spec;..." e.g. "Dense_0/kernel=fsdp,None"; "" = largest dim fsdp divides
     return config

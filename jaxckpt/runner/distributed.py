@@ -1,8 +1,11 @@
-"""Scale-out with JAX's own tools: `jax.distributed` processes and a one-axis data mesh.
+"""Scale-out with JAX's own tools: `jax.distributed` processes, meshes, and agreeing processes.
 
-The loop runs data-parallel over every device of every process: parameters are replicated, batches
-are split along their first axis. Every process reads the same global batch (pipelines are
-seeded), so each one can hand JAX the rows its devices own; no home-made collectives.
+The loop runs over every device of every process on a `data` x `fsdp` mesh (`jaxckpt.runner.mesh`):
+batches are split along their first axis over all devices; parameters are replicated (`fsdp=1`)
+or sharded along `fsdp`. Every process reads the same global batch (pipelines are seeded), so
+each one can hand JAX the rows its devices own. Decisions that all processes must take together
+(stop now, a step is corrupt) go through `any_process`/`all_processes`: one small host allgather,
+and nothing at all in a single-process run.
 """
 
 from __future__ import annotations
@@ -43,14 +46,45 @@ def data_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
 
 
+def run_mesh(config: Any) -> Mesh:
+    """The run's `data` x `fsdp` mesh from `config.mesh` (see `jaxckpt.runner.mesh.make_mesh`)."""
+    from jaxckpt.runner.mesh import make_mesh
+
+    return make_mesh(config.mesh.data, config.mesh.fsdp)
+
+
+def _gathered_flags(flag: bool) -> np.ndarray:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32)))
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process: one host allgather when several processes run.
+
+    Every process must call it at the same point. A process that died instead never answers:
+    `jax.distributed`'s heartbeat then ends the others (see `initialize`), so none waits forever.
+    """
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(_gathered_flags(flag).any())
+
+
+def all_processes(flag: bool) -> bool:
+    """Whether `flag` is true on every process (see `any_process`)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(_gathered_flags(flag).all())
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """The sharding of a value copied on every device of `mesh`."""
     return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """The sharding of a batch split along its first axis over the `"data"` axis."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """The sharding of a batch split along its first axis over every axis (every device) of `mesh`."""
+    return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, what: str) -> None:

@@ -51,7 +51,7 @@ def _check_split(task: Task, split: str) -> None:
 
 def _load_for_inference(config: Any, workdir: Path, task: Task | None) -> tuple[Task, TrainState, int, Any]:
     """The task and the params-only state that val/test/predict use (see `sources.load_for_inference`)."""
-    mesh = distributed.data_mesh()
+    mesh = distributed.run_mesh(config)
     manager = open_manager(config, workdir) if (workdir / "checkpoints").exists() else None
     try:
         start = sources.decide_start(config, workdir, manager, training=False)
