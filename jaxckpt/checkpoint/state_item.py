@@ -17,7 +17,11 @@ is how `read_arrays` and `verify` find and check an array without asking tensors
 Where this writer does not apply (several processes, arrays not fully addressable from this
 one, leaves other than arrays / None / empty dicts, keys with `.` or `/`, zero-size arrays,
 dtypes zarr v2 cannot name), saving and reading go through Orbax's handler unchanged, with the
-checksums in the same place.
+checksums in the same place. That is the path of model-sharded state over several processes:
+Orbax writes from each process only the shards it owns (replica 0 of each slice), and
+`jaxckpt.checkpoint.shard_checksums` records a hash of every shard (`custom_metadata["jaxckpt"]["shards"]`), each
+computed by its owner. In one process a sharded array is fully addressable and this writer
+saves it as one chunk; any mesh, device or process count restores it through target shardings.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from etils import epath
 from orbax.checkpoint._src.futures import future as ocp_future
 from orbax.checkpoint._src.metadata import sharding as ocp_sharding
 
+from jaxckpt.checkpoint import shard_checksums
 from jaxckpt.errors import ChecksumMismatch
 from jaxckpt.tree import treepath
 from jaxckpt.types import PyTree
@@ -172,8 +177,8 @@ def checksums(flat: Mapping[str, Any]) -> dict[str, list]:
     """XXH3-64 of each array's bytes, keyed by path: `{path: [xxh3_64, dtype, shape]}`.
 
     Arrays not fully addressable from this process are checked through a local copy when they are
-    replicated (every process holds the whole value), and skipped when sharded over hosts: checking
-    those would need a cross-host gather, which costs more than the save.
+    replicated (every process holds the whole value), and skipped when sharded over hosts:
+    `jaxckpt.checkpoint.shard_checksums` hashes those shard by shard where they live, with no gather of the array.
     """
     out = {}
     for path, leaf in flat.items():
@@ -419,6 +424,10 @@ class StateRestore(ocp.args.PyTreeRestore):
 def _with_checksums(args: Any) -> Any:
     """Orbax's save path: the same checksums, computed now from what this process can see."""
     custom = dict(args.custom_metadata or {})
-    custom[CUSTOM_KEY] = {"checksum": CHECKSUM, "arrays": checksums(treepath.flatten(args.item))}
+    flat = treepath.flatten(args.item)
+    custom[CUSTOM_KEY] = {"checksum": CHECKSUM, "arrays": checksums(flat)}
+    shards = shard_checksums.record(flat)  # arrays sharded over processes: every shard, hashed where it lives
+    if shards:
+        custom[CUSTOM_KEY]["shards"] = shards
     return ocp.args.PyTreeSave(args.item, save_args=args.save_args, custom_metadata=custom,
                                ocdbt_target_data_file_size=args.ocdbt_target_data_file_size)

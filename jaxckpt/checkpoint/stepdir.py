@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxckpt.checkpoint import state_item
+from jaxckpt.checkpoint import shard_checksums, state_item
 from jaxckpt.errors import CheckpointCorruptError
 from jaxckpt.tree import treepath
 from jaxckpt.types import PyTree
@@ -62,6 +62,12 @@ def saved_checksums(step_dir: os.PathLike | str) -> dict[str, list]:
     """`{path: [xxh3_64, dtype, shape]}` recorded when the step was saved ({} if none was)."""
     record = state_item.read_custom_metadata(pathlib.Path(step_dir) / STATE_ITEM).get(state_item.CUSTOM_KEY) or {}
     return record.get("arrays", {}) if record.get("checksum") == state_item.CHECKSUM else {}
+
+
+def saved_shard_checksums(step_dir: os.PathLike | str) -> dict[str, dict[str, Any]]:
+    """Per-shard hashes of arrays that were sharded over processes (see `jaxckpt.checkpoint.shard_checksums`)."""
+    record = state_item.read_custom_metadata(pathlib.Path(step_dir) / STATE_ITEM).get(state_item.CUSTOM_KEY) or {}
+    return record.get("shards", {}) if record.get("checksum") == state_item.CHECKSUM else {}
 
 
 def state_tree_metadata(step_dir: os.PathLike | str) -> PyTree:
@@ -181,6 +187,7 @@ def _reading(step_dir: pathlib.Path) -> Iterator[None]:
 
 def _verify_flat(step_dir: pathlib.Path, flat: Mapping[str, Any]) -> None:
     bad = state_item.mismatched_checksums(saved_checksums(step_dir), flat)
+    bad += shard_checksums.mismatched(saved_shard_checksums(step_dir), flat)
     if bad:
         raise _corrupt(step_dir, bad)
 

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 
 from jaxckpt.checkpoint.manager import CheckpointManager
 from jaxckpt.errors import CheckpointCorruptError, CorruptCheckpointsError, UserError, WorkdirError
+from jaxckpt.runner import distributed
 from jaxckpt.runner.metrics import truncate_after
 from jaxckpt.runner.task import Task
 from jaxckpt.runner.workdir import config_changes, log, set_aside, write_json
@@ -69,7 +70,8 @@ def _intact_step(manager: CheckpointManager, best: bool, where: Path, criteria: 
     Each candidate (latest, or best) is read in full and compared with the checksums saved
     with it. A corrupt one is logged as a warning and moved to `checkpoints/corrupt/<step>` (never
     deleted), and the next candidate is tried, so a run killed while its disk was failing resumes
-    from the newest step that is still whole.
+    from the newest step that is still whole. With several processes a step is moved only when
+    every process found it corrupt; a disagreement is an error that moves nothing.
 
     Returns:
       The step, or None if every step was corrupt (all moved aside).
@@ -78,11 +80,22 @@ def _intact_step(manager: CheckpointManager, best: bool, where: Path, criteria: 
         step = _pick_step(manager, best, where, criteria)
         try:
             manager.verify(step)
-            return step
+            error = None
         except CheckpointCorruptError as e:
-            moved = _quarantine(manager, step)
-            log.warning("checkpoint step %d is corrupt and was moved to %s (not deleted); falling back to "
-                        "the previous intact step. %s", step, moved, e)
+            error = e
+        # Several processes move a step aside only when every one of them found it corrupt: a read
+        # that failed on one host (a flaky mount) is no proof, and a lone move would split the job.
+        if distributed.all_processes(error is None):
+            return step
+        if not distributed.all_processes(error is not None):
+            seen = "read it intact" if error is None else f"found it corrupt ({error})"
+            raise CorruptCheckpointsError(
+                f"processes disagree about step {step} in {manager.directory}: process {jax.process_index()} "
+                f"{seen}, another did not, so nothing was moved. Check that every host sees the same "
+                "checkpoint directory (a stale or flaky mount?) and rerun.")
+        moved = _quarantine(manager, step)
+        log.warning("checkpoint step %d is corrupt and was moved to %s (not deleted); falling back to "
+                    "the previous intact step. %s", step, moved, error)
     return None
 
 
