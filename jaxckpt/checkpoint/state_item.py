@@ -59,6 +59,9 @@ _SHARDING_FILE = "_sharding"
 # Values larger than this go through tensorstore's zarr driver, which writes from the numpy
 # buffer; smaller ones are written as bytes, which costs a copy but no per-array open.
 _DIRECT_BYTES = 1 << 20
+# How many bytes of arrays a restore reads ahead of the one it places on devices: enough to keep
+# the disk busy, small beside a large state (restore's peak host memory is the state plus this).
+_READ_AHEAD_BYTES = 32 << 20
 _OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000}
 _ZARR_DTYPES = {np.dtype(ml_dtypes.bfloat16): "bfloat16"}
 
@@ -308,7 +311,7 @@ def layout_arrays(item_dir: os.PathLike | str) -> dict[str, list] | None:
 
 
 def read_arrays(item_dir: os.PathLike | str, wanted: Mapping[str, tuple[Any, Any]], *,
-                check: bool = False) -> dict[str, Any]:
+                check: bool = False, keep: bool = True) -> dict[str, Any]:
     """Reads arrays of an item this module wrote, each cast to a dtype and put on a sharding.
 
     Args:
@@ -317,6 +320,7 @@ def read_arrays(item_dir: os.PathLike | str, wanted: Mapping[str, tuple[Any, Any
         sharding returns numpy.
       check: compare each array's bytes with its recorded hash (while the other reads are in
         flight).
+      keep: return the arrays; False only checks them (`verify`), holding one at a time.
 
     Returns:
       `{path: array}`.
@@ -332,28 +336,58 @@ def read_arrays(item_dir: os.PathLike | str, wanted: Mapping[str, tuple[Any, Any
         raise ValueError(f"{item_dir} was not written by jaxckpt.state_item; read it with Orbax.")
     context = ts.Context({"file_io_concurrency": {"limit": 128}})
     kvstore = ts.KvStore.open(_kvstore_spec(item_dir), context=context).result()
-    reads = {}
-    for path in wanted:
+
+    def start(path: str) -> tuple[Any, Any]:
         _, dtype, shape = arrays[path]
-        name = path.replace("/", ".")
-        if int(np.prod(shape, dtype=np.int64)) * dtype_of(dtype).itemsize > _DIRECT_BYTES:
-            spec = {"driver": "zarr", "kvstore": {**_kvstore_spec(item_dir), "path": name + "/"}, "open": True}
-            reads[path] = ts.open(spec, context=context, read=True).result().read()
-        else:
-            reads[path] = kvstore.read(_chunk_key(name, len(shape)))
-    out, bad = {}, []
-    for path, pending in reads.items():  # in order; later reads go on in tensorstore's threads
+        name, dtype = path.replace("/", "."), dtype_of(dtype)
+        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize <= _DIRECT_BYTES:
+            return kvstore.read(_chunk_key(name, len(shape))), None
+        spec = {"driver": "zarr", "kvstore": {**_kvstore_spec(item_dir), "path": name + "/"}, "open": True}
+        # Straight into an aligned buffer of our own: on CPU, `jax.device_put` then uses it
+        # without a copy, so a large array is held once, plus tensorstore's read buffer meanwhile.
+        into = _aligned_empty(tuple(shape), dtype)
+        source = ts.open(spec, context=context, read=True).result()
+        return ts.array(into, copy=False, write=True).write(source), into
+
+    # Reads go on in tensorstore's threads ahead of this loop, up to a bounded number of bytes, so
+    # host memory stays near the restored state itself however large it is.
+    out, bad, queue, in_flight = {}, [], list(wanted), {}
+    budget = 0
+    for path in wanted:
+        while queue and (not in_flight or budget + _nbytes(arrays[queue[0]]) <= _READ_AHEAD_BYTES):
+            budget += _nbytes(arrays[queue[0]])
+            in_flight[queue[0]] = start(queue[0])
+            queue.pop(0)
+        pending, into = in_flight.pop(path)
+        budget -= _nbytes(arrays[path])
         crc, dtype, shape = arrays[path]
-        stored = _as_array(path, pending.result(), dtype_of(dtype), tuple(shape))
+        result = pending.result()
+        stored = into if into is not None else _as_array(path, result, dtype_of(dtype), tuple(shape))
+        del pending, result, into
         if check and _checksum(stored) != crc:
             bad.append(path)
         cast, sharding = wanted[path]
         if cast is not None and np.dtype(cast) != stored.dtype:
             stored = stored.astype(cast)
-        out[path] = stored if sharding is None else jax.device_put(stored, sharding)
+        if keep:
+            out[path] = stored if sharding is None else jax.device_put(stored, sharding)
+        del stored
     if bad:
         raise ChecksumMismatch(bad)
     return out
+
+
+def _nbytes(record: list) -> int:
+    _, dtype, shape = record
+    return int(np.prod(shape, dtype=np.int64)) * dtype_of(dtype).itemsize
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-order array whose data starts on a 64-byte boundary (XLA's CPU alignment)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    offset = (-raw.ctypes.data) % 64
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 def _as_array(path: str, result: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

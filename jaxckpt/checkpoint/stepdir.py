@@ -162,7 +162,8 @@ def verify_state(step_dir: os.PathLike | str) -> None:
     item = step_dir / STATE_ITEM
     with _reading(step_dir):
         if _readable_fast(item):
-            state_item.read_arrays(item, {p: (None, None) for p in state_item.layout_arrays(item)}, check=True)
+            state_item.read_arrays(item, {p: (None, None) for p in state_item.layout_arrays(item)}, check=True,
+                                   keep=False)
             return
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), state_tree_metadata(step_dir))
         restored = treepath.flatten(ocp.PyTreeCheckpointHandler().restore(
