@@ -280,3 +280,20 @@ def test_a_signal_to_one_process_stops_both_at_one_step_and_the_rerun_matches(tm
     assert step == ref_step == AGREE["train.num_steps"]
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, params, ref_params)))
     assert read_jsonl(workdir / "metrics.jsonl") == read_jsonl(reference / "metrics.jsonl")
+
+
+def test_load_params_onto_a_sharded_target_keeps_its_shardings(tmp_path):
+    from jaxckpt.checkpoint.manager import CheckpointManager
+    from jaxckpt.weights.pretrained import load_params
+
+    params = {"enc": {"kernel": np.arange(48, dtype=np.float32).reshape(6, 8)}, "head": {"bias": np.ones(3, np.float32)}}
+    with CheckpointManager(tmp_path / "checkpoints", async_save=False) as manager:
+        manager.save(1, {"params": params, "step": np.int32(1)})
+    mesh = mesh_lib.make_mesh(data=1, fsdp=4)
+    shardings = mesh_lib.state_shardings(params, mesh, prefix="params/")
+    target = mesh_lib.with_shardings(params, shardings)
+    loaded, report = load_params(tmp_path / "checkpoints", target)
+    kernel = loaded["enc"]["kernel"]
+    assert kernel.sharding.spec == P(None, "fsdp") and kernel.addressable_shards[0].data.shape == (6, 2)
+    assert np.array_equal(np.asarray(kernel), params["enc"]["kernel"])
+    assert loaded["head"]["bias"].sharding.spec == P()
