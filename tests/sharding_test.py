@@ -297,3 +297,17 @@ def test_load_params_onto_a_sharded_target_keeps_its_shardings(tmp_path):
     assert kernel.sharding.spec == P(None, "fsdp") and kernel.addressable_shards[0].data.shape == (6, 2)
     assert np.array_equal(np.asarray(kernel), params["enc"]["kernel"])
     assert loaded["head"]["bias"].sharding.spec == P()
+
+
+@pytest.mark.slow
+def test_a_process_that_dies_does_not_leave_the_other_waiting(tmp_path, prepared):
+    import time
+
+    config = tiny_config(prepared, **{**AGREE, "train.num_steps": 100_000})
+    runs = _two_processes(cli_args(config, tmp_path / "run"), devices_each=1)
+    runs[0].wait_for(r"step 50/")
+    runs[1].proc.kill()
+    killed = time.monotonic()
+    code = runs[0].finish(timeout=240)  # the step's collective fails; the heartbeat ends the shutdown
+    assert code != 0 and time.monotonic() - killed < 200, runs[0].stderr[-3000:]
+    assert "Gloo AllGather failed" in runs[0].stderr or "heartbeat" in runs[0].stderr, runs[0].stderr[-3000:]

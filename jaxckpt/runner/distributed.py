@@ -62,8 +62,9 @@ def _gathered_flags(flag: bool) -> np.ndarray:
 def any_process(flag: bool) -> bool:
     """Whether `flag` is true on any process: one host allgather when several processes run.
 
-    Every process must call it at the same point. A process that died instead never answers:
-    `jax.distributed`'s heartbeat then ends the others (see `initialize`), so none waits forever.
+    Every process must call it at the same point. If another process died, the allgather fails
+    (gloo sees the connection drop) and `jax.distributed`'s heartbeat ends this process's shutdown,
+    so none waits forever (tests/sharding_test.py kills one of two).
     """
     if jax.process_count() == 1:
         return bool(flag)
