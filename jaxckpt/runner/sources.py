@@ -177,7 +177,7 @@ def decide_start(config: Any, workdir: Path, manager: CheckpointManager | None, 
 
 
 # Fields that steer a run but never change the shapes of its state; left out when explaining a mismatch.
-_RUN_CONTROL = ("run_type", "seed", "train.", "eval.", "early_stop.", "checkpoint.")
+_RUN_CONTROL = ("run_type", "seed", "train.", "eval.", "early_stop.", "checkpoint.", "mesh.")
 
 
 def _shape_changes(saved_config: Any, config: Any, training: bool) -> list[str]:
