@@ -311,3 +311,15 @@ def test_a_process_that_dies_does_not_leave_the_other_waiting(tmp_path, prepared
     code = runs[0].finish(timeout=240)  # the step's collective fails; the heartbeat ends the shutdown
     assert code != 0 and time.monotonic() - killed < 200, runs[0].stderr[-3000:]
     assert "Gloo AllGather failed" in runs[0].stderr or "heartbeat" in runs[0].stderr, runs[0].stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fsdp_run_saved_by_one_process_evaluates_on_two(tmp_path, fsdp_run, prepared):
+    logged = [p for p in read_jsonl(fsdp_run / "metrics.jsonl") if p["split"] == "val" and p["step"] == 20][0]
+    config = tiny_config(prepared, **{**SHORT, "run_type": "val", "checkpoint.resume_file": str(fsdp_run),
+                                      "mesh.fsdp": 8})
+    runs = _two_processes(cli_args(config, tmp_path / "eval"), devices_each=4)
+    assert [r.finish(timeout=300) for r in runs] == [0, 0], "\n".join(r.stderr for r in runs)
+    evaluated = json.loads((tmp_path / "eval" / "eval_val_20.json").read_text())
+    assert evaluated["accuracy"] == pytest.approx(logged["accuracy"], rel=1e-6)
+    assert evaluated["loss"] == pytest.approx(logged["loss"], rel=1e-5)
