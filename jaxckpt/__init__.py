@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "load_params": "jaxckpt.weights.pretrained",
     "load_task": "jaxckpt.runner.task",
     "make_eval_step": "jaxckpt.train.step",
+    "make_mesh": "jaxckpt.runner.mesh",
     "make_optimizer": "jaxckpt.train.optim",
     "make_predict_step": "jaxckpt.train.step",
     "make_schedule": "jaxckpt.train.optim",
@@ -53,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     "resolve_checkpoint_path": "jaxckpt.weights.pretrained",
     "run": "jaxckpt.runner.loop",
     "run_or_exit": "jaxckpt.cli.exits",
+    "state_shardings": "jaxckpt.runner.mesh",
     "sum_metrics": "jaxckpt.train.step",
     "train_and_evaluate": "jaxckpt.runner.loop",
     "unflatten": "jaxckpt.tree.treepath",
@@ -98,6 +100,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from jaxckpt.runner import distributed
     from jaxckpt.runner.config import default_config
     from jaxckpt.runner.loop import evaluate, predict, run, train_and_evaluate
+    from jaxckpt.runner.mesh import make_mesh, state_shardings
     from jaxckpt.runner.task import Task, load_task
     from jaxckpt.runner.workdir import WorkdirLock
     from jaxckpt.train.optim import describe_trainable, freeze_and_scale, make_optimizer, make_schedule

@@ -73,8 +73,14 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = Non
       fsdp: size of the axis parameters are sharded along; -1 or 0 for the rest.
       devices: the devices; default `jax.devices()`.
 
+    Returns:
+      A `jax.sharding.Mesh` with axes `("data", "fsdp")`.
+
     Raises:
       ConfigError: if `data * fsdp` is not the number of devices.
+
+    Example:
+      >>> mesh = make_mesh(data=2, fsdp=4)  # doctest: +SKIP
     """
     devices = list(jax.devices() if devices is None else devices)
     data, fsdp = axis_sizes(data, fsdp, len(devices))
@@ -178,6 +184,10 @@ def state_shardings(tree: PyTree, mesh: Mesh, rules: Rules | str | None = None, 
     Raises:
       ConfigError: for a rule naming an axis the mesh lacks, a spec that does not divide a leaf's
         shape (naming the path, shape and spec), or (with `require_match`) a rule matching nothing.
+
+    Example:
+      >>> shardings = state_shardings(abstract_state, mesh, {"encoder/.*kernel": P("fsdp", None)})  # doctest: +SKIP
+      >>> state = jax.jit(init, out_shardings=shardings)(rng)  # doctest: +SKIP
     """
     compiled = _as_rules(rules)
     used = [False] * len(compiled)
