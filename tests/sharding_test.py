@@ -323,3 +323,16 @@ def test_fsdp_run_saved_by_one_process_evaluates_on_two(tmp_path, fsdp_run, prep
     evaluated = json.loads((tmp_path / "eval" / "eval_val_20.json").read_text())
     assert evaluated["accuracy"] == pytest.approx(logged["accuracy"], rel=1e-6)
     assert evaluated["loss"] == pytest.approx(logged["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_predict_what_one_predicts(tmp_path, fsdp_run, prepared):
+    config = tiny_config(prepared, **{**SHORT, "run_type": "predict", "checkpoint.resume_file": str(fsdp_run),
+                                      "mesh.fsdp": 8})
+    runs = _two_processes(cli_args(config, tmp_path / "two"), devices_each=4)
+    assert [r.finish(timeout=300) for r in runs] == [0, 0], "\n".join(r.stderr for r in runs)
+    one = run_cli(cli_args(config, tmp_path / "one"), env=_devices_env(8))
+    assert one.returncode == 0, one.stderr
+    two_rows = (tmp_path / "two" / "predictions.csv").read_text().splitlines()
+    one_rows = (tmp_path / "one" / "predictions.csv").read_text().splitlines()
+    assert len(two_rows) > 100 and [r.split(",")[:2] for r in two_rows] == [r.split(",")[:2] for r in one_rows]

@@ -111,9 +111,18 @@ def abstract_like(tree: PyTree, sharding: Any) -> PyTree:
 
 
 def to_host(tree: PyTree) -> PyTree:
-    """Host numpy copies of (possibly multi-process, replicated) arrays."""
+    """Host numpy copies of the global values of (possibly multi-process) arrays.
+
+    A replicated array is read from this process's copy; one split over processes (e.g. a batch
+    of predictions, rows over every device) is gathered, so every process must call this at the
+    same point.
+    """
     def fetch(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(x.addressable_data(0))
+            if x.sharding.is_fully_replicated:
+                return np.asarray(x.addressable_data(0))
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
     return jax.tree.map(fetch, tree)
