@@ -60,7 +60,7 @@ class _StepTimes(logging.Filter):
 def jaxckpt_steps_per_second(config, workdir: pathlib.Path) -> float:
     """Steady-state steps/s of `jaxckpt.runner.loop.run`, from the first logged window to the last step."""
     from jaxckpt.runner import loop
-    from jaxckpt.runner.workdir import log
+    from jaxckpt.runner.logs import log
 
     times = _StepTimes()
     log.addFilter(times)

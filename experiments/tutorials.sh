@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 RUN="$PY experiments/run.py --config experiments/configs/digits.py"
 export JAXCKPT_ZOO=${JAXCKPT_ZOO:-runs/zoo}
-rm -rf runs/eir runs/mmf runs/ft "$JAXCKPT_ZOO"
+rm -rf runs/eir runs/mmf runs/ft runs/hf "$JAXCKPT_ZOO"
 step() { echo; echo "\$ $*"; "$@" 2>&1 | grep -vE ' step [0-9]+/' | tail -n 12; echo "(exit ${PIPESTATUS[0]})"; }
 
 # EIR: scratch -> continue from it -> change the fusion layer (strict fails, non-strict loads the rest)
@@ -48,6 +48,16 @@ if $PY -c 'import torch' 2>/dev/null; then
 else
   echo; echo "(torch is not installed: skipping the PyTorch steps; pip install torch to run them)"
 fi
+
+# Hugging Face: inspect a fixture folder; train a tiny ViT, export it as an HF folder, finetune from it onto parity
+VIT="$PY experiments/run.py --config experiments/configs/vit_digits.py"
+step $PY -m jaxckpt inspect hf:tests/fixtures/hf/gpt2_lm_head
+step $VIT --workdir runs/hf/vit_digits
+step $PY -m jaxckpt export runs/hf/vit_digits --format hf runs/hf/vit_digits_hf
+step $PY -m jaxckpt inspect hf:runs/hf/vit_digits_hf
+step $PY -m jaxckpt plan hf:runs/hf/vit_digits_hf --config experiments/configs/vit_digits.py --config.data.target=parity --config.checkpoint.mapping=vit:vit
+step $VIT --workdir runs/hf/vit_parity --config.data.target=parity --config.checkpoint.pretrained=hf:runs/hf/vit_digits_hf --config.checkpoint.mapping=vit:vit
+step $PY -m jaxckpt plan --config experiments/configs/bert_imdb.py
 
 for run in eir/1_scratch eir/2_continued eir/3_fusion mmf/parity; do
   [ -f "runs/$run/curves.png" ] && cp "runs/$run/curves.png" "docs/figures/$(echo "$run" | tr / _).png"

@@ -18,21 +18,28 @@ _EXPORTS: dict[str, str] = {
     "CheckpointNotFoundError": "jaxckpt.errors",
     "CheckpointSaveError": "jaxckpt.errors",
     "ConfigError": "jaxckpt.errors",
+    "Fuse": "jaxckpt.grafting.structure",
     "GraftEntry": "jaxckpt.grafting.report",
     "GraftReport": "jaxckpt.grafting.report",
+    "MissingDependencyError": "jaxckpt.errors",
     "NonFiniteLossError": "jaxckpt.errors",
     "PREEMPTED_EXIT_CODE": "jaxckpt.errors",
     "Preempted": "jaxckpt.errors",
     "RetentionPolicy": "jaxckpt.checkpoint.retention",
+    "Split": "jaxckpt.grafting.structure",
+    "Stack": "jaxckpt.grafting.structure",
     "Task": "jaxckpt.runner.task",
     "TrainState": "jaxckpt.train.state",
+    "Unstack": "jaxckpt.grafting.structure",
     "UserError": "jaxckpt.errors",
     "WorkdirError": "jaxckpt.errors",
-    "WorkdirLock": "jaxckpt.runner.workdir",
+    "WorkdirLock": "jaxckpt.runner.lock",
+    "config_strings": "jaxckpt.config_strings",
     "default_config": "jaxckpt.runner.config",
     "describe_trainable": "jaxckpt.train.optim",
     "distributed": "jaxckpt.runner.distributed",
     "evaluate": "jaxckpt.runner.loop",
+    "export_hf": "jaxckpt.weights.hf",
     "flatten": "jaxckpt.tree.treepath",
     "freeze_and_scale": "jaxckpt.train.optim",
     "graft": "jaxckpt.grafting.graft",
@@ -63,7 +70,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 # Public names that are modules rather than attributes of one.
-_MODULES = frozenset({"distributed"})
+_MODULES = frozenset({"config_strings", "distributed"})
 
 __all__ = tuple(sorted(_EXPORTS))
 
@@ -83,6 +90,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from jaxckpt import config_strings
     from jaxckpt.checkpoint.manager import CheckpointManager
     from jaxckpt.checkpoint.retention import RetentionPolicy
     from jaxckpt.errors import (
@@ -90,23 +98,26 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         CheckpointCorruptError,
         CheckpointNotFoundError,
         CheckpointSaveError,
+        MissingDependencyError,
         NonFiniteLossError,
         Preempted,
         UserError,
         WorkdirError,
     )
+    from jaxckpt.grafting.structure import Fuse, Split, Stack, Unstack
     from jaxckpt.grafting.graft import graft, plan
     from jaxckpt.grafting.report import GraftEntry, GraftReport
     from jaxckpt.runner import distributed
     from jaxckpt.runner.config import default_config
+    from jaxckpt.runner.lock import WorkdirLock
     from jaxckpt.runner.loop import evaluate, predict, run, train_and_evaluate
     from jaxckpt.runner.mesh import make_mesh, state_shardings
     from jaxckpt.runner.task import Task, load_task
-    from jaxckpt.runner.workdir import WorkdirLock
     from jaxckpt.train.optim import describe_trainable, freeze_and_scale, make_optimizer, make_schedule
     from jaxckpt.train.state import TrainState
     from jaxckpt.train.step import make_eval_step, make_predict_step, make_train_step, mean_metrics, sum_metrics
     from jaxckpt.tree.pathmatch import label_tree, match
     from jaxckpt.tree.treepath import flatten, unflatten, unflatten_dict
     from jaxckpt.weights.foreign import graft_foreign, read_foreign, write_safetensors
+    from jaxckpt.weights.hf import export_hf
     from jaxckpt.weights.pretrained import load_params, resolve_checkpoint_path

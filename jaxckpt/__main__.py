@@ -2,7 +2,7 @@
 
 import sys
 
-from jaxckpt.cli.commands import main
+from jaxckpt.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

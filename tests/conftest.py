@@ -7,6 +7,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402  (after the environment is set)
+from object_store import gcs_emulator, s3_emulator  # noqa: E402, F401  (session fixtures, started on first use)
 
 
 @pytest.fixture(scope="module")

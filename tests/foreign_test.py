@@ -11,6 +11,7 @@ import pytest
 import safetensors
 from safetensors.numpy import save_file
 
+from jaxckpt import config_strings
 from jaxckpt.cli.exits import USER_ERROR_EXIT_CODE, exit_code_of
 from jaxckpt.errors import UserError
 from jaxckpt.grafting.graft import graft
@@ -112,7 +113,7 @@ def test_string_rules_and_default_rule_agree(tmp_path):
     flax_named = {k.replace("layers.", "Dense_").replace("proj", "Dense_0").replace("out", "Dense_0"): v
                   for k, v in state.items()}
     save_file(flax_named, str(tmp_path / "b.safetensors"))
-    a = foreign.read_foreign(tmp_path / "a.safetensors", rename=rules)
+    a = foreign.read_foreign(tmp_path / "a.safetensors", rename=config_strings.parse_rename(rules))
     b = foreign.read_foreign(tmp_path / "b.safetensors")
     assert sorted(a) == sorted(b) == sorted(treepath.flatten(_fresh()[0]))
     for key in a:
@@ -205,7 +206,6 @@ def test_one_d_weight_becomes_scale(tmp_path):
     ([(r"head\.(.*)", r"h/\1"), (r"head\.out\.bias", "h/b")], r"\[.head.*\] only match keys an earlier"),
     ({r"head\.out\.bias": "head//bias"}, "has an empty name"),
     ({r"encoder\.layers": "x"}, r"must match a whole key"),
-    ("encoder.layers.0.weight->kernel", "must look like 'regex=>path'"),
     ({"enc[": "x"}, "not a valid regex"),
     ({r"encoder\.layers\.\d+\.weight": "same/kernel"}, "both become 'same/kernel'"),
 ])
@@ -213,6 +213,14 @@ def test_rename_errors_name_the_rule(tmp_path, rename, message):
     save_file(_torch_state(), str(tmp_path / "mlp.safetensors"))
     with pytest.raises(ValueError, match=message):
         foreign.read_foreign(tmp_path / "mlp.safetensors", rename=rename)
+
+
+def test_rename_strings_are_for_configs(tmp_path):
+    save_file(_torch_state(), str(tmp_path / "mlp.safetensors"))
+    with pytest.raises(TypeError, match=r"jaxckpt.config_strings.parse_rename"):
+        foreign.read_foreign(tmp_path / "mlp.safetensors", rename=r"encoder\.(.*)=>enc/\1")
+    with pytest.raises(ValueError, match="must look like 'regex=>path'"):
+        config_strings.parse_rename("encoder.layers.0.weight->kernel")
 
 
 def test_unknown_suffix_missing_file_and_layout(tmp_path):

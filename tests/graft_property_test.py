@@ -110,7 +110,7 @@ def test_graft_is_total_and_honest(target_spec, data):
             min_size=1, max_size=2, unique_by=(lambda r: r[0], lambda r: r[1])))
         if data.draw(st.booleans()):  # Same prefix on both sides, as often used.
             rules = [(d, d) for _, d in rules]
-    mapping = ",".join(f"{s}:{d}" for s, d in rules) or None
+    mapping = dict(rules) or None
     if data.draw(st.booleans()):
         skip = [re.escape(p) for p in data.draw(st.lists(
             st.sampled_from(_ancestors(tgt_flat)[1:]), min_size=1, max_size=2,

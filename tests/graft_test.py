@@ -9,7 +9,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxckpt.grafting.graft import GraftReport, graft, parse_adapters, parse_mapping, plan
+from jaxckpt.grafting.adapters import normalize_adapters
+from jaxckpt.grafting.graft import GraftReport, graft, plan
+from jaxckpt.grafting.mapping import normalize_mapping
 
 SDS = jax.ShapeDtypeStruct
 
@@ -121,7 +123,7 @@ def test_mapping_renames_and_leaves_the_rest_untouched():
               "cls": {"w": np.ones(9, np.float32)}}
     target = {"encoder": {"layer": {"w": jnp.zeros(3)}},
               "head": {"w": jnp.zeros(2)}}
-    tree, report = graft(source, target, mapping="bert:encoder")
+    tree, report = graft(source, target, mapping={"bert": "encoder"})
     assert report.ok
     assert [(e.path, e.source) for e in report.loaded] == [
         ("encoder/layer/w", "bert/layer/w")]
@@ -162,34 +164,40 @@ def test_sources_in_another_order_than_the_targets():
     assert report.unused == ()
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("bert:encoder", (("bert", "encoder"),)),
-    (" bert/ : encoder , cls:head ", (("bert", "encoder"), ("cls", "head"))),
-    (":backbone", (("", "backbone"),)),
-    ("", None),
+@pytest.mark.parametrize("mapping, expected", [
+    ({"bert": "encoder"}, (("bert", "encoder"),)),
+    ({" bert/ ": " encoder ", "cls": "head"}, (("bert", "encoder"), ("cls", "head"))),
+    ({"": "backbone"}, (("", "backbone"),)),
+    ({}, ()),
     (None, None),
     ({"a/b": "c"}, (("a/b", "c"),)),
 ])
-def test_parse_mapping(text, expected):
-    assert parse_mapping(text) == expected
+def test_normalize_mapping(mapping, expected):
+    assert normalize_mapping(mapping) == expected
 
 
-@pytest.mark.parametrize("text, error", [
-    ("bert", "one ':'"),
-    ("a:b:c", "one ':'"),
-    ("a:b,", "one ':'"),
-    ("a:x,a:y", "source prefix"),
-    ("a:x,b:x", "target prefix"),
+@pytest.mark.parametrize("mapping, error", [
+    ({"a": "x", "a/": "y"}, "source prefix"),
+    ({"a": "x", "b": "x"}, "target prefix"),
 ])
-def test_parse_mapping_errors(text, error):
+def test_normalize_mapping_errors(mapping, error):
     with pytest.raises(ValueError, match=error):
-        parse_mapping(text)
+        normalize_mapping(mapping)
+
+
+@pytest.mark.parametrize("mapping", ["bert:encoder", [("bert", "encoder")], {"bert": 1}])
+def test_mapping_is_a_dict_of_prefixes_and_a_string_names_its_parser(mapping):
+    with pytest.raises(TypeError, match="mapping|Mapping rule") as info:
+        graft({"bert": np.ones(2)}, {"encoder": jnp.zeros(2)}, mapping=mapping)
+    if isinstance(mapping, str):
+        assert "{'encoder': 'backbone'}" in str(info.value)
+        assert "jaxckpt.config_strings.parse_mapping" in str(info.value)
 
 
 def test_rules_that_match_nothing_are_errors_even_when_not_strict():
     source, target = _pretrained(), _fresh()
     with pytest.raises(ValueError) as info:
-        graft(source, target, mapping="bret:encoder,encoder:decoder",
+        graft(source, target, mapping={"bret": "encoder", "encoder": "decoder"},
               strict=False)
     message = str(info.value)
     assert "'bret':'encoder' matches no source path" in message
@@ -200,7 +208,7 @@ def test_rules_that_match_nothing_are_errors_even_when_not_strict():
         graft(source, target, adapters={"nope": "resize"}, strict=False)
     # A skip for a target outside the mapped destinations has no effect either.
     with pytest.raises(ValueError, match="skip pattern 'head'"):
-        graft(source, target, mapping="encoder:encoder", skip=["head"])
+        graft(source, target, mapping={"encoder": "encoder"}, skip=["head"])
 
 
 def test_skip_is_a_regex_over_paths_or_subtrees():
@@ -265,7 +273,7 @@ def test_abstract_source_into_concrete_target_is_a_type_error():
 def test_flat_source_dict():
     flat = {"encoder/kernel": np.ones((4, 3), np.float32),
             "encoder/bias": np.ones(3, np.float32)}
-    tree, report = graft(flat, _fresh(), mapping="encoder:encoder")
+    tree, report = graft(flat, _fresh(), mapping={"encoder": "encoder"})
     assert report.ok and len(report.loaded) == 2
     np.testing.assert_array_equal(tree["encoder"]["bias"], np.ones(3))
 
@@ -281,7 +289,7 @@ def test_resize_grows_and_shrinks_every_axis():
     source = {"emb": np.arange(6.0, dtype=np.float32).reshape(3, 2),
               "cls": np.arange(4.0, dtype=np.float32)}
     target = {"emb": jnp.full((5, 1), -1.0), "cls": jnp.full(2, -1.0)}
-    tree, report = graft(source, target, adapters="emb:resize,cls:resize")
+    tree, report = graft(source, target, adapters={"emb": "resize", "cls": "resize"})
     np.testing.assert_array_equal(tree["emb"], [[0], [2], [4], [-1], [-1]])
     np.testing.assert_array_equal(tree["cls"], [0, 1])
     assert {(e.path, e.source_shape, e.target_shape, e.rule)
@@ -318,9 +326,9 @@ def test_callable_adapter_and_its_shape_check():
 
 def test_adapter_errors():
     with pytest.raises(ValueError, match="unknown"):
-        parse_adapters({"w": "pad"})
-    with pytest.raises(ValueError, match="regex:resize"):
-        parse_adapters("resize")
+        normalize_adapters({"w": "pad"})
+    with pytest.raises(TypeError, match="jaxckpt.config_strings.parse_adapters"):
+        graft({"w": np.ones(4)}, {"w": jnp.zeros(2)}, adapters="w:resize")
     with pytest.raises(ValueError, match="number of axes"):
         graft({"w": np.ones(4)}, {"w": jnp.zeros((2, 2))},
               adapters={"w": "resize"})
@@ -377,7 +385,7 @@ def test_mapping_a_subtree_onto_the_root():
     # E.g. the params of a saved train state onto a bare params tree.
     saved = {"params": _pretrained(), "opt_state": {"mu": np.ones(3)}, "step": 7}
     target = jax.tree_util.tree_map(jnp.zeros_like, _pretrained())
-    tree, report = graft(saved, target, mapping="params:")
+    tree, report = graft(saved, target, mapping={"params": ""})
     assert report.ok and len(report.loaded) == 4
     assert report.loaded[0].source.startswith("params/")
     np.testing.assert_array_equal(tree["head"]["bias"], [4.0, 4.0])
@@ -387,7 +395,7 @@ def test_report_str_is_an_aligned_table_with_a_source_column_only_when_renamed()
     source = {"bert": {"w": np.ones(2, np.float32), "extra": np.ones((3, 3), np.float32)}}
     target = {"encoder": {"w": jnp.zeros(2, jnp.bfloat16), "new": jnp.zeros(4)},
               "head": {"kernel": jnp.zeros((2, 5))}}
-    _, report = graft(source, target, mapping="bert:encoder", strict=False)
+    _, report = graft(source, target, mapping={"bert": "encoder"}, strict=False)
     lines = str(report).splitlines()
     assert lines[:6] == [
         "GraftReport",

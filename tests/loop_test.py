@@ -11,7 +11,7 @@ import pytest
 import jaxckpt
 from jaxckpt.checkpoint.manager import CheckpointManager
 from jaxckpt.errors import UserError, WorkdirError
-from jaxckpt.weights import zoo
+from jaxckpt.runner.publish import publish
 from tests.runs import read_jsonl, tiny_config
 
 
@@ -55,7 +55,7 @@ def test_train_val_writes_the_run_directory(pretrained_run):
 
 def test_on_a_terminal_log_lines_do_not_run_into_the_progress_bar(tmp_path, data_dir, monkeypatch, capsys):
     from jaxckpt.runner import loop
-    from jaxckpt.runner.workdir import setup_logging
+    from jaxckpt.runner.logs import setup_logging
 
     monkeypatch.setattr(loop, "_is_terminal", lambda: True)
     setup_logging()  # the library logs to the `jaxckpt` logger; the command line sends it to stderr
@@ -127,7 +127,7 @@ def test_eir_partial_loading_after_changing_fusion(tmp_path, data_dir, pretraine
 
 def test_mmf_zoo_finetune_onto_parity_with_mapping(tmp_path, data_dir, pretrained_run, monkeypatch):
     monkeypatch.setenv("JAXCKPT_ZOO", str(tmp_path / "zoo"))
-    zoo.publish(pretrained_run, "digits-mlp", step="best")
+    publish(pretrained_run, "digits-mlp", step="best")
     workdir = tmp_path / "parity"
     config = tiny_config(data_dir, **{"checkpoint.pretrained": "zoo:digits-mlp", "checkpoint.mapping": "encoder:encoder",
                                       "data.target": "parity", "train.num_steps": 20})

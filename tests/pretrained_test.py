@@ -235,7 +235,7 @@ def test_safetensors_file_with_rename_reads_only_the_loaded_tensors(tmp_path, mo
         return leaves
     monkeypatch.setattr(pretrained, "read_foreign", never_read_head)
     target = {"backbone": jax.tree.map(jnp.zeros_like, _params(0)["encoder"]), "head": {"kernel": jnp.zeros((4, 9))}}
-    params, report = load_params(path, target, rename=r"encoder\.(.*)=>backbone/\1", strict=False)
+    params, report = load_params(path, target, rename=[(r"encoder\.(.*)", r"backbone/\1")], strict=False)
     assert [e.path for e in report.mismatched] == ["head/kernel"]
     _assert_params_equal(params["backbone"], _params(5)["encoder"])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
@@ -255,7 +255,7 @@ def test_missing_weights_file_and_misplaced_rename(run_dir, tmp_path):
     with pytest.raises(CheckpointNotFoundError, match="Weights file .*nope.safetensors does not exist"):
         load_params(tmp_path / "nope.safetensors", _params(0))
     with pytest.raises(ValueError, match=r"rename= maps the tensor names .* Drop rename"):
-        load_params(run_dir, _params(0), rename="a=>b")
+        load_params(run_dir, _params(0), rename={"a": "b"})
 
 
 def _ck(**fields):

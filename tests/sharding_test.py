@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from jaxckpt.config_strings import parse_mesh_rules
 from jaxckpt.errors import ConfigError
 from jaxckpt.runner import mesh as mesh_lib
 from tests.preemption_test import CLI_ENV, Running, cli_args, committed_steps, final_params
@@ -47,12 +48,14 @@ def test_mesh_axes_multiply_to_the_device_count():
 
 
 def test_rules_parse_at_the_config_boundary():
-    assert mesh_lib.parse_rules("encoder/.*kernel=fsdp,None; .*bias= ;x=data+fsdp") == (
-        ("encoder/.*kernel", P("fsdp", None)), (".*bias", P()), ("x", P(("data", "fsdp")),))
-    with pytest.raises(ConfigError, match="is not REGEX=SPEC"):
-        mesh_lib.parse_rules("encoder/kernel")
+    assert parse_mesh_rules("encoder/.*kernel=fsdp,None; .*bias= ;x=data+fsdp") == (
+        ("encoder/.*kernel", ("fsdp", None)), (".*bias", ()), ("x", (("data", "fsdp"),)))
+    with pytest.raises(ConfigError, match="must look like 'regex=spec'"):
+        parse_mesh_rules("encoder/kernel")
+    with pytest.raises(TypeError, match="parse it with jaxckpt.config_strings.parse_mesh_rules"):
+        mesh_lib.state_shardings(_state(), mesh_lib.make_mesh(), "enc=fsdp")
     with pytest.raises(ConfigError, match="does not compile"):
-        mesh_lib.parse_rules("enc(oder=fsdp")
+        mesh_lib.state_shardings(_state(), mesh_lib.make_mesh(), parse_mesh_rules("enc(oder=fsdp"))
 
 
 def _state():
@@ -78,7 +81,7 @@ def test_rules_override_the_default_and_name_what_is_wrong():
     shardings = mesh_lib.state_shardings(_state(), mesh, {"enc/kernel": P("fsdp", None)})
     assert shardings["params"]["enc"]["kernel"].spec == P("fsdp", None)
     assert shardings["opt_state"]["mu"]["enc"]["kernel"].spec == P("fsdp", None)  # searched in every path
-    only = mesh_lib.state_shardings(_state(), mesh, "^params/enc/kernel=fsdp,None")
+    only = mesh_lib.state_shardings(_state(), mesh, parse_mesh_rules("^params/enc/kernel=fsdp,None"))
     assert only["opt_state"]["mu"]["enc"]["kernel"].spec == P(None, "fsdp")
     with pytest.raises(ConfigError, match=r"names axis 'model', which the mesh does not have; its axes are \['data', 'fsdp'\]"):
         mesh_lib.state_shardings(_state(), mesh, {"enc/kernel": P("model")})

@@ -1,4 +1,4 @@
-"""Tests for jaxckpt.zoo: publish / list / resolve named, self-contained checkpoints."""
+"""Tests for jaxckpt.weights.zoo (list / resolve) and jaxckpt.runner.publish: named, self-contained checkpoints."""
 
 import json
 import pathlib
@@ -10,7 +10,8 @@ import pytest
 
 from jaxckpt.checkpoint.manager import CheckpointManager
 from jaxckpt.errors import CheckpointNotFoundError
-from jaxckpt.runner.metrics import JsonlWriter
+from jaxckpt.runner.publish import publish
+from jaxckpt.runner.writers import JsonlWriter
 from jaxckpt.weights import zoo
 
 
@@ -52,7 +53,7 @@ def test_zoo_dir_follows_env_and_xdg(tmp_path, monkeypatch):
 
 def test_publish_latest_by_default(tmp_path, zoo_root):
     run = _make_run(tmp_path / "run", [0.5, 0.2, 0.4])
-    path = zoo.publish(run, "tiny")
+    path = publish(run, "tiny")
     assert path == zoo_root / "tiny" / "checkpoints" / "30"
     assert (path / "state").is_dir()
     # Only the chosen step is copied.
@@ -68,33 +69,33 @@ def test_publish_latest_by_default(tmp_path, zoo_root):
 @pytest.mark.parametrize("step, expected", [("best", 20), (10, 10), ("latest", 30)])
 def test_publish_selects_step(tmp_path, zoo_root, step, expected):
     run = _make_run(tmp_path / "run", [0.5, 0.2, 0.4])
-    assert zoo.publish(run, "tiny", step=step).name == str(expected)
+    assert publish(run, "tiny", step=step).name == str(expected)
 
 
 def test_publish_best_with_max_mode_override(tmp_path, zoo_root):
     run = _make_run(tmp_path / "run", [0.5, 0.2, 0.4])
-    assert zoo.publish(run, "tiny", step="best", best_mode="max").name == "10"
+    assert publish(run, "tiny", step="best", best_mode="max").name == "10"
 
 
 def test_publish_a_step_directory(tmp_path, zoo_root):
     run = _make_run(tmp_path / "run", [0.5, 0.2])
-    assert zoo.publish(run / "checkpoints" / "10", "tiny").name == "10"
+    assert publish(run / "checkpoints" / "10", "tiny").name == "10"
 
 
 def test_publish_unknown_step_lists_saved_steps(tmp_path, zoo_root):
     run = _make_run(tmp_path / "run", [0.5, 0.2])
     with pytest.raises(CheckpointNotFoundError, match=r"Step 99 .*\[10, 20\]"):
-        zoo.publish(run, "tiny", step=99)
+        publish(run, "tiny", step=99)
     assert not zoo_root.exists() or not list(zoo_root.iterdir())
 
 
 def test_publish_refuses_to_overwrite_unless_asked(tmp_path, zoo_root):
     run = _make_run(tmp_path / "run", [0.5, 0.2, 0.4])
-    zoo.publish(run, "tiny", step=10)
+    publish(run, "tiny", step=10)
     with pytest.raises(FileExistsError, match="tiny.*overwrite"):
-        zoo.publish(run, "tiny")
+        publish(run, "tiny")
     assert zoo.resolve("zoo:tiny").name == "10"
-    zoo.publish(run, "tiny", overwrite=True)
+    publish(run, "tiny", overwrite=True)
     assert zoo.resolve("zoo:tiny").name == "30"
     # Staging and replaced copies are gone; only the entry remains.
     assert [p.name for p in zoo_root.iterdir()] == ["tiny"]
@@ -104,14 +105,14 @@ def test_publish_refuses_to_overwrite_unless_asked(tmp_path, zoo_root):
 def test_invalid_names_are_rejected(tmp_path, zoo_root, name):
     run = _make_run(tmp_path / "run", [0.5])
     with pytest.raises(ValueError, match="not valid"):
-        zoo.publish(run, name)
+        publish(run, name)
 
 
 def test_list_entries_and_resolve(tmp_path, zoo_root):
     assert zoo.list_entries() == []
     run = _make_run(tmp_path / "run", [0.5, 0.2])
-    zoo.publish(run, "b-model", step=10)
-    zoo.publish(run, "a-model")
+    publish(run, "b-model", step=10)
+    publish(run, "a-model")
     (zoo_root / "not-an-entry").mkdir()
     entries = zoo.list_entries()
     assert [(e["name"], e["step"]) for e in entries] == [("a-model", 20), ("b-model", 10)]
@@ -124,14 +125,14 @@ def test_list_entries_and_resolve(tmp_path, zoo_root):
 def test_resolve_unknown_name_lists_available(tmp_path, zoo_root):
     with pytest.raises(zoo.ZooEntryNotFoundError, match="none"):
         zoo.resolve("zoo:nope")
-    zoo.publish(_make_run(tmp_path / "run", [0.5]), "tiny")
+    publish(_make_run(tmp_path / "run", [0.5]), "tiny")
     with pytest.raises(zoo.ZooEntryNotFoundError, match=r"'nope'.*Available: tiny"):
         zoo.resolve("zoo:nope")
 
 
 def test_entry_is_self_contained(tmp_path, zoo_root):
     run = _make_run(tmp_path / "run", [0.5, 0.2])
-    zoo.publish(run, "tiny", step="best")
+    publish(run, "tiny", step="best")
     shutil.rmtree(run)
     step_dir = zoo.resolve("zoo:tiny")
     manager = CheckpointManager(step_dir.parent, read_only=True)
@@ -141,4 +142,4 @@ def test_entry_is_self_contained(tmp_path, zoo_root):
     assert manager.restore_extra()["config"]["task"] == "tests.tiny"
     manager.close()
     # An entry can itself be published again under another name.
-    assert zoo.publish("zoo:tiny", "tiny-copy").name == "20"
+    assert publish("zoo:tiny", "tiny-copy").name == "20"

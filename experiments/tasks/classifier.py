@@ -9,7 +9,7 @@ of the step alone.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import grain
@@ -49,7 +49,7 @@ class ClassifierTask:
             class_names: Sequence[str],
             input_key: str,
             example_input: np.ndarray,
-            splits: Mapping[str, Split],
+            splits: Mapping[str, Split] | Callable[[], Mapping[str, Split]],
             transform: data.Transform,
             artifacts: Mapping[str, Any] | None = None,
             read_options: grain.ReadOptions | None = None,
@@ -61,7 +61,9 @@ class ClassifierTask:
             class_names: class names in logit order.
             input_key: the batch key holding the model input (e.g. `"image"`, `"tokens"`).
             example_input: an input of batch size 1, used only for its shape and dtype at init.
-            splits: `"train"`, `"val"` and `"test"` records.
+            splits: `"train"`, `"val"` and `"test"` records, or a function returning them, called
+                when data is first needed (so building the task for `plan`, which only
+                initialises params, prepares no dataset).
             transform: turns one record into `{input_key: ..., "label": ...}` numpy features.
             artifacts: JSON-able data the run must keep (e.g. a vocabulary); None for none.
             read_options: grain read threads and prefetch for training; None for the default.
@@ -69,19 +71,26 @@ class ClassifierTask:
         Raises:
             ValueError: if a split among train/val/test is missing.
         """
-        missing = {"train", "val", "test"} - set(splits)
-        if missing:
-            raise ValueError(f"ClassifierTask needs splits train, val and test; missing {sorted(missing)}.")
+        self._make_splits = splits if callable(splits) else None
+        self._splits = None if callable(splits) else self._checked_splits(splits)
         self.class_names = tuple(class_names)
         self.model = model
         self.input_key = input_key
         self._example_input = example_input
-        self._splits = dict(splits)
         self._transform = transform
         self._artifacts = dict(artifacts or {})
         self._read_options = read_options
 
+    @staticmethod
+    def _checked_splits(splits: Mapping[str, Split]) -> dict[str, Split]:
+        missing = {"train", "val", "test"} - set(splits)
+        if missing:
+            raise ValueError(f"ClassifierTask needs splits train, val and test; missing {sorted(missing)}.")
+        return dict(splits)
+
     def _split(self, split: str) -> Split:
+        if self._splits is None:
+            self._splits = self._checked_splits(self._make_splits())
         if split not in self._splits:
             raise ConfigError(f"Unknown split {split!r}; this task has {sorted(self._splits)}.")
         return self._splits[split]

@@ -4,7 +4,7 @@ The top-level parameter names are the contract that grafting relies on: `encoder
 input-specific layers (for text, the embedding too), `fusion` the shared MLP whose widths
 `config.model.fusion_dims` sets, and `head` the final Dense over the classes. Changing the fusion
 widths changes only `fusion` and `head`'s input size; changing the number of classes changes only
-`head`, so a pretrained `encoder` always grafts (`mapping="encoder:encoder"`).
+`head`, so a pretrained `encoder` always grafts (`mapping={"encoder": "encoder"}`; `checkpoint.mapping=encoder:encoder` in a config).
 """
 
 from __future__ import annotations

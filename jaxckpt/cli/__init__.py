@@ -1,5 +1,32 @@
 """The `python -m jaxckpt` command line: inspect, plan, export, zoo."""
 
-from jaxckpt.cli.commands import config_error, main
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from jaxckpt.errors import MissingDependencyError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs `python -m jaxckpt ...` (see `jaxckpt.cli.commands.main`); without the `runner` extra, says so in one line.
+
+    Returns:
+        The exit code: 2 when the extra is missing.
+    """
+    try:
+        from jaxckpt.cli import commands
+    except MissingDependencyError as e:
+        print(f"jaxckpt: error: {e}", file=sys.stderr)
+        return 2
+    return commands.main(argv)
+
+
+def config_error(error: BaseException, argv: Sequence[str]) -> str:
+    """`jaxckpt.cli.commands.config_error`: one line saying what is wrong with a `--config` command line."""
+    from jaxckpt.cli import commands
+
+    return commands.config_error(error, argv)
+
 
 __all__ = ("config_error", "main")

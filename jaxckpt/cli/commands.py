@@ -5,13 +5,17 @@
     python -m jaxckpt plan runs/digits --config experiments/configs/digits.py \
         --config.data.target=parity --config.checkpoint.skip=head --config.optimizer.freeze=encoder
     python -m jaxckpt export runs/digits /tmp/digits.safetensors --best   # params, PyTorch names
+    python -m jaxckpt export runs/vit --format hf /tmp/vit_hf/   # config.json + model.safetensors
+    python -m jaxckpt inspect hf:tests/fixtures/hf/gpt2_lm_head   # an HF folder, as Flax sees it
     python -m jaxckpt zoo publish runs/digits digits-mlp --best
     python -m jaxckpt zoo list
 
 Everything here except `export` reads metadata only: no array is loaded and no run or zoo entry is
 written (except by `zoo publish`); `plan` builds the config's task (which may prepare its dataset)
 but only evaluates the shapes of its params. `export` reads the params of one step (never the
-optimizer state) and writes them to a safetensors file. `inspect` and `plan` say which params a
+optimizer state) and writes them to a safetensors file, or with `--format hf` to an HF folder
+(`config.json` from the run's `hf_config` artifact or `--hf-config`, and `model.safetensors`).
+`inspect hf:DIR` and `plan hf:DIR` read an HF folder's `config.json` and file headers only. `inspect` and `plan` say which params a
 run's `optimizer.freeze` / `optimizer.lr_multipliers` freeze or scale.
 
 Exit codes: 0 success; 2 a user error (a bad path, an unknown zoo name or config key, a rule
@@ -28,10 +32,13 @@ import re
 import sys
 from typing import Any, Sequence
 
+from jaxckpt import config_strings
 from jaxckpt.cli import tables as cli_tables
 from jaxckpt.cli.exits import USER_ERROR_EXIT_CODE, quiet_late_loop_callbacks
 from jaxckpt.errors import CheckpointCorruptError, UserError, is_user_error
-from jaxckpt.runner.workdir import flat_config
+from jaxckpt.runner.config_diff import flat_config
+from jaxckpt.runner.publish import publish
+from jaxckpt.runner.rundir import best_rule
 from jaxckpt.weights import zoo
 
 # Config fields worth a line in `inspect`; absent ones are left out (model.* is shown whole).
@@ -39,7 +46,7 @@ _CONFIG_SUMMARY = (
         "task", "run_type", "seed", "data.target", "train.num_steps", "train.batch_size", "optimizer.name",
         "optimizer.learning_rate", "optimizer.schedule", "optimizer.freeze", "optimizer.lr_multipliers",
         "early_stop.criteria", "checkpoint.pretrained", "checkpoint.mapping", "checkpoint.skip",
-        "checkpoint.adapters", "checkpoint.rename",
+        "checkpoint.adapters", "checkpoint.rename", "checkpoint.structure",
 )
 
 
@@ -68,12 +75,19 @@ def _saved_config(path: pathlib.Path) -> tuple[pathlib.Path, int | None, dict[st
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from jaxckpt.weights.hf import is_hf
+
+    if is_hf(args.path):
+        from jaxckpt.cli.hf_cli import inspect_hf
+
+        print(inspect_hf(args.path))
+        return 0
     # Imported per command: `zoo list` should not pay for Orbax and JAX start-up.
     from jaxckpt.checkpoint.manager import CheckpointManager
     from jaxckpt.checkpoint.stepdir import INFO_ITEM, read_json_item, read_state_metadata
 
     checkpoint_dir, named_step, config = _saved_config(zoo.resolve(args.path))
-    best_metric, best_mode = zoo.best_rule(config)
+    best_metric, best_mode = best_rule(config)
     manager = CheckpointManager(checkpoint_dir, read_only=True, best_metric=best_metric, best_mode=best_mode)
     try:
         steps = manager.all_steps()
@@ -213,29 +227,27 @@ def _load_config(config_args: Sequence[str]) -> Any:
     return config
 
 
-def _split(spec: Any) -> tuple[str, ...]:
-    """`"a,b"` -> `("a", "b")`, as the loop reads `checkpoint.skip`."""
-    if isinstance(spec, str):
-        return tuple(p.strip() for p in spec.split(",") if p.strip())
-    return tuple(spec or ())
-
-
-def _source_metadata(source: str, ck: Any) -> tuple[dict[str, Any], str]:
-    """The source's leaves as abstract or lazy values (nothing is read), and a description."""
+def _source_metadata(source: str, rename: Any) -> tuple[dict[str, Any], str, tuple[Any, ...]]:
+    """The source's leaves as abstract or lazy values (nothing is read), a description, and the
+    structural rules the source needs (an HF folder's fused tensors)."""
     from jaxckpt.checkpoint.stepdir import read_state_metadata
+    from jaxckpt.weights import hf
     from jaxckpt.weights.foreign import is_foreign, read_foreign
     from jaxckpt.weights.pretrained import PARAMS_KEY, resolve_step_dir
 
+    if hf.is_hf(source):
+        opened = hf.open_hf(source)
+        described = f"HF folder {opened.folder} ({opened.family}, {', '.join(opened.files)})"
+        return opened.leaves, described, opened.structure
     if is_foreign(source):
-        rename = getattr(ck, "rename", "") or None
-        return read_foreign(source, rename=rename), f"weights file {source}"
+        return read_foreign(source, rename=rename), f"weights file {source}", ()
     step_dir = resolve_step_dir(zoo.resolve(source))
     saved = read_state_metadata(step_dir)
     # A jaxckpt step holds the whole train state; its params are what pretrained loading grafts.
     prefix = PARAMS_KEY + "/"
     if any(p.startswith(prefix) for p in saved):
         saved = {p[len(prefix):]: v for p, v in saved.items() if p.startswith(prefix)}
-    return saved, f"step directory {step_dir}"
+    return saved, f"step directory {step_dir}", ()
 
 
 def _plan(args: argparse.Namespace, config_args: Sequence[str]) -> int:
@@ -254,21 +266,24 @@ def _plan(args: argparse.Namespace, config_args: Sequence[str]) -> int:
     ck = config.checkpoint
     source = args.source or ck.pretrained
     if not source:
-        raise UserError("plan needs a SOURCE (run dir, step dir, zoo:NAME, .safetensors or .pt), "
+        raise UserError("plan needs a SOURCE (run dir, step dir, zoo:NAME, .safetensors, .pt or hf:DIR), "
                         "or --config.checkpoint.pretrained=SOURCE.")
-    source_leaves, described = _source_metadata(str(source), ck)
+    from jaxckpt.grafting.structure import parse_structure
+
+    options = config_strings.checkpoint_options(ck)
+    source_leaves, described, structure = _source_metadata(str(source), options.pop("rename"))
+    structure += parse_structure(getattr(ck, "structure", ""))
     task = load_task(config)
     # The same abstract params the loop builds: shapes only, nothing is computed.
     target = jax.eval_shape(task.init_params, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
-    options = dict(mapping=ck.mapping or None, skip=_split(ck.skip), adapters=ck.adapters or None)
-    report = plan_graft(source_leaves, target, **options)
+    report = plan_graft(source_leaves, target, structure=structure, **options)
     freeze, multipliers = cli_tables.training_spec(config.get("optimizer"))
     labels = cli_tables.describe_training(target, freeze, multipliers) if freeze or multipliers else {}
 
     print(f"plan: graft {described}\n      into the params of {config.task}")
     print(f"      mapping={ck.mapping or 'whole tree'} skip={ck.skip or 'none'} "
           f"adapters={ck.adapters or 'none'} strict={ck.strict}")
-    print(report)
+    print(report.format(every_leaf=True))
     if labels:
         print("\n" + cli_tables.training_table(report, target, labels, freeze, multipliers))
     if report.ok:
@@ -298,13 +313,17 @@ def _export(args: argparse.Namespace) -> int:
     from jaxckpt.weights.foreign import SAFETENSORS_SUFFIXES, write_safetensors
     from jaxckpt.weights.pretrained import PARAMS_KEY, load_params, resolve_step_dir
 
-    if not args.out.endswith(SAFETENSORS_SUFFIXES):
-        raise UserError(f"OUT={args.out!r} must end in .safetensors (e.g. model.safetensors).")
+    if args.format == "hf" and args.out.endswith(SAFETENSORS_SUFFIXES):
+        raise UserError(f"--format hf writes a folder (config.json + model.safetensors); OUT={args.out!r} "
+                        "names a file. Pass a folder, e.g. runs/export/bert_hf/.")
+    if args.format == "safetensors" and not args.out.endswith(SAFETENSORS_SUFFIXES):
+        raise UserError(f"OUT={args.out!r} must end in .safetensors (e.g. model.safetensors), or pass "
+                        "--format hf to write an HF folder.")
     path = zoo.resolve(args.source)
     best_metric, best_mode = None, "min"
     if args.best:
         _, _, config = _saved_config(path)
-        best_metric, best_mode = zoo.best_rule(config)
+        best_metric, best_mode = best_rule(config)
         if best_metric is None:
             raise UserError(f"--best: {args.source} has no early_stop.criteria in its config to rank steps; "
                             "pass --step N instead.")
@@ -315,6 +334,11 @@ def _export(args: argparse.Namespace) -> int:
     abstract = unflatten_dict({p[len(prefix):]: leaf for p, leaf in saved.items() if p.startswith(prefix)})
     # A strict graft onto the step's own shapes: Orbax reads the params and nothing else.
     params, _ = load_params(step_dir, abstract)
+    if args.format == "hf":
+        from jaxckpt.cli.hf_cli import export_step
+
+        print(export_step(params, step_dir, args.out, args.hf_config, args.source))
+        return 0
     names = write_safetensors(params, args.out, layout=args.layout)
     leaves = flatten(params)
     nbytes = sum(leaf.nbytes for leaf in leaves.values())
@@ -331,7 +355,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _zoo_publish(args: argparse.Namespace) -> int:
     step = "best" if args.best else args.step
-    path = zoo.publish(args.workdir, args.name, step=step, overwrite=args.overwrite)
+    path = publish(args.workdir, args.name, step=step, overwrite=args.overwrite)
     print(f"published zoo:{args.name} (step {path.name} of {args.workdir}) at {path.parent.parent}")
     return 0
 
@@ -354,7 +378,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect = commands.add_parser("inspect", help="steps, metrics, config and param table of a checkpoint")
-    inspect.add_argument("path", help="run dir, checkpoints dir, step dir, or zoo:NAME")
+    inspect.add_argument("path", help="run dir, checkpoints dir, step dir, zoo:NAME, or hf:DIR")
     inspect.add_argument("--step", type=_parse_step, default=None,
                          help="step whose state table to show: N, latest or best (default: latest)")
     inspect.add_argument("--all", action="store_true", help="list every state leaf, not only params")
@@ -366,17 +390,25 @@ def _parser() -> argparse.ArgumentParser:
             "config.checkpoint.mapping/skip/adapters/strict, reading no array. Other arguments are "
             "config overrides: --config.KEY=VALUE.")
     plan.add_argument("source", nargs="?", default=None,
-                      help="run dir, step dir, zoo:NAME, .safetensors or .pt (default: checkpoint.pretrained)")
+                      help="run dir, step dir, zoo:NAME, .safetensors, .pt or hf:DIR "
+                      "(default: checkpoint.pretrained)")
     plan.add_argument("--config", required=True, metavar="FILE",
                       help="experiment config file with get_config(); override fields with --config.KEY=VALUE")
 
     export = commands.add_parser(
-            "export", help="write one step's params to a .safetensors file (PyTorch names and layout)",
+            "export", help="write one step's params to a .safetensors file (PyTorch names and layout) or, with "
+            "--format hf, an HF folder",
             description="Reads only the params of one step (not the optimizer state) and writes them to "
             "OUT. With --layout torch, Dense/Conv kernels are written as PyTorch 'weight's in (out, in) / "
             "OIHW layout; --config.checkpoint.pretrained=OUT reads them back into the same model.")
     export.add_argument("source", help="run dir, checkpoints dir, step dir, or zoo:NAME")
-    export.add_argument("out", help="the file to write, ending in .safetensors (replaced if it exists)")
+    export.add_argument("out", help="the file to write, ending in .safetensors (replaced if it exists); "
+                        "with --format hf, the folder to write")
+    export.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
+                        help="safetensors: one file (default); hf: a Hugging Face folder, config.json + "
+                        "model.safetensors, that transformers' from_pretrained loads")
+    export.add_argument("--hf-config", default=None, metavar="FILE",
+                        help="--format hf: the model's HF config.json (default: the run's hf_config artifact)")
     export.add_argument("--layout", choices=("torch", "flax"), default="torch",
                         help="torch: PyTorch names and layout (default); flax: names and arrays as they are")
     step = export.add_mutually_exclusive_group()

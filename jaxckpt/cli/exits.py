@@ -75,8 +75,8 @@ def run_or_exit(config: Any, workdir: Any) -> int:
     Example:
       >>> sys.exit(run_or_exit(config, "runs/digits"))  # doctest: +SKIP
     """
+    from jaxckpt.runner.logs import setup_logging
     from jaxckpt.runner.loop import run
-    from jaxckpt.runner.workdir import setup_logging
 
     setup_logging()
     return exit_code_of(run, config, workdir)

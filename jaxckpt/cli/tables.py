@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
+from jaxckpt import config_strings
 from jaxckpt.errors import UserError
-from jaxckpt.runner.metrics import format_metrics
+from jaxckpt.runner.writers import format_metrics
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str], right: Sequence[int] = ()) -> str:
@@ -43,7 +44,8 @@ def describe_training(params: Any, freeze: Any, multipliers: Any) -> dict[str, s
     from jaxckpt.train.optim import describe_trainable
 
     try:
-        return describe_trainable(params, freeze or None, multipliers or None)
+        return describe_trainable(params, config_strings.parse_patterns(freeze or None),
+                                  config_strings.parse_lr_multipliers(multipliers or None))
     except ValueError as e:
         raise UserError(f"optimizer.freeze={freeze!r} / optimizer.lr_multipliers={multipliers!r}: {e}") from e
 

@@ -7,6 +7,9 @@ fresh) unless an adapter rule names it. Then:
   fresh init;
 * `"interpolate"` resamples linearly along the axes whose size differs;
 * `fn(source_array, target_leaf)` returns the new leaf, at the target shape.
+
+Structural adapters, which change the tree's structure rather than a leaf's shape, are in
+`jaxckpt.grafting.structure`.
 """
 
 from typing import Any, Callable, Mapping
@@ -21,40 +24,34 @@ Adapter = str | Callable[[Any, Any], Any]
 _ADAPTER_NAMES = ("resize", "interpolate")
 
 
-def parse_adapters(
-    adapters: str | Mapping[str, Adapter] | None,
+def normalize_adapters(
+    adapters: Mapping[str, Adapter] | None,
 ) -> tuple[tuple[str, Adapter], ...]:
     """Normalises adapter rules to `((regex, adapter), ...)`.
 
     Args:
-        adapters: None, `{regex: adapter}`, or `"regex:resize,regex2:interpolate"`
-            (use the dict form for regexes containing ',').
+        adapters: None or `{regex: adapter}`. (A config's `"regex:resize,..."` string is parsed
+            by `jaxckpt.config_strings.parse_adapters`.)
 
     Returns:
         The rules in order.
 
     Raises:
-        ValueError: for a malformed rule or an unknown adapter name.
+        TypeError: if `adapters` is a string or not a dict.
+        ValueError: for an unknown adapter name.
 
     Example:
-        >>> parse_adapters("head:resize")
+        >>> normalize_adapters({"head": "resize"})
         (('head', 'resize'),)
     """
-    if adapters is None or (isinstance(adapters, str) and not adapters.strip()):
+    if adapters is None:
         return ()
-    if isinstance(adapters, str):
-        rules = []
-        for rule in adapters.split(","):
-            pattern, sep, name = rule.rpartition(":")
-            if not sep or not pattern.strip():
-                raise ValueError(f"Adapter rule {rule.strip()!r} must be"
-                                 " 'regex:resize' or 'regex:interpolate'.")
-            rules.append((pattern.strip(), name.strip()))
-    elif isinstance(adapters, Mapping):
-        rules = list(adapters.items())
-    else:
-        raise ValueError("adapters must be None, a dict {regex: adapter} or"
-                         f" 'regex:adapter,...'; got {type(adapters).__name__}.")
+    if not isinstance(adapters, Mapping):
+        hint = (" (the 'regex:adapter,...' form is for configs and command lines: parse it with"
+                " jaxckpt.config_strings.parse_adapters)") if isinstance(adapters, str) else ""
+        raise TypeError(f"adapters must be None or a dict {{regex: adapter}}, e.g. {{'head/.*': 'resize'}};"
+                        f" got {adapters!r}{hint}.")
+    rules = list(adapters.items())
     for pattern, adapter in rules:
         if not callable(adapter) and adapter not in _ADAPTER_NAMES:
             raise ValueError(f"Adapter {adapter!r} for {pattern!r} is unknown; use"
@@ -72,7 +69,6 @@ def adapter_name(adapter: Adapter) -> str:
     """
     return adapter if isinstance(adapter, str) else getattr(
         adapter, "__name__", repr(adapter))
-
 
 
 def adapt(adapter: Adapter, value: Any, target_leaf: Any, shape: tuple[int, ...],
@@ -123,4 +119,3 @@ def adapt(adapter: Adapter, value: Any, target_leaf: Any, shape: tuple[int, ...]
             f" {path!r}, whose target shape is {shape}. It must return the target"
             " shape.")
     return out
-

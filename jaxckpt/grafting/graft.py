@@ -27,6 +27,10 @@ called once while planning). A source leaf is read only when it is `loaded` or
 abstract trees returns the plan (`plan()` returns just the report and never
 reads anything).
 
+Structural rules (`structure=[Split(...), Fuse(...), Stack(...), Unstack(...)]`, see
+`jaxckpt.grafting.structure`) reshape the source's tree first: the leaves they make are read only
+when loaded, and the report gives each the rule that made it (`GraftEntry.rule`).
+
 Results keep the target's dtype and, for `jax.Array` targets, its sharding.
 """
 
@@ -38,10 +42,11 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-# Adapter, GraftEntry and parse_adapters are also imported from here by callers.
-from jaxckpt.grafting.adapters import Adapter, adapt, adapter_name, parse_adapters
-from jaxckpt.grafting.mapping import dead_rules, parse_mapping, source_paths, strip_prefix, unused_sources
+# Adapter and GraftEntry are also imported from here by callers.
+from jaxckpt.grafting.adapters import Adapter, adapt, adapter_name, normalize_adapters
+from jaxckpt.grafting.mapping import dead_rules, normalize_mapping, source_paths, strip_prefix, unused_sources
 from jaxckpt.grafting.report import GraftEntry, GraftReport
+from jaxckpt.grafting.structure import Derived, StructureRule, restructure
 from jaxckpt.tree import pathmatch, treepath
 from jaxckpt.types import PyTree
 
@@ -150,10 +155,13 @@ def _index_of(paths: Sequence[str]) -> Callable[[str], int | None]:
     return find
 
 
-def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
-    rules = parse_mapping(mapping)
-    adapter_rules = parse_adapters(adapters)
+def _make_plan(source, target, mapping, skip, adapters, structure=()) -> _Plan:
+    rules = normalize_mapping(mapping)
+    adapter_rules = normalize_adapters(adapters)
     src_paths, src_leaves = _source_leaves(source)
+    if structure:
+        flat = restructure(dict(zip(src_paths, src_leaves)), structure)
+        src_paths, src_leaves = list(flat), list(flat.values())
     tgt_paths, tgt_leaves, treedef = treepath.flatten_with_treedef(target)
 
     # Called once: a bare callable's shape is only known from its value.
@@ -211,8 +219,9 @@ def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
         src_shape, src_dtype = src_info[j]
         src_dtype_name = _dtype_name(src_dtype)
         # _make: tuple.__new__ itself, half the cost of GraftEntry's own __new__.
+        made_by = src_leaves[j].rule if type(src_leaves[j]) is Derived else None
         entry = GraftEntry._make((path, src_path, src_shape, tgt_shape,
-                                  src_dtype_name, tgt_dtype_name, None))
+                                  src_dtype_name, tgt_dtype_name, made_by))
         if src_shape == tgt_shape:
             loaded.append(entry)
             fill_from[i] = j
@@ -228,7 +237,9 @@ def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
                     f" {src_path!r} {src_shape} onto {path!r} {tgt_shape}: the number of"
                     " axes differs. Pass a callable adapter that reshapes it, or skip"
                     " the path.")
-            buckets["adapted"].append(entry._replace(rule=adapter_name(adapter)))
+            name = adapter_name(adapter)
+            buckets["adapted"].append(entry._replace(
+                rule=name if made_by is None else f"{made_by}, then {name}"))
             fill_from[i] = j
             adapters_at[i] = adapter
         if src_dtype != tgt_dtype:
@@ -249,13 +260,13 @@ def _make_plan(source, target, mapping, skip, adapters) -> _Plan:
 # Paused around whole functions, so that their per-leaf working lists are gone
 # by the time the GC resumes and walks what the call allocated.
 @_gc_paused()
-def _planned_report(source, target, mapping, skip, adapters) -> GraftReport:
-    return _make_plan(source, target, mapping, skip, adapters).report
+def _planned_report(source, target, mapping, skip, adapters, structure) -> GraftReport:
+    return _make_plan(source, target, mapping, skip, adapters, structure).report
 
 
 @_gc_paused()
-def _planned_graft(source, target, mapping, skip, adapters, strict):
-    planned = _make_plan(source, target, mapping, skip, adapters)
+def _planned_graft(source, target, mapping, skip, adapters, strict, structure):
+    planned = _make_plan(source, target, mapping, skip, adapters, structure)
     if strict:
         planned.report.check()
     return planned.treedef.unflatten(_filled_leaves(planned)), planned.report
@@ -265,9 +276,10 @@ def plan(
     source: PyTree,
     target: PyTree,
     *,
-    mapping: str | Mapping[str, str] | None = None,
+    mapping: Mapping[str, str] | None = None,
     skip: Sequence[str] = (),
-    adapters: str | Mapping[str, Adapter] | None = None,
+    adapters: Mapping[str, Adapter] | None = None,
+    structure: Sequence[StructureRule] = (),
 ) -> GraftReport:
     """The report `graft` would give, without reading any array.
 
@@ -275,13 +287,14 @@ def plan(
     `report.check()`); bare callables in `source` are called to learn shapes.
 
     Args:
-        source, target, mapping, skip, adapters: as for `graft`.
+        source, target, mapping, skip, adapters, structure: as for `graft`.
 
     Returns:
         The complete `GraftReport`.
 
     Raises:
         ValueError: for malformed rules or rules that match nothing.
+        TypeError: for a string where rules are expected (as for `graft`).
 
     Example:
         >>> sds = jax.ShapeDtypeStruct
@@ -289,7 +302,10 @@ def plan(
         ...      ).counts["mismatched"]
         1
     """
-    return _planned_report(source, target, mapping, tuple(skip), adapters)
+    if isinstance(skip, str):
+        raise TypeError(f"skip must be a sequence of regexes; got the string"
+                        f" {skip!r}. Wrap it in a list.")
+    return _planned_report(source, target, mapping, tuple(skip), adapters, tuple(structure))
 
 
 def _read(leaf: Any) -> Any:
@@ -309,6 +325,11 @@ def _place(value: Any, target_leaf: Any, dtype: np.dtype) -> Any:
             value = value.astype(dtype)
         return jax.device_put(value, target_leaf.sharding)
     return np.asarray(value, dtype=dtype)
+
+
+def _is_abstract(leaf: Any) -> bool:
+    """A leaf with a shape but no value: a ShapeDtypeStruct, or one derived from one."""
+    return isinstance(leaf, jax.ShapeDtypeStruct) or (type(leaf) is Derived and leaf.abstract)
 
 
 def _filled_leaves(planned: _Plan) -> list[Any]:
@@ -332,7 +353,7 @@ def _filled_leaves(planned: _Plan) -> list[Any]:
             to_read.append((i, j))
     abstract_reads = [
         planned.target_paths[i] for i, j in to_read
-        if isinstance(planned.source_leaves[j], jax.ShapeDtypeStruct)
+        if _is_abstract(planned.source_leaves[j])
         and not isinstance(leaves[i], jax.ShapeDtypeStruct)]
     if abstract_reads:
         raise TypeError(
@@ -358,10 +379,11 @@ def graft(
     source: PyTree,
     target: PyTree,
     *,
-    mapping: str | Mapping[str, str] | None = None,
+    mapping: Mapping[str, str] | None = None,
     skip: Sequence[str] = (),
     strict: bool = True,
-    adapters: str | Mapping[str, Adapter] | None = None,
+    adapters: Mapping[str, Adapter] | None = None,
+    structure: Sequence[StructureRule] = (),
 ) -> tuple[PyTree, GraftReport]:
     """Fills `target` with `source` leaves where paths and shapes agree.
 
@@ -369,18 +391,21 @@ def graft(
         source: pytree (or flat `{"a/b": leaf}` dict) of arrays, lazy readers,
             callables or `jax.ShapeDtypeStruct`s.
         target: the freshly initialised pytree (arrays or `ShapeDtypeStruct`s).
-        mapping: None for the whole tree onto itself, or source prefix -> target
-            prefix as a dict or `"src:dst,src2:dst2"`. Only target leaves under a
+        mapping: None for the whole tree onto itself, or a dict of source prefix ->
+            target prefix (`{"bert": "encoder"}`). Only target leaves under a
             destination are candidates (the rest are `untouched`); only source leaves
             under a source prefix are in scope.
         skip: regexes of target paths to keep fresh (each names a path or subtree).
         strict: raise if anything is missing, mismatched or unused; otherwise keep
             those target leaves fresh and only report them.
-        adapters: `{regex: "resize" | "interpolate" | fn}` or
-            `"regex:resize,..."`: shape-mismatched target leaves a rule names are
+        adapters: `{regex: "resize" | "interpolate" | fn}`: shape-mismatched target leaves a rule names are
             adapted on purpose. `resize` copies the overlapping block (the rest keeps
             the fresh init); `interpolate` resamples linearly along the axes whose
             size differs; `fn(source_array, target_leaf)` returns the new leaf.
+        structure: structural rules applied to the source before paths are matched, in order:
+            `Split`, `Fuse`, `Stack`, `Unstack` (`jaxckpt.grafting.structure`). A leaf one of them
+            makes is reported with the rule (`GraftEntry.rule`); a rule matching nothing is an
+            error.
 
     Returns:
         `(tree, report)`: `tree` has the target's structure, dtypes and shardings;
@@ -390,7 +415,9 @@ def graft(
         ValueError: in strict mode, one error listing every missing, mismatched
             and unused path with shapes; always, for rules that match nothing or are
             malformed.
-        TypeError: if a concrete target leaf would be filled from an abstract one.
+        TypeError: if a concrete target leaf would be filled from an abstract one,
+            or for a string where rules are expected (parse config strings with
+            `jaxckpt.config_strings`).
 
     Example:
         >>> pretrained = {"encoder": {"w": np.ones((2, 2))}, "head": np.ones(3)}
@@ -402,4 +429,5 @@ def graft(
     if isinstance(skip, str):
         raise TypeError(f"skip must be a sequence of regexes; got the string"
                         f" {skip!r}. Wrap it in a list.")
-    return _planned_graft(source, target, mapping, tuple(skip), adapters, strict)
+    return _planned_graft(source, target, mapping, tuple(skip), adapters, strict,
+                          tuple(structure))

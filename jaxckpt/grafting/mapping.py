@@ -15,48 +15,40 @@ def strip_prefix(prefix: str) -> str:
     return prefix.strip().strip(treepath.SEP)
 
 
-def parse_mapping(
-    mapping: str | Mapping[str, str] | None,
+def normalize_mapping(
+    mapping: Mapping[str, str] | None,
 ) -> tuple[tuple[str, str], ...] | None:
     """Normalises a mapping to `((source_prefix, target_prefix), ...)`.
 
     Args:
-        mapping: None (the whole tree onto itself), a dict of source prefix to
-            target prefix, or `"src:dst,src2:dst2"`. An empty side is the root; an
-            empty or blank string means None.
+        mapping: None (the whole tree onto itself) or a dict of source prefix to target prefix;
+            an empty prefix is the root. (A config's `"src:dst,..."` string is parsed by
+            `jaxckpt.config_strings.parse_mapping`.)
 
     Returns:
         The pairs, or None for the whole tree onto itself.
 
     Raises:
-        ValueError: for a malformed rule, or two rules sharing a source or a
-            destination prefix.
+        TypeError: if `mapping` is a string or not a dict of strings.
+        ValueError: if two rules share a source or a destination prefix.
 
     Example:
-        >>> parse_mapping("bert:encoder, cls/head:head")
+        >>> normalize_mapping({"bert/": "encoder", "cls/head": "head"})
         (('bert', 'encoder'), ('cls/head', 'head'))
     """
-    if mapping is None or (isinstance(mapping, str) and not mapping.strip()):
+    if mapping is None:
         return None
-    if isinstance(mapping, str):
-        pairs = []
-        for rule in mapping.split(","):
-            if rule.count(":") != 1:
-                raise ValueError(
-                    f"Mapping rule {rule.strip()!r} in {mapping!r} must be"
-                    " 'source_prefix:target_prefix' (one ':'); separate rules with ','.")
-            src, dst = rule.split(":")
-            pairs.append((strip_prefix(src), strip_prefix(dst)))
-    elif isinstance(mapping, Mapping):
-        pairs = []
-        for src, dst in mapping.items():
-            if not isinstance(src, str) or not isinstance(dst, str):
-                raise ValueError(f"Mapping rule {src!r}: {dst!r} must map a path prefix"
-                                 " string to a path prefix string.")
-            pairs.append((strip_prefix(src), strip_prefix(dst)))
-    else:
-        raise ValueError(f"mapping must be None, a dict or 'src:dst,...'; got"
-                         f" {type(mapping).__name__}.")
+    if not isinstance(mapping, Mapping):
+        hint = (" (the 'src:dst,...' form is for configs and command lines: parse it with"
+                " jaxckpt.config_strings.parse_mapping)") if isinstance(mapping, str) else ""
+        raise TypeError(f"mapping must be None or a dict {{source_prefix: target_prefix}}, e.g."
+                        f" {{'encoder': 'backbone'}}; got {mapping!r}{hint}.")
+    pairs = []
+    for src, dst in mapping.items():
+        if not isinstance(src, str) or not isinstance(dst, str):
+            raise TypeError(f"Mapping rule {src!r}: {dst!r} must map a path prefix"
+                            " string to a path prefix string.")
+        pairs.append((strip_prefix(src), strip_prefix(dst)))
     for side, name in ((0, "source"), (1, "target")):
         prefixes = [pair[side] for pair in pairs]
         dupes = sorted({p for p in prefixes if prefixes.count(p) > 1})
@@ -64,7 +56,6 @@ def parse_mapping(
             raise ValueError(f"Mapping {mapping!r} names the {name} prefix(es) {dupes}"
                              " in more than one rule; each may appear once.")
     return tuple(pairs)
-
 
 
 def _top_level(paths: Sequence[str]) -> str:

@@ -20,7 +20,8 @@ class GraftEntry(NamedTuple):
         target_shape: shape of the target leaf, when there is one.
         source_dtype: dtype name of the source leaf.
         target_dtype: dtype name of the target leaf.
-        rule: the skip pattern or adapter name that decided it.
+        rule: the skip pattern or adapter that decided it, or the structural rule that made its
+            source leaf (e.g. `"split 3 on axis 1 of h_0/c_attn/kernel (part 0)"`).
     """
     path: str
     source: str | None = None
@@ -126,7 +127,7 @@ class GraftReport:
             f" mismatched and {c['unused']} unused leaves:\n{self.problems()}\n"
             "To proceed: pass strict=False to keep these target leaves fresh and"
             " get the report; restrict what is grafted with mapping={'src_prefix':"
-            " 'dst_prefix'} (or 'src:dst,...'); keep target leaves fresh with"
+            " 'dst_prefix'}; keep target leaves fresh with"
             " skip=[regex, ...]; or change shapes on purpose with"
             " adapters={regex: 'resize' | 'interpolate' | fn}.")
 
@@ -156,7 +157,19 @@ class GraftReport:
             unused 0      source leaves no target leaf takes
             cast 0        dtype cast while loading
         """
-        rows = self._rows()
+        return self.format()
+
+    def format(self, *, every_leaf: bool = False) -> str:
+        """The table `str(report)` gives; with `every_leaf`, no loaded leaf is cut.
+
+        Args:
+            every_leaf: list every loaded leaf (a plan shows it all); otherwise more than 20 are
+                cut to the first 10 and a count.
+
+        Returns:
+            The aligned table and the bucket counts.
+        """
+        rows = self._rows(every_leaf)
         lines = ["GraftReport"]
         if rows:
             rows.insert(0, ("bucket", "path", "source", "shapes"))
@@ -170,16 +183,19 @@ class GraftReport:
         lines += [f"{count.ljust(width)}  {meaning}" for count, meaning in counts]
         return "\n".join(lines)
 
-    def _rows(self) -> list[tuple[str, str, str, str]]:
+    def _rows(self, every_leaf: bool = False) -> list[tuple[str, str, str, str]]:
         """(bucket, path, source, shapes) per entry, for `__str__`."""
         def source(e: GraftEntry) -> str:
             return e.source if e.source not in (None, e.path) else ""
 
-        shown = self.loaded[:_LOADED_SHOWN] if len(self.loaded) > 2 * _LOADED_SHOWN \
-            else self.loaded
+        # Leaves a structural rule made are always listed: they are the ones worth checking.
+        made = [e for e in self.loaded if e.rule]
+        plain = [e for e in self.loaded if not e.rule]
+        shown = plain[:_LOADED_SHOWN] if len(plain) > 2 * _LOADED_SHOWN and not every_leaf else plain
         rows = [("loaded", e.path, source(e), f"{e.target_shape}") for e in shown]
-        if len(shown) < len(self.loaded):
-            rows.append(("loaded", "...", "", f"and {len(self.loaded) - len(shown)} more"))
+        if len(shown) < len(plain):
+            rows.append(("loaded", "...", "", f"and {len(plain) - len(shown)} more"))
+        rows += [("loaded", e.path, source(e), f"{e.target_shape} by {e.rule}") for e in made]
         rows += [("adapted", e.path, source(e),
                   f"source {e.source_shape} -> target {e.target_shape} by {e.rule}")
                  for e in self.adapted]

@@ -72,12 +72,13 @@ def default_config() -> Any:
     c.checkpoint.resume = True  # continue from this workdir's own checkpoint if it has one
     c.checkpoint.resume_best = False  # use the best rather than the latest checkpoint
     c.checkpoint.resume_file = ""  # run dir, step dir or zoo:NAME: full state to continue from / evaluate
-    c.checkpoint.pretrained = ""  # run dir, step dir, zoo:NAME, .safetensors or .pt: weights-only init
+    c.checkpoint.pretrained = ""  # run dir, step dir, zoo:NAME, .safetensors, .pt or hf:DIR: weights-only init
     c.checkpoint.strict = True  # pretrained: every target leaf must load (False: load what matches)
     c.checkpoint.mapping = ""  # pretrained: "src:dst,..." path-prefix rules; "" = whole tree
     c.checkpoint.skip = ""  # pretrained: comma-separated regexes of target paths kept fresh
     c.checkpoint.adapters = ""  # pretrained: "regex:resize|interpolate,..." opt-in shape adapters
     c.checkpoint.rename = ""  # pretrained .safetensors/.pt: "regex=>path;..." key renames
+    c.checkpoint.structure = ""  # pretrained: "split SRC => DST1, DST2 @ AXIS; stack L_{i} => STACKED; ..." rules
 
     c.early_stop = ml_collections.ConfigDict()
     c.early_stop.criteria = "val/loss"  # metric that picks the best checkpoint and stops early

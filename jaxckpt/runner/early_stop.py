@@ -14,8 +14,8 @@ from typing import Any
 import jax
 
 from jaxckpt.errors import UserError
+from jaxckpt.runner.logs import log
 from jaxckpt.runner.task import Task, has_model_state
-from jaxckpt.runner.workdir import log
 from jaxckpt.train.state import TrainState
 from jaxckpt.train.step import COUNT, make_eval_step
 

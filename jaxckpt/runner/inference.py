@@ -16,10 +16,11 @@ import numpy as np
 from jaxckpt.errors import UserError
 from jaxckpt.runner import distributed, predictions, sources
 from jaxckpt.runner.config import complete
-from jaxckpt.runner.metrics import format_metrics
+from jaxckpt.runner.logs import log
+from jaxckpt.runner.rundir import write_json
 from jaxckpt.runner.setup import abstract_params, open_manager
 from jaxckpt.runner.task import Task, check_task, has_model_state, load_task, splits_of
-from jaxckpt.runner.workdir import log, write_json
+from jaxckpt.runner.writers import format_metrics
 from jaxckpt.train.state import TrainState
 from jaxckpt.train.step import make_eval_step, make_predict_step, mean_metrics, sum_metrics
 
@@ -135,7 +136,8 @@ def predict(config: Any, workdir: str | Path, *, split: str = "test", task: Task
     seen = 0
     for batch in task.eval_batches(split, config.eval.batch_size):
         ids, mask = np.asarray(batch["id"]), np.asarray(batch["mask"])
-        inputs = {k: v for k, v in batch.items() if k != "id"}
+        # Ids reach predict_fn (e.g. to seed each example's sampling) as int32, JAX's default width.
+        inputs = {**batch, "id": ids.astype(np.int32)}
         outputs = distributed.to_host(predict_step(state, distributed.shard_batch(inputs, mesh)))
         rows = np.flatnonzero(mask > 0)
         if limit is not None:

@@ -31,13 +31,17 @@ from jaxckpt.errors import CheckpointSaveError, NonFiniteLossError, Preempted, S
 from jaxckpt.runner import distributed, early_stop, sources
 from jaxckpt.runner import mesh as mesh_lib
 from jaxckpt.runner.config import complete
+from jaxckpt.runner.curves import plot_curves
 from jaxckpt.runner.inference import evaluate, evaluate_split, predict
-from jaxckpt.runner.metrics import format_metrics, open_writers, plot_curves, truncate_after
+from jaxckpt.runner.lock import WorkdirLock
+from jaxckpt.runner.logs import log
+from jaxckpt.runner.metrics_jsonl import truncate_after
 from jaxckpt.runner.preemption import StopRequest
 from jaxckpt.runner.prefetch import Prefetcher
+from jaxckpt.runner.rundir import entries, remove_bookkeeping, write_json
 from jaxckpt.runner.setup import abstract_state, fresh_state, open_manager
 from jaxckpt.runner.task import Task, artifacts_of, check_task, check_train_iterator, has_model_state, load_task
-from jaxckpt.runner.workdir import WorkdirLock, entries, log, remove_bookkeeping, write_json
+from jaxckpt.runner.writers import format_metrics, open_writers
 from jaxckpt.train.state import TrainState
 from jaxckpt.train.step import make_eval_step, make_train_step
 

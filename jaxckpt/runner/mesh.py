@@ -93,29 +93,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
 
 
-def parse_rules(spec: str) -> tuple[tuple[str, PartitionSpec], ...]:
-    """Parses `config.mesh.rules`: `"REGEX=SPEC;REGEX=SPEC"` (the config/command-line boundary).
-
-    `SPEC` lists one entry per leading dimension, comma-separated: an axis name, `None` (not split),
-    or several axis names joined by `+`; an empty `SPEC` replicates. Example:
-    `"encoder/.*kernel=fsdp,None;.*bias="`.
-
-    Raises:
-      ConfigError: for an entry without `=` or a regex that does not compile.
-    """
-    rules = []
-    for entry in (e.strip() for e in spec.split(";")):
-        if not entry:
-            continue
-        regex, eq, dims = entry.rpartition("=")
-        if not eq or not regex.strip():
-            raise ConfigError(f"mesh.rules entry {entry!r} is not REGEX=SPEC (e.g. 'encoder/.*kernel=fsdp,None').")
-        parts = [d.strip() for d in dims.split(",")] if dims.strip() else []
-        axes = [None if d in ("", "None", "none") else tuple(d.split("+")) if "+" in d else d for d in parts]
-        rules.append((_compile(regex.strip()).pattern, PartitionSpec(*axes)))
-    return tuple(rules)
-
-
 def _compile(regex: str) -> re.Pattern[str]:
     try:
         return re.compile(regex)
@@ -123,11 +100,13 @@ def _compile(regex: str) -> re.Pattern[str]:
         raise ConfigError(f"mesh.rules regex {regex!r} does not compile: {e}.") from None
 
 
-def _as_rules(rules: Rules | str | None) -> list[tuple[re.Pattern[str], PartitionSpec]]:
+def _as_rules(rules: Rules | None) -> list[tuple[re.Pattern[str], PartitionSpec]]:
     if not rules:
         return []
     if isinstance(rules, str):
-        rules = parse_rules(rules)
+        raise TypeError(f"rules must be a dict or sequence of (regex, PartitionSpec), e.g. "
+                        f"{{'encoder/.*kernel': P('fsdp', None)}}; got the string {rules!r} (the string form is for "
+                        "configs and command lines: parse it with jaxckpt.config_strings.parse_mesh_rules).")
     items = rules.items() if isinstance(rules, Mapping) else rules
     return [(_compile(r), s if isinstance(s, PartitionSpec) else PartitionSpec(*s)) for r, s in items]
 
@@ -167,14 +146,15 @@ def default_spec(shape: tuple[int, ...], fsdp: int) -> PartitionSpec:
     return PartitionSpec(*([None] * dim + [FSDP_AXIS]))
 
 
-def state_shardings(tree: PyTree, mesh: Mesh, rules: Rules | str | None = None, *, prefix: str = "",
+def state_shardings(tree: PyTree, mesh: Mesh, rules: Rules | None = None, *, prefix: str = "",
                     require_match: bool = True) -> PyTree:
     """A `NamedSharding` per leaf of `tree` (arrays or `jax.ShapeDtypeStruct`s), shaped like `tree`.
 
     Args:
       tree: a train state, or part of one (then `prefix` says where it sits, e.g. `"params/"`).
       mesh: a mesh from `make_mesh`.
-      rules: path regex -> spec (see the module docstring), or the config's string form.
+      rules: path regex -> spec (see the module docstring); `config.mesh.rules`'s string form
+        goes through `jaxckpt.config_strings.parse_mesh_rules` first.
       prefix: prepended to each leaf's path before matching.
       require_match: raise if a rule matches no leaf (a misspelt rule would silently do nothing).
 

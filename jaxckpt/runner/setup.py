@@ -9,6 +9,7 @@ import jax
 import optax
 
 from jaxckpt.checkpoint.manager import CheckpointManager
+from jaxckpt import config_strings
 from jaxckpt.runner import mesh as mesh_lib
 from jaxckpt.runner.task import has_model_state
 from jaxckpt.train.optim import freeze_and_scale, make_optimizer
@@ -59,7 +60,7 @@ def abstract_params(task: Any, config: Any, mesh: Any) -> tuple[Any, Any]:
     model state is replicated unless a rule names it.
     """
     _, params_rng, state_rng = _init_rngs(config)
-    rules = config.mesh.rules
+    rules = config_strings.parse_mesh_rules(config.mesh.rules)
     params = jax.eval_shape(task.init_params, params_rng)
     params = mesh_lib.with_shardings(params, mesh_lib.state_shardings(params, mesh, rules, prefix="params/",
                                                                       require_match=False))
@@ -89,7 +90,8 @@ def _on_mesh(config: Any, mesh: Any, tx: optax.GradientTransformation, params: A
     rng, _, _ = _init_rngs(config)
     abstract = jax.eval_shape(
         lambda p, m: TrainState.create(apply_fn=None, params=p, tx=tx, rng=rng, model_state=m), params, model_state)
-    return mesh_lib.with_shardings(abstract, mesh_lib.state_shardings(abstract, mesh, config.mesh.rules))
+    rules = config_strings.parse_mesh_rules(config.mesh.rules)
+    return mesh_lib.with_shardings(abstract, mesh_lib.state_shardings(abstract, mesh, rules))
 
 
 def fresh_state(task: Any, config: Any, tx: Any, mesh: Any, params: Any = None) -> TrainState:

@@ -16,12 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxckpt import config_strings
 from jaxckpt.checkpoint.manager import CheckpointManager
 from jaxckpt.errors import CheckpointCorruptError, CorruptCheckpointsError, UserError, WorkdirError
+from jaxckpt.grafting.structure import parse_structure
 from jaxckpt.runner import distributed
-from jaxckpt.runner.metrics import truncate_after
+from jaxckpt.runner.config_diff import config_changes
+from jaxckpt.runner.logs import log
+from jaxckpt.runner.metrics_jsonl import truncate_after
+from jaxckpt.runner.rundir import set_aside, write_json
 from jaxckpt.runner.task import Task
-from jaxckpt.runner.workdir import config_changes, log, set_aside, write_json
 from jaxckpt.train.state import TrainState
 from jaxckpt.tree import treepath
 from jaxckpt.weights.foreign import is_foreign
@@ -315,25 +319,19 @@ def load_start(start: Start, task: Task, config: Any, abstract: TrainState, tx: 
 def resolve_ref(path: str) -> str:
     """`zoo:NAME` -> that zoo entry's step directory; any other path unchanged."""
     if path.startswith("zoo:"):
-        from jaxckpt import zoo  # the zoo is only needed when a config names it
+        from jaxckpt.weights import zoo  # the zoo is only needed when a config names it
 
         return str(zoo.resolve(path))
     return path
-
-
-def split_patterns(spec: str | Any) -> tuple[str, ...]:
-    """`"a,b"` -> `("a", "b")`; sequences pass through; "" -> `()`."""
-    if isinstance(spec, str):
-        return tuple(p.strip() for p in spec.split(",") if p.strip())
-    return tuple(spec or ())
 
 
 def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
     """Weights-only load of `path` into `fresh_params` through `load_params`, per the checkpoint config.
 
     `path` is anything `jaxckpt.weights.pretrained.load_params` takes: a run, checkpoint or step directory,
-    a step's `state/` item, `zoo:NAME`, a bare Orbax PyTree checkpoint, a `.safetensors` file or a
-    PyTorch state dict (`.pt`/`.pth`/`.bin`). Only the arrays the graft loads are read.
+    a step's `state/` item, `zoo:NAME`, a bare Orbax PyTree checkpoint, a `.safetensors` file, a
+    PyTorch state dict (`.pt`/`.pth`/`.bin`) or an HF folder (`hf:DIR`). Only the arrays the graft
+    loads are read.
 
     Returns:
       `(params, GraftReport)`.
@@ -345,10 +343,12 @@ def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
     if is_foreign(path) and not Path(path).exists():
         raise UserError(f"checkpoint.pretrained={path} does not exist.")
     try:
-        return load_params(path, fresh_params, mapping=ck.mapping or None, skip=split_patterns(ck.skip),
-                           strict=ck.strict, adapters=ck.adapters or None, rename=ck.rename or None)
+        structure = parse_structure(getattr(ck, "structure", ""))
+        return load_params(path, fresh_params, strict=ck.strict, structure=structure,
+                           **config_strings.checkpoint_options(ck))
     except ValueError as e:
         raise UserError(
             f"{e}\nIn a config these are --config.checkpoint.strict=False, checkpoint.mapping='src:dst,...', "
-            "checkpoint.skip='regex,...' and checkpoint.adapters='regex:resize,...'; "
+            "checkpoint.skip='regex,...', checkpoint.adapters='regex:resize,...' and checkpoint.structure="
+            "'split SRC => DST1, DST2 @ AXIS; ...'; "
             f"`python -m jaxckpt plan {path} --config ...` shows the plan without training.") from e

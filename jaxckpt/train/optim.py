@@ -11,8 +11,8 @@ prefix switches one pattern to glob syntax (`"glob:encoder/**"`). Each leaf gets
 * otherwise `"train"`.
 
 Every rule must label some leaf. A pattern that matches no path is an error, and so is a rule whose
-every match an earlier rule already labels (`freeze="encoder"` with `lr_multipliers="encoder:0.1"`,
-or `lr_multipliers=".*:2,head:5"`): it would silently do nothing, so the error names it and the
+every match an earlier rule already labels (`freeze=["encoder"]` with `lr_multipliers={"encoder": 0.1}`,
+or `lr_multipliers=[(".*", 2), ("head", 5)]`): it would silently do nothing, so the error names it and the
 rule that shadows it.
 
 The labels drive `optax.multi_transform`: frozen leaves get `optax.set_to_zero()`, so their updates
@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import optax
 
+from jaxckpt import config_strings
 from jaxckpt.tree import pathmatch, treepath
 from jaxckpt.types import Params
 
@@ -41,80 +42,76 @@ FROZEN = "frozen"
 TRAIN = "train"
 """Label of leaves trained at the base learning rate."""
 
-FreezeSpec = str | Sequence[str] | None
-"""Comma-separated regexes (`"encoder,fusion/Dense_0"`), or a sequence of regexes."""
+FreezeSpec = Sequence[str] | None
+"""A sequence of regexes (`["encoder", "fusion/Dense_0"]`); None freezes nothing."""
 
-MultiplierSpec = str | Mapping[str, float] | Sequence[tuple[str, float]] | None
-"""`"regex:mult,regex2:mult"`, or `{regex: mult}`, or `[(regex, mult), ...]`; first match wins."""
+MultiplierSpec = Mapping[str, float] | Sequence[tuple[str, float]] | None
+"""`{regex: mult}` or `[(regex, mult), ...]`; first match wins; None scales nothing."""
 
 _OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
 _SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
 
-def parse_freeze(spec: FreezeSpec) -> tuple[str, ...]:
-    """Normalises a freeze specification to a tuple of compiled-checked regexes.
+def _string_given(name: str, value: str, form: str, example: str, parser: str) -> TypeError:
+    return TypeError(
+        f"{name} must be {form}, e.g. {name}={example}; got the string {value!r} (the string form is for "
+        f"configs and command lines: parse it with jaxckpt.config_strings.{parser})."
+    )
+
+
+def freeze_patterns(freeze: FreezeSpec) -> tuple[str, ...]:
+    """Checks freeze patterns: a sequence of regexes, each of which must compile.
 
     Args:
-        spec: `""`/`None` (nothing frozen), a comma-separated string of regexes, or a sequence of
-            regexes. Commas always separate rules in the string form; use a sequence for a regex
-            that contains a comma (e.g. `{1,3}`).
+        freeze: None (nothing frozen) or a sequence of regexes. (A config's comma-separated string
+            is parsed by `jaxckpt.config_strings.parse_patterns`.)
 
     Returns:
-        The patterns, in order, without empty entries.
+        The patterns, in order.
 
     Raises:
+        TypeError: if `freeze` is a string.
         ValueError: if a pattern is not a valid regular expression.
 
     Example:
-        >>> parse_freeze("encoder, fusion/Dense_0")
+        >>> freeze_patterns(["encoder", "fusion/Dense_0"])
         ('encoder', 'fusion/Dense_0')
     """
-    if spec is None:
+    if freeze is None:
         return ()
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    patterns = tuple(p.strip() for p in items if p.strip())
+    if isinstance(freeze, str):
+        raise _string_given("freeze", freeze, "a sequence of regexes", "['encoder/.*']", "parse_patterns")
+    patterns = tuple(freeze)
     for pattern in patterns:
         _check_regex(pattern, "freeze")
     return patterns
 
 
-def parse_lr_multipliers(spec: MultiplierSpec) -> tuple[tuple[str, float], ...]:
-    """Normalises a learning-rate multiplier specification to `((regex, multiplier), ...)`.
+def multiplier_rules(lr_multipliers: MultiplierSpec) -> tuple[tuple[str, float], ...]:
+    """Checks learning-rate multiplier rules and returns them as `((regex, multiplier), ...)`.
 
     Args:
-        spec: `""`/`None` (no multipliers), a string `"regex:mult,regex2:mult"`, a mapping
-            `{regex: mult}` or a sequence of `(regex, mult)` pairs. In the string form the
-            multiplier follows the *last* colon, so a regex may contain colons (`(?:a|b)/kernel:0.1`);
-            commas always separate rules.
+        lr_multipliers: None, `{regex: multiplier}` or a sequence of `(regex, multiplier)` pairs.
+            (A config's `"regex:mult,..."` string is parsed by
+            `jaxckpt.config_strings.parse_lr_multipliers`.)
 
     Returns:
-        The rules in order (first match wins when labelling).
+        The rules in order (first match wins when labelling), multipliers as floats.
 
     Raises:
-        ValueError: if a rule has no `:`, its multiplier is not a finite non-negative number, or its
-            regex is invalid.
+        TypeError: if `lr_multipliers` is a string.
+        ValueError: if a multiplier is not a finite non-negative number, or a regex is invalid.
 
     Example:
-        >>> parse_lr_multipliers("head:10, encoder/Dense_0:0.1")
+        >>> multiplier_rules({"head": 10, "encoder/Dense_0": 0.1})
         (('head', 10.0), ('encoder/Dense_0', 0.1))
     """
-    if spec is None:
+    if lr_multipliers is None:
         return ()
-    if isinstance(spec, str):
-        pairs = []
-        for item in (i.strip() for i in spec.split(",")):
-            if not item:
-                continue
-            pattern, sep, mult = item.rpartition(":")
-            if not sep or not pattern.strip():
-                raise ValueError(
-                    f"lr_multipliers rule {item!r} must look like 'regex:multiplier', e.g. 'head:10'."
-                )
-            pairs.append((pattern.strip(), mult.strip()))
-    elif isinstance(spec, Mapping):
-        pairs = list(spec.items())
-    else:
-        pairs = [tuple(p) for p in spec]
+    if isinstance(lr_multipliers, str):
+        raise _string_given("lr_multipliers", lr_multipliers, "a dict {regex: multiplier} or (regex, multiplier) "
+                            "pairs", "{'head/.*': 10.0}", "parse_lr_multipliers")
+    pairs = list(lr_multipliers.items()) if isinstance(lr_multipliers, Mapping) else [tuple(p) for p in lr_multipliers]
     rules = []
     for pattern, mult in pairs:
         _check_regex(pattern, "lr_multipliers")
@@ -140,8 +137,8 @@ def trainable_labels(
 
     Args:
         params: the parameter tree (arrays or `jax.ShapeDtypeStruct`s).
-        freeze: patterns of leaves to freeze (see `parse_freeze`).
-        lr_multipliers: multiplier rules (see `parse_lr_multipliers`).
+        freeze: patterns of leaves to freeze (see `freeze_patterns`).
+        lr_multipliers: multiplier rules (see `multiplier_rules`).
 
     Returns:
         A tree of the same structure as `params` whose leaves are label strings, ready for
@@ -152,12 +149,12 @@ def trainable_labels(
             the available paths), a rule labels no leaf because earlier rules already label all it
             matches (the error names both), or a specification is malformed.
     """
-    freeze_patterns = parse_freeze(freeze)
-    mult_rules = parse_lr_multipliers(lr_multipliers)
-    rules = [(p, FROZEN) for p in freeze_patterns] + [(p, _mult_label(m)) for p, m in mult_rules]
-    names = [f"freeze {p!r}" for p in freeze_patterns]
+    frozen = freeze_patterns(freeze)
+    mult_rules = multiplier_rules(lr_multipliers)
+    rules = [(p, FROZEN) for p in frozen] + [(p, _mult_label(m)) for p, m in mult_rules]
+    names = [f"freeze {p!r}" for p in frozen]
     names += [f"lr_multipliers '{p}:{m:g}'" for p, m in mult_rules]
-    return _label_tree(params, rules, TRAIN, names, num_freeze=len(freeze_patterns))
+    return _label_tree(params, rules, TRAIN, names, num_freeze=len(frozen))
 
 
 def describe_trainable(
@@ -167,8 +164,8 @@ def describe_trainable(
 
     Args:
         params: the parameter tree (arrays or `jax.ShapeDtypeStruct`s).
-        freeze: patterns of leaves to freeze (see `parse_freeze`).
-        lr_multipliers: multiplier rules (see `parse_lr_multipliers`).
+        freeze: patterns of leaves to freeze (see `freeze_patterns`).
+        lr_multipliers: multiplier rules (see `multiplier_rules`).
 
     Returns:
         A dict from tree path to label, in tree order.
@@ -177,7 +174,7 @@ def describe_trainable(
         ValueError: as `trainable_labels`.
 
     Example:
-        >>> describe_trainable({"enc": {"w": w}, "head": {"w": w}}, freeze="enc")
+        >>> describe_trainable({"enc": {"w": w}, "head": {"w": w}}, freeze=["enc"])
         {'enc/w': 'frozen', 'head/w': 'train'}
     """
     return treepath.flatten(trainable_labels(params, freeze, lr_multipliers))
@@ -201,8 +198,8 @@ def freeze_and_scale(
             clip before this wrapper (as `make_optimizer` does).
         params: the parameter tree the optimizer will be initialised with (arrays or
             `jax.ShapeDtypeStruct`s); only its structure and paths are used.
-        freeze: patterns of leaves to freeze (see `parse_freeze`); freezing wins over multipliers.
-        lr_multipliers: multiplier rules (see `parse_lr_multipliers`); first match wins.
+        freeze: patterns of leaves to freeze (see `freeze_patterns`); freezing wins over multipliers.
+        lr_multipliers: multiplier rules (see `multiplier_rules`); first match wins.
 
     Returns:
         An `optax.GradientTransformation` whose updates are exactly zero for frozen leaves and
@@ -213,7 +210,8 @@ def freeze_and_scale(
             `trainable_labels`), or a specification is malformed.
 
     Example:
-        >>> tx = freeze_and_scale(optax.adam(1e-3), params, freeze="encoder", lr_multipliers="head:10")
+        >>> tx = freeze_and_scale(optax.adam(1e-3), params, freeze=["encoder"],
+        ...                       lr_multipliers={"head": 10.0})
         >>> opt_state = tx.init(params)
     """
     labels = trainable_labels(params, freeze, lr_multipliers)
@@ -293,7 +291,7 @@ def make_optimizer(config: Any, params: Params, *, num_steps: int) -> optax.Grad
         config: an `ml_collections.ConfigDict` (or mapping) with `name` (`"adam" | "adamw" | "sgd"
             | "momentum"`), `learning_rate`, `schedule`, `warmup_steps`, `decay_steps`,
             `weight_decay`, `grad_clip_norm` (0 = off), `freeze` and `lr_multipliers`
-            (see `parse_freeze` / `parse_lr_multipliers`); optional `momentum` (default 0.9,
+            (strings as `jaxckpt.config_strings` parses them); optional `momentum` (default 0.9,
             used by `"momentum"`), `b1`/`b2` (adam defaults).
         params: the parameter tree (arrays or `jax.ShapeDtypeStruct`s).
         num_steps: total training steps (the decay length when `decay_steps` is 0).
@@ -321,10 +319,11 @@ def make_optimizer(config: Any, params: Params, *, num_steps: int) -> optax.Grad
             "decay, or set weight_decay=0."
         )
     clip = float(_field(config, "grad_clip_norm", 0.0))
-    freeze = parse_freeze(_field(config, "freeze", ""))
+    freeze = config_strings.parse_patterns(_field(config, "freeze", ""))
     multipliers = _field(config, "lr_multipliers", "")
     try:
-        labels = trainable_labels(params, freeze, multipliers)
+        rules = config_strings.parse_lr_multipliers(multipliers)
+        labels = trainable_labels(params, freeze, rules)
     except ValueError as e:
         # Name the config fields, so a command-line user knows which flag to fix.
         raise ValueError(
@@ -352,7 +351,7 @@ def make_optimizer(config: Any, params: Params, *, num_steps: int) -> optax.Grad
             frozen_mask = jax.tree.map(lambda label: label == FROZEN, labels)
             parts.append(optax.masked(optax.set_to_zero(), frozen_mask))
         parts.append(optax.clip_by_global_norm(clip))
-    parts.append(freeze_and_scale(base, params, freeze=freeze, lr_multipliers=multipliers))
+    parts.append(freeze_and_scale(base, params, freeze=freeze, lr_multipliers=rules))
     return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
 

@@ -43,8 +43,8 @@ from jaxckpt.grafting.graft import GraftReport, graft
 from jaxckpt.tree import treepath
 from jaxckpt.types import Params
 
-RenameSpec = str | Mapping[str, str] | Sequence[tuple[str, str]] | None
-"""`"regex=>path;regex2=>path2"`, `{regex: path}` or `[(regex, path), ...]`; first match wins."""
+RenameSpec = Mapping[str, str] | Sequence[tuple[str, str]] | None
+"""`{regex: path}` or `[(regex, path), ...]`; first match wins."""
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -97,43 +97,34 @@ class LazyTensor:
         return f"LazyTensor({self.source}, shape={self.shape}, dtype={self.dtype})"
 
 
-def parse_rename(spec: RenameSpec) -> tuple[tuple[str, str], ...]:
-    r"""Normalises rename rules to `((regex, path_template), ...)`.
+def rename_rules(rename: RenameSpec) -> tuple[tuple[str, str], ...]:
+    r"""Checks rename rules and returns them as `((regex, path_template), ...)`.
 
     Args:
-        spec: `None`/`""`; a string `"regex=>path;regex2=>path2"` (`=>` and `;` are literal
-            characters in a regex, and neither appears in PyTorch parameter names, so they cannot
-            clash with the rules themselves); a mapping `{regex: path}`; or `(regex, path)` pairs.
-            Each regex must match a whole source key; the path may use `\1`-style group references.
+        rename: None, a mapping `{regex: path}` or `(regex, path)` pairs. Each regex must match a
+            whole source key; the path may use `\1`-style group references. (A config's
+            `"regex=>path;..."` string is parsed by `jaxckpt.config_strings.parse_rename`.)
 
     Returns:
         The rules in order (first match wins).
 
     Raises:
-        ValueError: for a rule without `=>`, an empty side, or an invalid regex.
+        TypeError: if `rename` is a string.
+        ValueError: for a rule with an empty side or an invalid regex.
 
     Example:
-        >>> parse_rename(r"fc1\.weight=>Dense_0/kernel; fc(\d)\.bias=>Dense_\1/bias")
+        >>> rename_rules({r"fc1\.weight": "Dense_0/kernel", r"fc(\d)\.bias": r"Dense_\1/bias"})
         (('fc1\\.weight', 'Dense_0/kernel'), ('fc(\\d)\\.bias', 'Dense_\\1/bias'))
     """
-    if not spec:
+    if not rename:
         return ()
-    if isinstance(spec, str):
-        pairs = []
-        for item in (i.strip() for i in spec.split(";")):
-            if not item:
-                continue
-            pattern, sep, target = item.partition("=>")
-            if not sep:
-                raise ValueError(
-                    f"rename rule {item!r} must look like 'regex=>path', e.g. "
-                    r"'encoder\.(\d+)\.weight=>encoder/Dense_\1/kernel'; separate rules with ';'."
-                )
-            pairs.append((pattern.strip(), target.strip()))
-    elif isinstance(spec, Mapping):
-        pairs = list(spec.items())
-    else:
-        pairs = [tuple(p) for p in spec]
+    if isinstance(rename, str):
+        raise TypeError(
+            f"rename must be a dict {{regex: path}} or (regex, path) pairs, e.g. rename={{r'bert\\.(.*)': "
+            f"r'encoder/\\1'}}; got the string {rename!r} (the 'regex=>path;...' form is for configs and "
+            "command lines: parse it with jaxckpt.config_strings.parse_rename)."
+        )
+    pairs = list(rename.items()) if isinstance(rename, Mapping) else [tuple(p) for p in rename]
     for pattern, target in pairs:
         if not pattern or not target:
             raise ValueError(f"rename rule {pattern!r}=>{target!r} has an empty side.")
@@ -151,7 +142,7 @@ def read_foreign(path: str | os.PathLike, *, rename: RenameSpec = None,
     Args:
         path: a `.safetensors` file, or a `.pt`/`.pth`/`.bin` PyTorch state dict (needs torch;
             a checkpoint dict with a `"state_dict"` entry is unwrapped).
-        rename: rules mapping source keys to tree paths (see `parse_rename`); keys no rule
+        rename: rules mapping source keys to tree paths (see `rename_rules`); keys no rule
             matches follow the default rule (module docstring).
         layout: `"torch"` (rename `weight`, transpose a `...weight` read as a `kernel` to Flax
             layout), `"flax"` (names only: `.` -> `/`), or None: the layout recorded in the file by
@@ -168,7 +159,7 @@ def read_foreign(path: str | os.PathLike, *, rename: RenameSpec = None,
             keys renamed to the same path.
 
     Example:
-        >>> flat = read_foreign("mlp.safetensors", rename=r"net\.(\d+)\.weight=>Dense_\1/kernel")
+        >>> flat = read_foreign("mlp.safetensors", rename={r"net\.(\d+)\.weight": r"Dense_\1/kernel"})
         >>> params, report = graft(flat, fresh_params)
     """
     path = os.fspath(path)
@@ -176,7 +167,7 @@ def read_foreign(path: str | os.PathLike, *, rename: RenameSpec = None,
         raise ValueError(f"layout={layout!r} is unknown; use one of {_LAYOUTS}.")
     if not os.path.exists(path):
         raise FileNotFoundError(f"No weights file at {path!r}.")
-    rules = parse_rename(rename)
+    rules = rename_rules(rename)
     header: Mapping[str, str] = {}
     if path.endswith(SAFETENSORS_SUFFIXES):
         tensors, header = _open_safetensors(path)
@@ -256,7 +247,7 @@ def graft_foreign(
         path: the weights file (see `read_foreign`).
         target_params: the freshly initialised params (arrays or `jax.ShapeDtypeStruct`s for a
             plan that reads nothing).
-        rename: source key -> tree path rules (see `parse_rename`).
+        rename: source key -> tree path rules (see `rename_rules`).
         layout: `"torch"`, `"flax"` or None for the file's own (see `read_foreign`).
         mapping: source prefix -> target prefix, as in `graft`.
         skip: regexes of target paths to keep fresh, as in `graft`.
@@ -272,7 +263,7 @@ def graft_foreign(
 
     Example:
         >>> params, report = graft_foreign("mlp.pt", task.init_params(rng),
-        ...                                rename=r"net\.0\.(weight|bias)=>encoder/Dense_0/\1")
+        ...                                rename={r"net\.0\.(weight|bias)": r"encoder/Dense_0/\1"})
         >>> print(report)
     """
     source = read_foreign(path, rename=rename, layout=layout)

@@ -5,7 +5,8 @@ checkpoint or step directory (or its `state/` item), `zoo:NAME`, a bare Orbax Py
 params, a `.safetensors` file or a PyTorch state dict. It reads the source's metadata, plans the
 graft on abstract leaves (`graft.plan`), then reads only the arrays the plan loads: from Orbax with
 a partial restore, each straight onto the sharding of the target leaf it fills; from a weights file
-tensor by tensor. Optimizer state and unused params are never read.
+tensor by tensor. Optimizer state and unused params are never read. `hf:DIR` names a Hugging Face
+folder (`jaxckpt.weights.hf`), converted by its family's table on the way.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from jaxckpt.checkpoint.retention import RetentionPolicy
 from jaxckpt.checkpoint.stepdir import STATE_ITEM, read_json_item, read_state_metadata
 from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError
 from jaxckpt.grafting.graft import GraftReport, graft, plan
+from jaxckpt.grafting.structure import Derived, StructureRule, restructure
 from jaxckpt.tree import treepath
 from jaxckpt.types import Params
-from jaxckpt.weights import zoo
+from jaxckpt.weights import hf, zoo
 from jaxckpt.weights.foreign import RenameSpec, is_foreign, read_foreign
 
 PARAMS_KEY = "params"
@@ -217,18 +219,29 @@ def _open_source(
     best_metric: str | None,
     best_mode: str,
     tree: str = PARAMS_KEY,
-) -> tuple[dict[str, Any], _Reader]:
-    """The source's `tree` (params) as `{path: abstract or lazy leaf}` (nothing read), and their reader.
+) -> tuple[dict[str, Any], _Reader, tuple[StructureRule, ...]]:
+    """The source's `tree` (params) as `{path: abstract or lazy leaf}` (nothing read), their reader,
+    and the structural rules the source itself needs (an HF folder's fused tensors).
 
     The reader takes `{source path: sharding or None}` and returns those arrays.
     """
+    if hf.is_hf(path):
+        _one_weights_set(path, step, "an HF folder")
+        if tree != PARAMS_KEY:
+            raise ValueError(f"tree={tree!r} applies to jaxckpt steps; {path} holds parameters only.")
+        if rename:
+            raise ValueError(f"rename= does not apply to {path}: its config.json picks the family "
+                             "table that names every tensor. Drop rename; move subtrees with mapping=.")
+        opened = hf.open_hf(path)
+        leaves = opened.leaves
+        return leaves, lambda wanted: {p: np.asarray(leaves[p]) for p in wanted}, opened.structure
     ref = zoo.resolve(path)
     if is_foreign(ref):
         if not ref.exists():
             raise CheckpointNotFoundError(f"Weights file {ref} does not exist.")
         _one_weights_set(ref, step, "a weights file")
         leaves = read_foreign(ref, rename=rename)
-        return leaves, lambda wanted: {p: np.asarray(leaves[p]) for p in wanted}
+        return leaves, lambda wanted: {p: np.asarray(leaves[p]) for p in wanted}, ()
     if rename:
         raise ValueError(
             f"rename= maps the tensor names of .safetensors/.pt/.pth/.bin files to tree paths, but {path} "
@@ -252,22 +265,23 @@ def _open_source(
         arrays = _read_arrays(checkpoint, {prefix + p: (leaves[p], sharding) for p, sharding in wanted.items()})
         return {p[len(prefix) :]: a for p, a in arrays.items()}
 
-    return leaves, read
+    return leaves, read, ()
 
 
 def load_params(
     path: os.PathLike | str,
     target_params: Params,
     *,
-    mapping: str | Mapping[str, str] | None = None,
+    mapping: Mapping[str, str] | None = None,
     skip: Sequence[str] = (),
     strict: bool = True,
     step: int | str | None = None,
-    adapters: str | Mapping[str, Any] | None = None,
+    adapters: Mapping[str, Any] | None = None,
     best_metric: str | None = None,
     best_mode: str = "min",
     rename: RenameSpec = None,
     tree: str = PARAMS_KEY,
+    structure: Sequence[StructureRule] = (),
 ) -> tuple[Params, GraftReport]:
     r"""Grafts a checkpoint's or weights file's params into `target_params`, reading only what it loads.
 
@@ -282,7 +296,11 @@ def load_params(
           `state/`), e.g. written by `ocp.StandardCheckpointer().save(path, params)`; the whole tree
           is the source unless it has a top-level `params`;
         * a `.safetensors` file or a PyTorch state dict (`.pt`/`.pth`/`.bin`, needs torch), read
-          through `jaxckpt.read_foreign` (names via `rename`).
+          through `jaxckpt.read_foreign` (names via `rename`);
+        * `hf:DIR`, a Hugging Face folder as `save_pretrained` writes it (`config.json` and single
+          or sharded safetensors, or `pytorch_model.bin` with torch): its config picks the family's
+          rename/layout table (`jaxckpt.weights.hf_presets`), fused tensors are split by the
+          graft's `Split` rules, and the report names the rule that made each such leaf.
       target_params: the new model's params: fresh arrays (unloaded leaves keep them), or
         `jax.ShapeDtypeStruct`s (loaded leaves come back as `jax.Array`s on their shardings, or
         on the default device when they have none; the others stay abstract for the caller to
@@ -296,9 +314,11 @@ def load_params(
       best_metric: the metric ranking steps for `step="best"`.
       best_mode: "min" or "max" for `step="best"`.
       rename: for weights files only: rules mapping tensor names to tree paths (see
-        `jaxckpt.weights.foreign.parse_rename`), e.g. `r"bert\.(.*)=>encoder/\1"`.
+        `jaxckpt.weights.foreign.rename_rules`), e.g. `{r"bert\.(.*)": r"encoder/\1"}`.
       tree: which top-level subtree of a jaxckpt step is the source: "params" (default), or another
         field of the saved `TrainState` such as "model_state" (batch statistics).
+      structure: structural rules (`Split`, `Fuse`, `Stack`, `Unstack`) applied to the source's
+        params first, as for `graft`; only the source leaves the loaded ones are made from are read.
 
     Returns:
       `(params, report)`: params shaped like `target_params`, and the `GraftReport`.
@@ -314,11 +334,13 @@ def load_params(
     Example:
       >>> params, report = load_params("runs/pretrain", fresh_params, mapping={"encoder": "encoder"},
       ...                              strict=False)
-      >>> params, report = load_params("bert.safetensors", fresh_params, rename=r"bert\.(.*)=>encoder/\1",
+      >>> params, report = load_params("bert.safetensors", fresh_params, rename={r"bert\.(.*)": r"encoder/\1"},
       ...                              strict=False)
       >>> print(report)
     """
-    source, read = _open_source(path, step, rename, best_metric, best_mode, tree)
+    raw, read, own_structure = _open_source(path, step, rename, best_metric, best_mode, tree)
+    structure = own_structure + tuple(structure)
+    source = restructure(raw, structure) if structure else raw
     report = plan(source, target_params, mapping=mapping, skip=skip, adapters=adapters)
     if strict:
         report.check()
@@ -326,9 +348,14 @@ def load_params(
     _check_no_abstract_adapted(report, targets)
     wanted = {}
     for entry in report.loaded + report.adapted:
-        same_shape = tuple(source[entry.source].shape) == tuple(np.shape(targets[entry.path]))
+        leaf = source[entry.source]
+        if isinstance(leaf, Derived):  # Read what it is made from; it is cut or joined on the host.
+            wanted.update((p, None) for p in leaf.inputs)
+            continue
+        same_shape = tuple(leaf.shape) == tuple(np.shape(targets[entry.path]))
         wanted[entry.source] = _sharding_of(targets[entry.path]) if same_shape else None
-    source.update(read(wanted))
+    raw.update(read(wanted))
+    source = restructure(raw, structure) if structure else raw
     params, report = graft(source, target_params, mapping=mapping, skip=skip, strict=strict, adapters=adapters)
     abstract_loaded = [e for e in report.loaded if isinstance(targets[e.path], jax.ShapeDtypeStruct)]
     if abstract_loaded:
@@ -336,8 +363,9 @@ def load_params(
         # dtype, on its sharding (or the default device when it has none).
         flat = treepath.flatten(params)
         for entry in abstract_loaded:
-            target = targets[entry.path]
-            flat[entry.path] = jax.device_put(source[entry.source].astype(target.dtype), _sharding_of(target))
+            target, leaf = targets[entry.path], source[entry.source]
+            value = leaf() if isinstance(leaf, Derived) else leaf
+            flat[entry.path] = jax.device_put(np.asarray(value).astype(target.dtype), _sharding_of(target))
         params = treepath.unflatten(flat, target_params)
     return params, report
 

@@ -1,23 +1,19 @@
-"""Metric writers (JSONL, TensorBoard), reading and truncating `metrics.jsonl`, and `curves.png`.
-
-A run logs scalar metrics as points `(step, split, {name: value})`. Every writer here takes the same
-call, `writer.write(step, split, metrics)`, so the loop fans out to all of them with a `MultiWriter`:
+"""Metric writers: every writer takes `writer.write(step, split, metrics)`, so the loop fans out with `MultiWriter`.
 
 * `JsonlWriter` appends one JSON object per point to `metrics.jsonl`:
   `{"step": 100, "split": "val", "loss": 0.31, "accuracy": 0.9}`. Each line is flushed as it is
   written, so a crash loses at most the point being written. Non-finite values (NaN, inf) are
-  written as `null`, which keeps every line valid JSON; `read_metrics` reads them back as NaN.
-* `TensorBoardWriter` writes the same points to event files with tags `<split>/<metric>`.
+  written as `null`, which keeps every line valid JSON; `metrics_jsonl.read_metrics` reads them
+  back as NaN.
+* `TensorBoardWriter` writes the same points to event files with tags `<split>/<metric>`;
+  `purge_step=step + 1` hides the points a resumed run logs again.
 
-On resume, `truncate_after(path, step)` drops the points logged after the restored checkpoint, so a
-resumed run never shows the same step twice; `TensorBoardWriter(..., purge_step=step + 1)` does the
-same for TensorBoard. `plot_curves` redraws `curves.png` from `metrics.jsonl`.
+`format_metrics` formats a point for a log line.
 
 Example:
 
     with open_writers(workdir) as writer:
         writer.write(10, "train", {"loss": 0.7, "accuracy": 0.6})
-    plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
 """
 
 from __future__ import annotations
@@ -26,7 +22,6 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -154,7 +149,7 @@ class TensorBoardWriter(_WriterBase):
             purge_step: on resume, the first step to be logged again; TensorBoard then hides the
                 events from earlier runs at steps `>= purge_step`, so curves have no duplicates.
         """
-        # Imported here so that reading metrics does not pay for importing tensorboardX.
+        # Imported here: only runs that write TensorBoard events pay for importing tensorboardX.
         from tensorboardX import SummaryWriter
 
         self.logdir = pathlib.Path(logdir)
@@ -227,114 +222,6 @@ def open_writers(workdir: PathLike, *, tensorboard: bool = True,
     return MultiWriter(writers)
 
 
-def _parse_lines(path: pathlib.Path) -> list[tuple[str, dict[str, Any]]]:
-    """Parses a JSONL file into `(raw line, record)` pairs.
-
-    A last line without a newline that does not parse is a write torn by a crash and is dropped;
-    any other unparsable line is an error.
-    """
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    out = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if number == len(lines):  # the final chunk has no trailing newline
-                break
-            raise ValueError(
-                    f"{path}:{number} is not valid JSON ({e}); fix or delete that line."
-            ) from e
-        if not isinstance(record, dict) or "step" not in record:
-            raise ValueError(f"{path}:{number} is not a metric point (a JSON object with a 'step').")
-        out.append((line, record))
-    return out
-
-
-def read_metrics(path: PathLike) -> list[dict[str, Any]]:
-    """Reads every point of a `metrics.jsonl` file, in file order.
-
-    Args:
-        path: the JSONL file.
-
-    Returns:
-        One dict per point, e.g. `{"step": 100, "split": "val", "loss": 0.31}`; `null` values are
-        returned as `float("nan")`. An absent file gives an empty list.
-
-    Raises:
-        ValueError: if a line other than a torn last line is not a JSON metric point.
-
-    Example:
-
-        val_points = [p for p in read_metrics("run/metrics.jsonl") if p["split"] == "val"]
-    """
-    path = pathlib.Path(path)
-    if not path.exists():
-        return []
-    points = []
-    for _, record in _parse_lines(path):
-        points.append({k: (math.nan if v is None else v) for k, v in record.items()})
-    return points
-
-
-def _atomic_write(path: pathlib.Path, write_fn) -> None:
-    """Calls `write_fn(tmp_path)` then moves the temporary file over `path` in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(pathlib.Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def truncate_after(path: PathLike, step: int, *, dropped_to: PathLike | None = None) -> int:
-    """Keeps only the points with `point["step"] <= step`, rewriting the file atomically.
-
-    Call it when resuming from the checkpoint at `step`: the points the crashed run logged after
-    that checkpoint would otherwise appear twice.
-
-    Args:
-        path: the JSONL file; an absent file is left absent.
-        step: the last step to keep.
-        dropped_to: where to keep the removed points (appended, as they were), e.g. beside the
-            checkpoints set aside when a run continues from an older step; None discards them.
-
-    Returns:
-        The number of points removed (a torn last line is removed but not counted).
-
-    Raises:
-        ValueError: if the file holds a line that is not a JSON metric point.
-
-    Example:
-
-        truncate_after(workdir / "metrics.jsonl", restored_step)
-    """
-    path = pathlib.Path(path)
-    if not path.exists():
-        return 0
-    parsed = _parse_lines(path)
-    kept = [line for line, record in parsed if int(record["step"]) <= step]
-    dropped = [line for line, record in parsed if int(record["step"]) > step]
-    if dropped and dropped_to is not None:
-        # Written before the truncation: a crash in between leaves a copy, never a loss.
-        with open(dropped_to, "a", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in dropped))
-            f.flush()
-            os.fsync(f.fileno())
-
-    def write(tmp: pathlib.Path) -> None:
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-    _atomic_write(path, write)
-    return len(parsed) - len(kept)
-
-
 def format_metrics(metrics: Mapping[str, Any]) -> str:
     """Formats metrics for a log line: `loss=0.3127 accuracy=0.9`, in the given order.
 
@@ -359,65 +246,3 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
         else:
             parts.append(f"{name}={value}")
     return " ".join(parts)
-
-
-_SPLIT_STYLES = {"train": dict(color="tab:blue", alpha=0.8), "val": dict(color="tab:orange", marker="o")}
-
-
-def _draw_panel(axes, points: list[dict[str, Any]], metric: str) -> None:
-    """Draws `metric` against step, one line per split, on `axes`."""
-    present = {p.get("split", "?") for p in points if metric in p}
-    # train and val first, in that order, then any other split alphabetically.
-    splits = [s for s in _SPLIT_STYLES if s in present] + sorted(present - set(_SPLIT_STYLES))
-    for split in splits:
-        series = sorted((p["step"], p[metric]) for p in points if p.get("split", "?") == split and metric in p)
-        steps, values = zip(*series)
-        style = dict(_SPLIT_STYLES.get(split, {}))
-        if len(series) > 50:
-            style.pop("marker", None)
-        axes.plot(steps, values, label=split, markersize=3, **style)
-    axes.set_title(metric)
-    axes.set_xlabel("step")
-    axes.grid(True, alpha=0.3)
-    if splits:
-        axes.legend()
-    else:
-        axes.text(0.5, 0.5, f"no {metric!r} logged yet", ha="center", va="center",
-                  transform=axes.transAxes, color="gray")
-
-
-def plot_curves(metrics_path: PathLike, out_png: PathLike, *, main_metric: str = "accuracy") -> pathlib.Path:
-    """Draws `curves.png`: loss per split against step, and `main_metric` per split against step.
-
-    Cheap enough to call at every evaluation: it uses the Agg canvas directly (no display, no pyplot
-    global state) and replaces the PNG atomically, so a viewer never sees a half-written image.
-    Panels without data say so instead of failing (e.g. before the first evaluation).
-
-    Args:
-        metrics_path: the run's `metrics.jsonl`.
-        out_png: where to write the figure.
-        main_metric: the metric of the second panel; with `main_metric="loss"` only one panel is drawn.
-
-    Returns:
-        The path of the written PNG.
-
-    Raises:
-        ValueError: if `metrics_path` holds a line that is not a JSON metric point.
-
-    Example:
-
-        plot_curves(workdir / "metrics.jsonl", workdir / "curves.png", main_metric="accuracy")
-    """
-    # Figure + FigureCanvasAgg rather than pyplot: no backend selection, safe off the main thread.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    points = read_metrics(metrics_path)
-    metrics = ["loss"] if main_metric == "loss" else ["loss", main_metric]
-    figure = Figure(figsize=(5.5 * len(metrics), 4), layout="constrained")
-    FigureCanvasAgg(figure)
-    for axes, metric in zip(figure.subplots(1, len(metrics), squeeze=False)[0], metrics):
-        _draw_panel(axes, points, metric)
-    out_png = pathlib.Path(out_png)
-    _atomic_write(out_png, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-    return out_png
