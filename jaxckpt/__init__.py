@@ -14,8 +14,10 @@ __version__ = "0.1.0"
 # Public name -> module that defines it.
 _EXPORTS: dict[str, str] = {
     "CheckpointCorruptError": "jaxckpt.errors",
+    "CheckpointFormatError": "jaxckpt.errors",
     "CheckpointManager": "jaxckpt.checkpoint.manager",
     "CheckpointNotFoundError": "jaxckpt.errors",
+    "CheckpointReadError": "jaxckpt.errors",
     "CheckpointSaveError": "jaxckpt.errors",
     "ConfigError": "jaxckpt.errors",
     "Fuse": "jaxckpt.grafting.structure",
@@ -96,7 +98,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from jaxckpt.errors import (
         PREEMPTED_EXIT_CODE,
         CheckpointCorruptError,
+        CheckpointFormatError,
         CheckpointNotFoundError,
+        CheckpointReadError,
         CheckpointSaveError,
         MissingDependencyError,
         NonFiniteLossError,
@@ -104,9 +108,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         UserError,
         WorkdirError,
     )
-    from jaxckpt.grafting.structure import Fuse, Split, Stack, Unstack
     from jaxckpt.grafting.graft import graft, plan
     from jaxckpt.grafting.report import GraftEntry, GraftReport
+    from jaxckpt.grafting.structure import Fuse, Split, Stack, Unstack
     from jaxckpt.runner import distributed
     from jaxckpt.runner.config import default_config
     from jaxckpt.runner.lock import WorkdirLock

@@ -62,6 +62,20 @@ class CheckpointCorruptError(RuntimeError):
         self.step_dir = pathlib.Path(step_dir)
 
 
+class CheckpointReadError(UserError):
+    """A step could not be read for a reason that proves nothing about its bytes (EMFILE, EIO, ENOMEM,
+    permission denied, a time-out, ...): nothing was moved, and a rerun once the cause is gone reads it.
+    """
+
+    def __init__(self, message: str, step_dir: os.PathLike | str):
+        super().__init__(message)
+        self.step_dir = pathlib.Path(step_dir)
+
+
+class CheckpointFormatError(UserError):
+    """A step written by a newer jaxckpt format than this release reads: upgrade jaxckpt to read it."""
+
+
 class CheckpointSaveError(RuntimeError):
     """A save failed (e.g. the disk is full); earlier checkpoints are left as they were."""
 
@@ -73,6 +87,10 @@ class ChecksumMismatch(ValueError):
         self.paths = paths
         super().__init__(f"{len(paths)} array(s) differ from the checksums recorded at save time "
                          f"({', '.join(paths[:5])}{', ...' if len(paths) > 5 else ''})")
+
+
+class ChunkSizeMismatch(ValueError):
+    """A stored array chunk whose size differs from the one its recorded shape and dtype give."""
 
 
 class NonFiniteLossError(UserError):

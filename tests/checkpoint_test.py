@@ -3,9 +3,11 @@
 import errno
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import flax.serialization
 import jax
@@ -45,6 +47,13 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.fixture(params=["fast", "orbax"])
+def writer(request, monkeypatch):
+    """Each test using it runs with the fast writer and with Orbax's own handler (the fallback)."""
+    monkeypatch.setenv(state_item.FAST_WRITER_ENV, "1" if request.param == "fast" else "0")
+    return request.param
+
+
 def _save_all(mngr, steps_metrics):
     state = _state()
     for step, metrics in steps_metrics:
@@ -54,7 +63,7 @@ def _save_all(mngr, steps_metrics):
 
 # Saving, restoring, retention on disk.
 
-def test_roundtrip_with_extra_metrics_and_metadata(tmp_path):
+def test_roundtrip_with_extra_metrics_and_metadata(tmp_path, writer):
     state = _state(step=5)
     with CheckpointManager(tmp_path, best_metric="loss") as mngr:
         mngr.save(5, state, metrics={"loss": jnp.float32(0.25)}, extra={"config": {"lr": 0.1}, "data": [1, 2]})
@@ -124,12 +133,31 @@ def test_keep_all_and_keep_every(tmp_path):
         assert mngr.all_steps() == [2, 4, 5]
 
 
-def test_async_save_returns_before_commit(tmp_path):
+def test_async_save_returns_before_commit(tmp_path, monkeypatch, writer):
+    # Every commit (Orbax's rename of the finished save into place) waits 2 s, on whichever thread
+    # commits: a synchronous save would block save() for those 2 s and return with step 1 in place.
+    from orbax.checkpoint._src.path import atomicity
+
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def slow_finalize(self, *args, **kwargs):
+        time.sleep(2.0)
+        return await finalize(self, *args, **kwargs)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", slow_finalize)
+    # lr_multipliers label optimizer state "x0.1": such a state must stay on the async path too.
+    state = _state()
+    state = state.replace(opt_state={"x0.1": state.opt_state, "train": state.opt_state})
     with CheckpointManager(tmp_path) as mngr:
-        mngr.save(1, _state())
+        started = time.monotonic()
+        mngr.save(1, state)
+        returned = time.monotonic() - started
+        assert returned < 1.5, f"save() took {returned:.1f} s: it waited for the commit"
+        assert not (tmp_path / "1").exists(), "step 1 was committed before save() returned"
         mngr.wait()
         assert (tmp_path / "1" / "state").is_dir()
         assert not list(tmp_path.glob("*orbax-checkpoint-tmp*"))
+        assert mngr.info(1)["writer"] == writer
 
 
 # Topology changes.
@@ -154,7 +182,7 @@ def test_restore_onto_other_mesh(tmp_path, n_devices):
     _assert_same(restored, state)
 
 
-def test_plain_orbax_reads_state_without_jaxckpt(tmp_path):
+def test_plain_orbax_reads_state_without_jaxckpt(tmp_path, writer):
     mesh4 = jax.make_mesh((4,), ("d",))
     state = _state()
     state = state.replace(params=jax.tree.map(
@@ -191,6 +219,25 @@ def test_leftover_tmp_directories_are_cleaned_on_open(tmp_path):
         assert not (tmp_path / "2.orbax-checkpoint-tmp-1234").exists()
 
 
+def test_a_live_writers_save_in_flight_is_left_alone(tmp_path):
+    # Another process has the directory open (its writer record names a live pid) and is saving.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f".jaxckpt-writer.{socket.gethostname()}.{other.pid}").touch()
+        in_flight = tmp_path / "2.orbax-checkpoint-tmp-1234" / "state"
+        in_flight.mkdir(parents=True)
+        with CheckpointManager(tmp_path) as mngr:
+            assert mngr.all_steps() == []
+        assert in_flight.is_dir()
+    finally:
+        other.kill()
+        other.wait()
+    # Once that writer is gone, its record is stale and its unfinished save is removed.
+    with CheckpointManager(tmp_path):
+        assert not in_flight.parent.exists()
+    assert os.listdir(tmp_path) == []
+
+
 def _fail_json_writes(monkeypatch, exc):
     from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
@@ -209,8 +256,10 @@ def test_disk_full_in_background_save_is_clear_and_keeps_earlier(tmp_path, monke
         mngr.wait()
     assert str(tmp_path / "2") in str(info.value) and "[1]" in str(info.value)
     monkeypatch.undo()
-    assert mngr.all_steps() == [1] and sorted(os.listdir(tmp_path)) == ["1"]
+    # (and this manager's writer record, `.jaxckpt-writer.HOST.PID`, until it closes)
+    assert mngr.all_steps() == [1] and sorted(p for p in os.listdir(tmp_path) if p[0] != ".") == ["1"]
     mngr.close()
+    assert sorted(os.listdir(tmp_path)) == ["1"]
     with CheckpointManager(tmp_path, best_metric="loss") as mngr:
         mngr.save(2, _state(seed=3), metrics={"loss": 0.5})  # the failed step can be saved again
         _assert_same(mngr.restore(_abstract(_state()), step=2), _state(seed=3))
@@ -253,7 +302,7 @@ def _flip_array_bytes(step_dir, array):
     assert hits, f"the bytes of the array are in no data file under {step_dir}"
 
 
-def test_flipped_byte_in_an_array_fails_its_checksum(tmp_path):
+def test_flipped_byte_in_an_array_fails_its_checksum(tmp_path, writer):
     # 16 KiB: small values are inlined in OCDBT's b-tree nodes, which tensorstore checks itself;
     # larger ones go to data files that nothing but our checksum checks.
     state = {"params": {"big": jnp.arange(4096.0).reshape(64, 64)}, "step": jnp.asarray(3)}
@@ -267,7 +316,7 @@ def test_flipped_byte_in_an_array_fails_its_checksum(tmp_path):
             mngr.verify(1)
 
 
-def test_truncated_data_file_raises_naming_directory(tmp_path):
+def test_truncated_data_file_raises_naming_directory(tmp_path, writer):
     state = _state()
     with CheckpointManager(tmp_path) as mngr:
         mngr.save(1, state)
@@ -295,7 +344,7 @@ def test_checksum_catches_silently_changed_values(tmp_path, monkeypatch):
     _assert_same(restored, state)
 
 
-def test_fallback_moves_corrupt_aside_and_restores_previous(tmp_path):
+def test_fallback_moves_corrupt_aside_and_restores_previous(tmp_path, writer):
     first, second = _state(seed=1), _state(seed=2)
     with CheckpointManager(tmp_path, max_to_keep=3) as mngr:
         mngr.save(1, first)

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -317,3 +318,31 @@ def test_plan_of_a_weights_file_with_other_names_points_to_rename(setup, capsys,
     assert "enc/kernel" in err and "--config.checkpoint.rename=" in err
     assert cli.main(args + [r"--config.checkpoint.rename=enc\.weight=>encoder/kernel"]) == 0
     assert "loaded 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_verify_and_inspect_name_a_damaged_step(tmp_path, capsys, how):
+    from tests.formats_test import NEWEST
+
+    run = shutil.copytree(NEWEST, tmp_path / "run")
+    for data in (run / "checkpoints" / "4" / "state" / "d").iterdir():
+        raw = bytearray(data.read_bytes())
+        if how == "flip":
+            for at in range(64, len(raw), 97):  # bytes inside the arrays, not only in one header
+                raw[at] ^= 0xFF
+        else:
+            raw = raw[: len(raw) // 2]
+        data.write_bytes(bytes(raw))
+    assert cli.main(["verify", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "step 2: ok: " in out and "step 6: ok: " in out and "xxh3_64 checksum (format 2" in out
+    (line,) = [x for x in out.splitlines() if x.startswith("step 4: ")]
+    assert line.startswith("step 4: CORRUPT: ") and str(run / "checkpoints" / "4") in line
+    if how == "flip":
+        assert "params/" in line or "opt_state/" in line  # names the arrays whose bytes changed
+    assert "1 of 3 step(s)" in out
+    assert cli.main(["inspect", str(run), "--step", "4"]) == 1
+    assert "integrity of step 4: CORRUPT" in capsys.readouterr().out
+    assert cli.main(["inspect", str(run), "--step", "6"]) == 0
+    assert "integrity of step 6: ok" in capsys.readouterr().out
+    assert cli.main(["verify", str(run / "checkpoints" / "6")]) == 0

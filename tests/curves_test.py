@@ -1,6 +1,9 @@
 """Tests for jaxckpt.runner.curves: curves.png drawn from metrics.jsonl."""
 
 
+import os
+import stat
+
 import pytest
 
 from jaxckpt.runner import curves, writers
@@ -32,3 +35,18 @@ def test_plot_curves_with_no_or_only_train_points(tmp_path, content):
     path.write_text(content)
     out = curves.plot_curves(path, tmp_path / "curves.png", main_metric="f1")
     assert _is_png(out)
+
+
+def test_curves_follow_the_umask_and_a_killed_plot_leaves_no_temporary_for_long(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with writers.JsonlWriter(path) as writer:
+        writer.write(1, "train", {"loss": 1.0})
+    stale = tmp_path / ".curves.png.k1ll3d.tmp"  # what a plot killed mid-write leaves
+    stale.write_bytes(b"half a png")
+    old = os.umask(0o022)
+    try:
+        out = curves.plot_curves(path, tmp_path / "curves.png")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # mkstemp's 0600 made it private
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.jsonl"]

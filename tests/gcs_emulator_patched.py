@@ -20,7 +20,8 @@ import argparse
 import functools
 import json
 import logging
-from http import HTTPStatus, server as http_server
+from http import HTTPStatus
+from http import server as http_server
 
 from gcp_storage_emulator import server as emulator_server
 from gcp_storage_emulator.exceptions import NotFound

@@ -9,12 +9,11 @@ import urllib.request
 import jax
 import jax.numpy as jnp
 import numpy as np
+import object_store
 import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 from etils import epath
-
-import object_store
 
 COMMIT_FILE = ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
 

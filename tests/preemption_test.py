@@ -132,10 +132,12 @@ def reference(tmp_path_factory, data_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_saves_exits_75_and_rerun_matches(tmp_path, data_dir, reference, signum):
+@pytest.mark.parametrize("signum, async_save", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGTERM, True)],
+                         ids=["SIGTERM", "SIGINT", "SIGTERM-async"])
+def test_signal_saves_exits_75_and_rerun_matches(tmp_path, data_dir, reference, signum, async_save):
+    # async_save=True is the default: the saves in flight when the signal comes are committed too.
     workdir = tmp_path / "run"
-    args = cli_args(tiny_config(data_dir, **TRAIN), workdir)
+    args = cli_args(tiny_config(data_dir, **{**TRAIN, "checkpoint.async_save": async_save}), workdir)
     run = Running(args)
     run.wait_for(r"step 50/")
     run.proc.send_signal(signum)

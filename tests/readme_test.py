@@ -72,3 +72,20 @@ def test_bring_your_own_task_example_trains_and_resumes(tmp_path):
     assert "resuming from this workdir's latest checkpoint, step 300" in log
     steps = sorted(int(p.name) for p in (tmp_path / "runs" / "sine" / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [100, 200, 300]
+
+
+def test_plain_orbax_snippets_run_from_the_repository_root_as_written(tmp_path):
+    # Orbax refuses relative paths: the snippets must work from where README commands run (the
+    # repository root, with runs/digits from the first command). A format fixture stands in for it.
+    import shutil
+
+    snippet = re.search(r"^```\n(import os, jax.*?ocp\.PyTreeCheckpointer\(\).*?)^```", README, flags=re.S | re.M).group(1)
+    composite = re.search(r"\(`(ocp\.CheckpointManager\(.*?\))`", README).group(1)
+    fixture = ROOT / "tests" / "fixtures" / "formats" / "v0.1.0-45c96e5" / "checkpoints" / "6"
+    shutil.copytree(fixture, tmp_path / "runs" / "digits" / "checkpoints" / "600")
+    code = snippet + f"\nprint(sorted(params))\nrestored = {composite}\nprint(sorted(restored.state['params']))\n"
+    env = {**os.environ, "XLA_FLAGS": ""}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-2:] == ["['encoder', 'fusion', 'head']"] * 2

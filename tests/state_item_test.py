@@ -101,7 +101,7 @@ def test_a_damaged_chunk_is_an_error_not_garbage(tmp_path):
 
 
 @pytest.mark.parametrize("tree", [
-    {"a.b": jnp.ones(2)},  # Orbax's names join keys with "."
+    {"a.b": jnp.ones(2), "a": {"b": jnp.zeros(2)}},  # both named "a.b" once keys are joined with "."
     {"a": 3},  # a Python scalar
     {"a": np.ones(2, np.complex64)},  # a dtype this writer does not name
 ])
@@ -111,6 +111,24 @@ def test_orbax_saves_what_this_writer_does_not(tmp_path, tree):
         manager.save(1, tree)
     assert state_item.layout_arrays(tmp_path / "1" / "state") is None
     assert (tmp_path / "1" / "state" / "_METADATA").exists()
+
+
+def test_keys_with_dots_take_the_fast_writer_and_plain_orbax_reads_them(tmp_path):
+    # lr_multipliers label optimizer state "x0.1": such a state must keep the fast (background) path.
+    tree = {"opt_state": {"x0.1": {"mu": jnp.arange(6.0)}, "train": {"mu": jnp.ones(3)}}, "step": jnp.int32(2)}
+    assert state_item.unwritable(tree) is None
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(1, tree)
+    item = tmp_path / "1" / "state"
+    assert state_item.layout_arrays(item) is not None  # written by the fast writer
+    ckptr = ocp.PyTreeCheckpointer()
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), ckptr.metadata(item).item_metadata.tree)
+    restored = ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    np.testing.assert_array_equal(restored["opt_state"]["x0.1"]["mu"], np.arange(6.0))
+    with CheckpointManager(tmp_path, read_only=True) as manager:
+        manager.verify(1)
+        np.testing.assert_array_equal(manager.restore(jax.eval_shape(lambda: tree))["opt_state"]["x0.1"]["mu"],
+                                      np.arange(6.0))
 
 
 def test_async_save_keeps_the_values_of_donated_arrays(tmp_path):
@@ -134,3 +152,35 @@ def manager_restore(directory):
 def test_bfloat16_name_round_trips():
     assert state_item.dtype_of("bfloat16") == np.dtype(ml_dtypes.bfloat16)
     assert state_item.dtype_of("<f4") == np.float32
+
+
+def _raise_import_error():
+    raise ImportError("No module named 'orbax.checkpoint._src.futures'")
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("env", "JAXCKPT_FAST_WRITER=0"),
+    ("version", "orbax-checkpoint 0.13.0 is outside the range the fast writer is tested with (>=0.12.8,<0.13)"),
+    ("import", "Orbax internals it needs are gone (ImportError"),
+])
+def test_the_fast_writer_steps_aside_and_orbax_writes_the_same_files(tmp_path, monkeypatch, caplog, how, reason):
+    if how == "env":
+        monkeypatch.setenv(state_item.FAST_WRITER_ENV, "0")
+    elif how == "version":
+        monkeypatch.setattr(ocp, "__version__", "0.13.0")
+    else:
+        monkeypatch.setattr(state_item, "_orbax_internals", _raise_import_error)
+    assert reason in state_item.fast_writer_off()
+    tree = {"params": {"w": jnp.arange(12.0).reshape(3, 4)}, "step": jnp.int32(1)}
+    with caplog.at_level("INFO", logger="jaxckpt"):
+        with CheckpointManager(tmp_path) as manager:  # async_save=True: through Orbax's async path
+            manager.save(1, tree)
+            assert manager.info(1)["writer"] == "orbax"
+    assert reason in caplog.text
+    item = tmp_path / "1" / "state"
+    assert state_item.layout_arrays(item) is None  # not the fast layout, but the same checksums
+    assert set(state_item.checkable(state_item.read_custom_metadata(item))) == {"params/w", "step"}
+    with CheckpointManager(tmp_path, read_only=True) as manager:
+        manager.verify(1)
+        restored = manager.restore(jax.eval_shape(lambda: tree))
+    np.testing.assert_array_equal(restored["params"]["w"], np.arange(12.0).reshape(3, 4))

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import jaxckpt
+from jaxckpt import errors
 from jaxckpt.checkpoint import stepdir
 from jaxckpt.checkpoint.manager import CheckpointManager
 from jaxckpt.train.state import TrainState
@@ -38,7 +39,7 @@ def test_read_state_metadata_gives_shapes_and_dtypes_by_path(step_dir):
 
 
 def test_read_state_metadata_of_an_empty_directory_names_it(tmp_path):
-    with pytest.raises(stepdir.CheckpointCorruptError, match=r"Cannot read the array metadata of .*state") as e:
+    with pytest.raises(errors.CheckpointCorruptError, match=r"Cannot read the array metadata of .*state") as e:
         stepdir.read_state_metadata(tmp_path)
     assert str(tmp_path) in str(e.value) and "restore another step" in str(e.value)
     assert e.value.step_dir == tmp_path
@@ -47,7 +48,7 @@ def test_read_state_metadata_of_an_empty_directory_names_it(tmp_path):
 def test_read_state_metadata_of_a_damaged_state_item_names_it(tmp_path):
     (tmp_path / stepdir.STATE_ITEM).mkdir()
     (tmp_path / stepdir.STATE_ITEM / "_METADATA").write_text("{not json")
-    with pytest.raises(stepdir.CheckpointCorruptError, match="incomplete or damaged") as e:
+    with pytest.raises(errors.CheckpointCorruptError, match="incomplete or damaged") as e:
         stepdir.read_state_metadata(tmp_path)
     assert str(tmp_path / stepdir.STATE_ITEM) in str(e.value)
 

@@ -1,8 +1,10 @@
 """Tests for jaxckpt.weights.zoo (list / resolve) and jaxckpt.runner.publish: named, self-contained checkpoints."""
 
 import json
+import os
 import pathlib
 import shutil
+import stat
 
 import jax
 import numpy as np
@@ -66,6 +68,17 @@ def test_publish_latest_by_default(tmp_path, zoo_root):
     assert json.loads((zoo_root / "tiny" / "config.json").read_text())["task"] == "tests.tiny"
 
 
+def test_a_published_entry_follows_the_umask(tmp_path, zoo_root):
+    # mkdtemp stages entries with mode 0700: the renamed entry must be as readable as a mkdir'd one.
+    run = _make_run(tmp_path / "run", [0.5])
+    old = os.umask(0o022)
+    try:
+        zoo.publish(run, "shared")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((zoo_root / "shared").stat().st_mode) == 0o755
+
+
 @pytest.mark.parametrize("step, expected", [("best", 20), (10, 10), ("latest", 30)])
 def test_publish_selects_step(tmp_path, zoo_root, step, expected):
     run = _make_run(tmp_path / "run", [0.5, 0.2, 0.4])
@@ -118,7 +131,7 @@ def test_list_entries_and_resolve(tmp_path, zoo_root):
     assert [(e["name"], e["step"]) for e in entries] == [("a-model", 20), ("b-model", 10)]
     assert entries[1]["path"] == str(zoo_root / "b-model" / "checkpoints" / "10")
     assert zoo.resolve("zoo:b-model") == zoo_root / "b-model" / "checkpoints" / "10"
-    assert zoo.resolve("runs/x") == pathlib.Path("runs/x")
+    assert zoo.resolve("runs/x") == pathlib.Path("runs/x").absolute()
     assert zoo.resolve(tmp_path) == tmp_path
 
 

@@ -24,8 +24,9 @@ Reading a step with plain Orbax, without jaxckpt, on any number of devices:
     state = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
     params = state["params"]
 
-One process writes a directory through one `CheckpointManager` at a time: opening one removes the
-leftovers of a save that was killed mid-way, which would break a save in flight elsewhere.
+One process writes a directory through one `CheckpointManager` at a time. Opening one removes the
+leftovers of a save that was killed mid-way only when no other writer of the directory may be
+alive (`jaxckpt.checkpoint.writers`).
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ from __future__ import annotations
 import datetime
 import errno
 import json
+import logging
 import os
 import pathlib
 import shutil
 import threading
 import time
 import warnings
+import weakref
 from typing import Any, Mapping
 
 import flax.serialization
@@ -46,7 +49,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxckpt.checkpoint import state_item
+from jaxckpt.checkpoint import formats, state_item, storage, writers
 from jaxckpt.checkpoint.retention import RetentionPolicy
 from jaxckpt.checkpoint.stepdir import (
     CORRUPT_DIR,
@@ -63,7 +66,8 @@ from jaxckpt.checkpoint.stepdir import (
 from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError, CheckpointSaveError
 from jaxckpt.types import PyTree
 
-_TMP_MARK = ".orbax-checkpoint-tmp"
+_TMP_MARK = writers.TMP_MARK
+log = logging.getLogger("jaxckpt")
 _SETTLE_SECONDS = 10.0
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -144,8 +148,7 @@ class CheckpointManager:
           ValueError: for an inconsistent retention setting (e.g. `max_to_keep=0`).
           CheckpointNotFoundError: if `read_only` and the directory does not exist.
         """
-        self._policy = RetentionPolicy(max_to_keep, keep_best, best_metric, best_mode, keep_every_steps)
-        self._directory = pathlib.Path(directory).expanduser().absolute()
+        self._directory = storage.local_path(directory)
         self._async = async_save
         self._read_only = read_only
         if read_only and not self._directory.is_dir():
@@ -153,13 +156,27 @@ class CheckpointManager:
                 f"Checkpoint directory {self._directory} does not exist; expected a directory holding "
                 "<step>/ folders (e.g. WORKDIR/checkpoints)."
             )
-        if not read_only:
-            self._remove_unfinished_saves()
+        if read_only and best_metric is None:  # the rule the steps were ranked by, recorded since format 2
+            best_metric, best_mode = formats.recorded_best(self._directory, best_mode)
+        self._policy = RetentionPolicy(max_to_keep, keep_best, best_metric, best_mode, keep_every_steps)
+        self._unregister = None
+        if not read_only and jax.process_index() == 0:
+            self._directory.mkdir(parents=True, exist_ok=True)
+            writers.remove_unfinished_saves(self._directory)
+            # Dropped by close(), or when the manager is collected or the interpreter exits.
+            self._unregister = weakref.finalize(self, writers.unregister, writers.register(self._directory))
         self._pending: int | None = None
+        # The fast writer (`state_item.write`) unless it is off (an untested Orbax, JAXCKPT_FAST_WRITER=0):
+        # then Orbax's own handler writes the same files.
+        off = state_item.fast_writer_off()
+        self._fast = off is None
+        if off is not None and not read_only:
+            log.info("saving through Orbax's PyTree handler (the same files, slower for many small leaves): %s", off)
+        self._slow_noted = False
         # One process: an async save is a host snapshot, then Orbax's synchronous save on our own
         # thread (Orbax's async path blocked ~40 ms per save here, starting nine threads); several
-        # processes: Orbax's async path, which coordinates them.
-        self._own_thread = async_save and jax.process_count() == 1
+        # processes, or Orbax's handler: Orbax's async path.
+        self._own_thread = async_save and jax.process_count() == 1 and self._fast
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
         self._metrics: dict[int, dict[str, Any] | None] = {}
@@ -177,23 +194,21 @@ class CheckpointManager:
             # Plain Orbax's PyTree format without zstd (trained float weights shrink by <10% under
             # it, while compressing cost more than the disk write), written in one transaction.
             # Never copies: an async save hands it a snapshot, and several processes go through Orbax.
-            STATE_ITEM: state_item.StateItemHandler(copy_arrays=False),
+            STATE_ITEM: state_item.StateItemHandler(copy_arrays=False, fast=self._fast),
             EXTRA_ITEM: ocp.JsonCheckpointHandler(),
             INFO_ITEM: ocp.JsonCheckpointHandler(),
         }
         self._mngr = ocp.CheckpointManager(self._directory, options=options, item_handlers=handlers)
 
-    def _remove_unfinished_saves(self) -> None:
-        """Deletes what a killed save left behind; Orbax never lists these as steps."""
-        if jax.process_index() != 0 or not self._directory.is_dir():
-            return
-        for leftover in self._directory.glob(f"*{_TMP_MARK}*"):
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
-
     @property
     def directory(self) -> pathlib.Path:
         """The directory holding the step directories."""
         return self._directory
+
+    @property
+    def read_only(self) -> bool:
+        """Whether this manager only reads (it then saves, deletes and moves nothing)."""
+        return self._read_only
 
     @property
     def policy(self) -> RetentionPolicy:
@@ -240,14 +255,21 @@ class CheckpointManager:
             )
         tree = flax.serialization.to_state_dict(state)
         metrics = _metrics_ready(metrics)
+        slow = state_item.unwritable(tree) if self._fast else "the fast writer is off"
+        background = self._own_thread and slow is None
+        if self._own_thread and slow is not None and not self._slow_noted:
+            self._slow_noted = True
+            log.warning("async_save=True, but this state is saved synchronously on the calling thread: %s", slow)
         info = {
-            "format": 1,
+            "format": formats.FORMAT,
             "jaxckpt_version": library_version(),
             "jax_version": jax.__version__,
             "orbax_version": ocp.__version__,
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "writer": "fast" if slow is None else "orbax",
+            "best_metric": self._policy.best_metric,
+            "best_mode": self._policy.best_mode,
         }
-        background = self._own_thread and state_item.can_write(tree)
         if background:
             tree = state_item.snapshot(tree)  # the only copy; the caller may donate `state` next
         args = ocp.args.Composite(
@@ -424,10 +446,7 @@ class CheckpointManager:
         first = self._resolve_step(step)
         if not fallback or not isinstance(step, str):
             return self._restore_step(target, first, verify)
-        if step == "best":
-            candidates = self._policy.ranked_best(self._metrics_by_step())
-        else:
-            candidates = self.all_steps()[::-1]
+        candidates = self.candidates(step)
         errors = []
         for candidate in candidates[candidates.index(first) :]:
             try:
@@ -441,6 +460,12 @@ class CheckpointManager:
             + "\n".join(errors),
             self._directory,
         )
+
+    def candidates(self, which: str) -> list[int]:
+        """Steps in the order a fallback tries them: "latest" newest first, "best" best first."""
+        if which == "best":
+            return self._policy.ranked_best(self._metrics_by_step())
+        return self.all_steps()[::-1]
 
     def _restore_step(self, target: PyTree, step: int, verify: bool) -> PyTree:
         restored = read_state(self.step_dir(step), flax.serialization.to_state_dict(target), verify=verify)
@@ -481,6 +506,8 @@ class CheckpointManager:
             self.wait()
         finally:
             self._mngr.close()
+            if self._unregister is not None:
+                self._unregister()
 
     def __enter__(self) -> "CheckpointManager":
         return self

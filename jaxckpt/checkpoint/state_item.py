@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import json
 import os
 import pathlib
+import re
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -40,11 +42,10 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 import xxhash
 from etils import epath
-from orbax.checkpoint._src.futures import future as ocp_future
-from orbax.checkpoint._src.metadata import sharding as ocp_sharding
 
 from jaxckpt.checkpoint import shard_checksums
-from jaxckpt.errors import ChecksumMismatch
+from jaxckpt.checkpoint.formats import FORMAT
+from jaxckpt.errors import ChecksumMismatch, ChunkSizeMismatch
 from jaxckpt.tree import treepath
 from jaxckpt.types import PyTree
 
@@ -64,6 +65,45 @@ _DIRECT_BYTES = 1 << 20
 _READ_AHEAD_BYTES = 32 << 20
 _OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000}
 _ZARR_DTYPES = {np.dtype(ml_dtypes.bfloat16): "bfloat16"}
+
+
+TESTED_ORBAX = ((0, 12, 8), (0, 13))
+"""The orbax-checkpoint versions [low, high) the fast writer is tested with (it uses Orbax internals)."""
+FAST_WRITER_ENV = "JAXCKPT_FAST_WRITER"
+"""Set to 0 to save through Orbax's own PyTree handler (the same files, slower for many small leaves)."""
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+@functools.cache
+def _orbax_internals() -> tuple[Any, Any]:
+    """Orbax's private future and sharding-metadata modules, which the fast writer needs."""
+    from orbax.checkpoint._src.futures import future
+    from orbax.checkpoint._src.metadata import sharding
+
+    _ = future.CommitFutureAwaitingContractedSignals, sharding.from_jax_sharding  # fail here if renamed
+    return future, sharding
+
+
+def fast_writer_off() -> str | None:
+    """Why saves go through Orbax's own handler instead of `write`, or None if `write` may be used.
+
+    `write` relies on Orbax internals, so it is used only with the Orbax versions it is tested with
+    and only if those internals import; `JAXCKPT_FAST_WRITER=0` turns it off.
+    """
+    if os.environ.get(FAST_WRITER_ENV, "1").strip() == "0":
+        return f"{FAST_WRITER_ENV}=0"
+    low, high = TESTED_ORBAX
+    if not low <= _version(ocp.__version__) < high:
+        return (f"orbax-checkpoint {ocp.__version__} is outside the range the fast writer is tested with "
+                f"(>={'.'.join(map(str, low))},<{'.'.join(map(str, high))})")
+    try:
+        _orbax_internals()
+    except (ImportError, AttributeError) as e:
+        return f"Orbax internals it needs are gone ({type(e).__name__}: {e})"
+    return None
 
 
 def _zarr_dtype(dtype: np.dtype) -> str | None:
@@ -122,20 +162,39 @@ def snapshot(tree: PyTree) -> PyTree:
 
 def can_write(tree: PyTree) -> bool:
     """Whether `write` supports `tree` (else Orbax's handler must save it)."""
-    if jax.process_count() != 1 or not isinstance(tree, Mapping):
-        return False
+    return unwritable(tree) is None
+
+
+def unwritable(tree: PyTree) -> str | None:
+    """Why `write` cannot save `tree` (then Orbax's handler does), or None if it can.
+
+    Keys may hold `.` (optimizer labels like `x0.1` do): each array's name is its keys joined with
+    `.`, as Orbax names them, so only two leaves whose joined names collide are refused.
+    """
+    if jax.process_count() != 1:
+        return "several processes save it"
+    if not isinstance(tree, Mapping):
+        return f"the state is a {type(tree).__name__}, not nested dicts"
+    names = set()
     for keys, leaf in _walk(tree):
-        if not keys or any(not isinstance(k, str) or not k or "." in k or "/" in k for k in keys):
-            return False
+        shown = "/".join(map(str, keys))
+        if not keys or any(not isinstance(k, str) or not k or "/" in k for k in keys):
+            return f"the key path {keys!r} holds an empty, non-string or '/' key"
+        name = ".".join(keys)
+        if name in names:
+            return f"two leaves are both named {name!r} once their keys are joined with '.'"
+        names.add(name)
         if leaf is None or (isinstance(leaf, Mapping) and not leaf):
             continue
         if isinstance(leaf, HostArray):
             leaf = leaf.array
-        if not _is_array(leaf) or 0 in np.shape(leaf) or _zarr_dtype(leaf.dtype) is None:
-            return False
+        if not _is_array(leaf):
+            return f"{shown} is a {type(leaf).__name__}, not an array"
+        if 0 in np.shape(leaf) or _zarr_dtype(leaf.dtype) is None:
+            return f"{shown} has zero size or a dtype ({leaf.dtype}) zarr v2 cannot name"
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            return False
-    return True
+            return f"{shown} is not fully addressable from this process"
+    return None
 
 
 def to_host(tree: PyTree, *, copy: bool = True) -> dict[tuple[str, ...], Any]:
@@ -262,7 +321,7 @@ def write(item_dir: os.PathLike | str, host: Mapping[tuple[str, ...], Any],
             continue
         leaf = np.require(leaf, requirements="C")  # (ascontiguousarray would make 0-d arrays 1-d)
         written["/".join(keys)] = leaf
-        if sharding is not None and (serialized := ocp_sharding.from_jax_sharding(sharding)) is not None:
+        if sharding is not None and (serialized := _orbax_internals()[1].from_jax_sharding(sharding)) is not None:
             shardings[base64.urlsafe_b64encode(name.encode()).decode()] = serialized.to_serialized_string()
         if leaf.nbytes > _DIRECT_BYTES:
             spec = {"driver": "zarr", "kvstore": {**_kvstore_spec(item_dir), "path": name + "/"},
@@ -280,7 +339,8 @@ def write(item_dir: os.PathLike | str, host: Mapping[tuple[str, ...], Any],
         f.result()
     txn.commit_async().result()
     custom = dict(custom_metadata or {})
-    custom[CUSTOM_KEY] = {**custom.get(CUSTOM_KEY, {}), "layout": LAYOUT, "checksum": CHECKSUM, "arrays": arrays}
+    custom[CUSTOM_KEY] = {**custom.get(CUSTOM_KEY, {}), "format": FORMAT, "layout": LAYOUT, "checksum": CHECKSUM,
+                          "arrays": arrays}
     _write_json(item_dir / _SHARDING_FILE, shardings)
     _write_json(item_dir / _METADATA_FILE, {
         "tree_metadata": tree_metadata, "use_ocdbt": True, "use_zarr3": False,
@@ -296,16 +356,30 @@ def _write_json(path: pathlib.Path, data: Any) -> None:
 
 
 def read_custom_metadata(item_dir: os.PathLike | str) -> dict[str, Any]:
-    """`_METADATA["custom_metadata"]` of an item ({} if absent or unreadable)."""
+    """`_METADATA["custom_metadata"]` of an item ({} if there is no `_METADATA`).
+
+    Raises:
+      json.JSONDecodeError: if `_METADATA` does not parse (proof of damage, see `integrity`).
+      OSError: if it cannot be read (which proves nothing: the caller classifies it).
+    """
+    path = pathlib.Path(item_dir) / _METADATA_FILE
     try:
-        with open(pathlib.Path(item_dir) / _METADATA_FILE) as f:
+        with open(path) as f:
             return json.load(f).get("custom_metadata") or {}
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return {}
+    except json.JSONDecodeError as e:  # the message names the file
+        raise json.JSONDecodeError(f"{path} does not parse: {e.msg}", e.doc, e.pos) from None
+
+
+def checkable(custom_metadata: Mapping[str, Any]) -> dict[str, list]:
+    """The recorded `{path: [hash, dtype, shape]}` if this release knows their algorithm, else {}."""
+    record = custom_metadata.get(CUSTOM_KEY) or {}
+    return record.get("arrays", {}) if record.get("checksum") == CHECKSUM else {}
 
 
 def layout_arrays(item_dir: os.PathLike | str) -> dict[str, list] | None:
-    """`{path: [xxh3_64, dtype, shape]}` of an item this module wrote; None for any other item."""
+    """`{path: [hash, dtype, shape]}` of an item this module wrote; None for any other item."""
     record = read_custom_metadata(item_dir).get(CUSTOM_KEY) or {}
     return record.get("arrays") if record.get("layout") == LAYOUT else None
 
@@ -327,13 +401,16 @@ def read_arrays(item_dir: os.PathLike | str, wanted: Mapping[str, tuple[Any, Any
 
     Raises:
       KeyError: if a path is not an array of the item.
-      ValueError: if a stored chunk has the wrong size (a damaged file).
-      ChecksumMismatch: with `check`, naming every array whose bytes changed.
+      ChunkSizeMismatch: if a stored chunk has the wrong size (a damaged file).
+      ChecksumMismatch: with `check`, naming every array whose bytes changed. Hashes of an
+        algorithm this release does not know (CRC-32C before 0.1.0) are not checked.
     """
     item_dir = pathlib.Path(item_dir)
+    custom = read_custom_metadata(item_dir)
     arrays = layout_arrays(item_dir)
     if arrays is None:
         raise ValueError(f"{item_dir} was not written by jaxckpt.state_item; read it with Orbax.")
+    check = check and bool(checkable(custom))
     context = ts.Context({"file_io_concurrency": {"limit": 128}})
     kvstore = ts.KvStore.open(_kvstore_spec(item_dir), context=context).result()
 
@@ -351,19 +428,31 @@ def read_arrays(item_dir: os.PathLike | str, wanted: Mapping[str, tuple[Any, Any
 
     # Reads go on in tensorstore's threads ahead of this loop, up to a bounded number of bytes, so
     # host memory stays near the restored state itself however large it is.
-    out, bad, queue, in_flight = {}, [], list(wanted), {}
+    out, bad, failed, queue, in_flight = {}, [], {}, list(wanted), {}
     budget = 0
     for path in wanted:
         while queue and (not in_flight or budget + _nbytes(arrays[queue[0]]) <= _READ_AHEAD_BYTES):
             budget += _nbytes(arrays[queue[0]])
-            in_flight[queue[0]] = start(queue[0])
+            try:
+                in_flight[queue[0]] = start(queue[0])
+            except Exception as e:  # noqa: BLE001 (an open that failed: reported with the reads below)
+                in_flight[queue[0]] = (e, None)
             queue.pop(0)
         pending, into = in_flight.pop(path)
         budget -= _nbytes(arrays[path])
         crc, dtype, shape = arrays[path]
-        result = pending.result()
-        stored = into if into is not None else _as_array(path, result, dtype_of(dtype), tuple(shape))
-        del pending, result, into
+        try:
+            if isinstance(pending, Exception):
+                raise pending
+            result = pending.result()
+            stored = into if into is not None else _as_array(path, result, dtype_of(dtype), tuple(shape))
+        except Exception as e:  # noqa: BLE001 (re-raised below, naming every array that failed)
+            if not check:
+                raise
+            failed[path] = e
+            continue
+        finally:
+            del pending, into
         if check and _checksum(stored) != crc:
             bad.append(path)
         cast, sharding = wanted[path]
@@ -372,6 +461,14 @@ def read_arrays(item_dir: os.PathLike | str, wanted: Mapping[str, tuple[Any, Any
         if keep:
             out[path] = stored if sharding is None else jax.device_put(stored, sharding)
         del stored
+    if failed:  # the first error decides what it means (see `integrity`); the message names them all
+        first = next(iter(failed.values()))
+        names = ", ".join(list(failed)[:5]) + (", ..." if len(failed) > 5 else "")
+        try:
+            named = type(first)(f"{len(failed)} array(s) could not be read ({names}): {first}")
+        except Exception:  # noqa: BLE001 (a type that takes other arguments: raise it as it is)
+            raise first from None
+        raise named from first
     if bad:
         raise ChecksumMismatch(bad)
     return out
@@ -396,7 +493,8 @@ def _as_array(path: str, result: Any, dtype: np.dtype, shape: tuple[int, ...]) -
         return result
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if result.state != "value" or len(result.value) != expected:
-        raise ValueError(f"the stored chunk of {path} holds {len(result.value)} bytes, expected {expected}")
+        size = len(result.value) if result.state == "value" else 0
+        raise ChunkSizeMismatch(f"the stored chunk of {path} holds {size} bytes, expected {expected}")
     return np.frombuffer(bytearray(result.value), dtype).reshape(shape)
 
 
@@ -408,16 +506,20 @@ class StateItemHandler(ocp.PyTreeCheckpointHandler):
     restores the item with `args=ocp.args.Composite(state=ocp.args.PyTreeRestore(...))`.
     """
 
-    def __init__(self, *, copy_arrays: bool = True):
+    def __init__(self, *, copy_arrays: bool = True, fast: bool | None = None):
         """Args:
           copy_arrays: copy device-aliased arrays before `async_save` returns (see `to_host`);
             a caller that waits for every save to finish before touching its arrays may pass False.
+          fast: save through `write` where it applies; None: unless `fast_writer_off()` says why not.
+            Either way the files and the checksums are the same.
         """
         super().__init__(use_compression=False)
         self._copy_arrays = copy_arrays
+        self._fast_writer = fast_writer_off() is None if fast is None else fast
 
     def _fast(self, args: Any) -> bool:
-        return args.save_args is None and not getattr(args, "partial_save_mode", False) and can_write(args.item)
+        return (self._fast_writer and args.save_args is None and not getattr(args, "partial_save_mode", False)
+                and can_write(args.item))
 
     async def async_save(self, directory: Any, item: Any = None, save_args: Any = None, args: Any = None):
         args = args or ocp.args.PyTreeSave(item, save_args=save_args)
@@ -429,7 +531,7 @@ class StateItemHandler(ocp.PyTreeCheckpointHandler):
             path = directory if isinstance(directory, epath.Path) else await directory.await_creation()
             write(pathlib.Path(path), host, args.custom_metadata)
 
-        return [ocp_future.CommitFutureAwaitingContractedSignals(commit(), name="jaxckpt_state_write")]
+        return [_orbax_internals()[0].CommitFutureAwaitingContractedSignals(commit(), name="jaxckpt_state_write")]
 
     def save(self, directory: Any, item: Any = None, save_args: Any = None, args: Any = None) -> None:
         args = args or ocp.args.PyTreeSave(item, save_args=save_args)
@@ -459,7 +561,8 @@ def _with_checksums(args: Any) -> Any:
     """Orbax's save path: the same checksums, computed now from what this process can see."""
     custom = dict(args.custom_metadata or {})
     flat = treepath.flatten(args.item)
-    custom[CUSTOM_KEY] = {"checksum": CHECKSUM, "arrays": checksums(flat)}
+    custom[CUSTOM_KEY] = {**custom.get(CUSTOM_KEY, {}), "format": FORMAT, "checksum": CHECKSUM,
+                          "arrays": checksums(flat)}
     shards = shard_checksums.record(flat)  # arrays sharded over processes: every shard, hashed where it lives
     if shards:
         custom[CUSTOM_KEY]["shards"] = shards

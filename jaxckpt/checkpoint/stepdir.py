@@ -6,21 +6,19 @@ See `jaxckpt.checkpoint` for the layout of a step directory.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.metadata
 import os
 import pathlib
 import sys
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxckpt.checkpoint import shard_checksums, state_item
-from jaxckpt.errors import CheckpointCorruptError
+from jaxckpt.checkpoint import formats, integrity, shard_checksums, state_item
 from jaxckpt.tree import treepath
 from jaxckpt.types import PyTree
 
@@ -49,19 +47,33 @@ def read_state_metadata(step_dir: os.PathLike | str) -> dict[str, jax.ShapeDtype
       `{"params/dense/kernel": jax.ShapeDtypeStruct(shape, dtype), ...}`, paths relative to the state.
 
     Raises:
-      CheckpointCorruptError: if the state's metadata is missing or unreadable.
+      CheckpointCorruptError: if the state's metadata is missing or does not parse.
+      CheckpointReadError: if it cannot be read for another reason (nothing proves damage).
+      CheckpointFormatError: if a newer jaxckpt wrote the step.
     """
-    arrays = state_item.layout_arrays(pathlib.Path(step_dir) / STATE_ITEM)
-    if arrays is not None:  # recorded in _METADATA: no tensorstore open per array
-        return {p: jax.ShapeDtypeStruct(tuple(shape), state_item.dtype_of(dtype)) for p, (_, dtype, shape) in arrays.items()}
-    tree = state_tree_metadata(step_dir)
-    return {p: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)) for p, m in treepath.flatten(tree).items()}
+    def read() -> dict[str, jax.ShapeDtypeStruct]:
+        formats.check_readable(step_dir)
+        arrays = state_item.layout_arrays(pathlib.Path(step_dir) / STATE_ITEM)
+        if arrays is not None:  # recorded in _METADATA: no tensorstore open per array
+            return {p: jax.ShapeDtypeStruct(tuple(shape), state_item.dtype_of(dtype))
+                    for p, (_, dtype, shape) in arrays.items()}
+        tree = _orbax_tree_metadata(step_dir)
+        return {p: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)) for p, m in treepath.flatten(tree).items()}
+
+    return integrity.read_step(step_dir, read, what="the array metadata")
 
 
 def saved_checksums(step_dir: os.PathLike | str) -> dict[str, list]:
-    """`{path: [xxh3_64, dtype, shape]}` recorded when the step was saved ({} if none was)."""
-    record = state_item.read_custom_metadata(pathlib.Path(step_dir) / STATE_ITEM).get(state_item.CUSTOM_KEY) or {}
-    return record.get("arrays", {}) if record.get("checksum") == state_item.CHECKSUM else {}
+    """`{path: [xxh3_64, dtype, shape]}` recorded when the step was saved.
+
+    {} if none was, or if they were computed by an algorithm this release does not check (CRC-32C in
+    builds before 0.1.0): such a step is read without the check, never taken for corrupt.
+    """
+    return state_item.checkable(state_item.read_custom_metadata(pathlib.Path(step_dir) / STATE_ITEM))
+
+
+def _orbax_tree_metadata(step_dir: os.PathLike | str) -> PyTree:
+    return ocp.PyTreeCheckpointHandler().metadata(epath.Path(pathlib.Path(step_dir) / STATE_ITEM)).tree
 
 
 def saved_shard_checksums(step_dir: os.PathLike | str) -> dict[str, dict[str, Any]]:
@@ -71,16 +83,13 @@ def saved_shard_checksums(step_dir: os.PathLike | str) -> dict[str, dict[str, An
 
 
 def state_tree_metadata(step_dir: os.PathLike | str) -> PyTree:
-    """Orbax's metadata tree of a step's state (nested dicts of `ArrayMetadata`)."""
-    path = pathlib.Path(step_dir) / STATE_ITEM
-    try:
-        return ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
-    except Exception as e:
-        raise CheckpointCorruptError(
-            f"Cannot read the array metadata of {path}: {type(e).__name__}: {e}. The step directory is "
-            "incomplete or damaged; restore another step.",
-            step_dir,
-        ) from e
+    """Orbax's metadata tree of a step's state (nested dicts of `ArrayMetadata`).
+
+    Raises:
+      CheckpointCorruptError: if the metadata is missing or does not parse.
+      CheckpointReadError: if it cannot be read for another reason.
+    """
+    return integrity.read_step(step_dir, lambda: _orbax_tree_metadata(step_dir), what="the array metadata")
 
 
 def read_json_item(step_dir: os.PathLike | str, item: str) -> dict[str, Any] | None:
@@ -98,14 +107,6 @@ def read_json_item(step_dir: os.PathLike | str, item: str) -> dict[str, Any] | N
 def _readable_fast(item_dir: pathlib.Path) -> bool:
     """Whether `state_item.read_arrays` may read an item (it wrote it, and one process reads)."""
     return state_item.layout_arrays(item_dir) is not None and jax.process_count() == 1
-
-
-def _corrupt(step_dir: pathlib.Path, paths: list[str]) -> CheckpointCorruptError:
-    return CheckpointCorruptError(
-        f"Step {step_dir.name} at {step_dir} is corrupt: {state_item.ChecksumMismatch(paths)}. "
-        "Restore an earlier step, or restore with fallback=True.",
-        step_dir,
-    )
 
 
 def _on_a_device(leaf: Any) -> Any:
@@ -134,63 +135,60 @@ def read_state(step_dir: os.PathLike | str, target: PyTree, *, verify: bool = Tr
 
     Raises:
       ValueError: if the target's paths or shapes differ from the saved ones (one message listing all).
-      CheckpointCorruptError: if the arrays cannot be read or fail their checksums.
+      CheckpointCorruptError: if the step is proven damaged (a checksum, a chunk's size, a missing file).
+      CheckpointReadError: if the arrays cannot be read for another reason (EMFILE, EIO, ENOMEM, ...).
+      CheckpointFormatError: if a newer jaxckpt wrote the step.
     """
     step_dir = pathlib.Path(step_dir)
     item = step_dir / STATE_ITEM
     _check_structure(treepath.flatten(target), read_state_metadata(step_dir), step_dir)
     abstract = jax.tree.map(_on_a_device, target)
-    with _reading(step_dir):
+
+    def read() -> PyTree:
         if _readable_fast(item):
             wanted = {p: (x.dtype, x.sharding) for p, x in treepath.flatten(abstract).items()}
             return treepath.unflatten(state_item.read_arrays(item, wanted, check=verify), abstract)
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
         restored = ocp.PyTreeCheckpointHandler().restore(
             epath.Path(item), args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args))
-    if verify:
-        _verify_flat(step_dir, treepath.flatten(restored))
-    return restored
+        if verify:
+            _verify_flat(step_dir, treepath.flatten(restored))
+        return restored
+
+    return integrity.read_step(step_dir, read)
 
 
 def verify_state(step_dir: os.PathLike | str) -> None:
     """Reads every array of a step (as numpy) and checks it against its saved checksum.
 
     Raises:
-      CheckpointCorruptError: naming the step directory, if it is unreadable or altered.
+      CheckpointCorruptError: naming the step directory, if it is proven damaged.
+      CheckpointReadError: if it cannot be read for a reason that proves nothing (EMFILE, EIO, ...).
+      CheckpointFormatError: if a newer jaxckpt wrote the step.
     """
     step_dir = pathlib.Path(step_dir)
     item = step_dir / STATE_ITEM
-    with _reading(step_dir):
+
+    def read() -> None:
+        formats.check_readable(step_dir)
         if _readable_fast(item):
             state_item.read_arrays(item, {p: (None, None) for p in state_item.layout_arrays(item)}, check=True,
                                    keep=False)
             return
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), state_tree_metadata(step_dir))
+        tree = _orbax_tree_metadata(step_dir)
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         restored = treepath.flatten(ocp.PyTreeCheckpointHandler().restore(
             epath.Path(item), args=ocp.args.PyTreeRestore(restore_args=as_numpy)))
-    _verify_flat(step_dir, restored)
+        _verify_flat(step_dir, restored)
 
-
-@contextlib.contextmanager
-def _reading(step_dir: pathlib.Path) -> Iterator[None]:
-    """Turns any failure to read a step's arrays into a `CheckpointCorruptError` naming it."""
-    try:
-        yield
-    except state_item.ChecksumMismatch as e:
-        raise _corrupt(step_dir, e.paths) from None
-    except CheckpointCorruptError:
-        raise
-    except Exception as e:
-        raise CheckpointCorruptError(
-            f"Cannot read the arrays of step {step_dir.name} from {step_dir}: {type(e).__name__}: {e}", step_dir
-        ) from e
+    integrity.read_step(step_dir, read)
 
 
 def _verify_flat(step_dir: pathlib.Path, flat: Mapping[str, Any]) -> None:
     bad = state_item.mismatched_checksums(saved_checksums(step_dir), flat)
     bad += shard_checksums.mismatched(saved_shard_checksums(step_dir), flat)
     if bad:
-        raise _corrupt(step_dir, bad)
+        raise state_item.ChecksumMismatch(bad)
 
 
 def _check_structure(

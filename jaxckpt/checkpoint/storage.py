@@ -11,6 +11,11 @@ Where it plugs in: `state_item._kvstore_spec` builds its OCDBT base from
 as `as_path(directory)` and passes `atomicity_options(directory)` to Orbax; the runner's
 `write_json`, metric writer and curve plot call `write_bytes_atomic` / `append_line`.
 
+Today the runner and the checkpoint manager take local paths only, through `local_path`, which
+normalises them (tensorstore refuses a path holding `..`, after a whole run has trained) and
+refuses URLs with a clear error rather than letting `pathlib` turn `gs://b` into a folder `gs:`;
+wiring `as_path` into the manager, the state item and the run files lifts that.
+
 Object stores have no rename and no append. A checkpoint is committed by a marker object
 (Orbax's `commit_success.txt`) instead of a directory rename; a small file is one PUT, which an
 object store applies whole or not at all; an append rewrites the object (see `append_line`).
@@ -19,7 +24,9 @@ object store applies whole or not at all; an append rewrites the object (see `ap
 from __future__ import annotations
 
 import os
+import pathlib
 import posixpath
+import re
 import tempfile
 from typing import Any
 from urllib import parse
@@ -235,3 +242,49 @@ def append_line(path: os.PathLike | str, line: str) -> None:
     if old and not old.endswith(b"\n"):
         old += b"\n"
     write_bytes_atomic(path, old + data)
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_path(path: os.PathLike | str, *, key: str | None = None) -> pathlib.Path:
+    """`path` as an absolute, normalised local path (`~` expanded, `.` and `..` resolved textually).
+
+    Args:
+      path: a local path.
+      key: the config key or argument it came from (e.g. "checkpoint.pretrained"), for the error.
+
+    Raises:
+      UserError: if `path` is a URL (object storage is not supported yet).
+    """
+    text = os.fspath(path)
+    if _URL.match(text):
+        where = f"{key}={text}" if key else text
+        raise UserError(
+            f"{where} is a URL; jaxckpt reads and writes local paths only for now (object storage such as "
+            "gs:// or s3:// is not supported yet). Copy the files to a local disk (e.g. with gsutil or "
+            "aws s3 cp) and pass that path.")
+    return pathlib.Path(os.path.normpath(os.path.abspath(os.path.expanduser(text))))
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets it, racing other threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: os.PathLike | str) -> None:
+    """Gives a file or directory made by `tempfile` (0600 / 0700) the mode `open`/`mkdir` would give it.
+
+    That is 0666 / 0777 less the umask (usually 0644 / 0755), so a file renamed into place from a
+    private temporary name is as readable as one written directly.
+    """
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~_umask())

@@ -1,6 +1,7 @@
-"""`python -m jaxckpt inspect|plan|export|zoo ...`: look at checkpoints and plan grafts without training.
+"""`python -m jaxckpt inspect|verify|plan|export|zoo ...`: look at checkpoints and plan grafts without training.
 
-    python -m jaxckpt inspect runs/digits                 # steps, metrics, config, param table
+    python -m jaxckpt inspect runs/digits                 # steps, metrics, config, param table, integrity
+    python -m jaxckpt verify runs/digits                  # every checksum of every step (exit 1: corrupt)
     python -m jaxckpt inspect zoo:digits-mlp --all        # every state leaf, optimizer included
     python -m jaxckpt plan runs/digits --config experiments/configs/digits.py \
         --config.data.target=parity --config.checkpoint.skip=head --config.optimizer.freeze=encoder
@@ -10,15 +11,15 @@
     python -m jaxckpt zoo publish runs/digits digits-mlp --best
     python -m jaxckpt zoo list
 
-Everything here except `export` reads metadata only: no array is loaded and no run or zoo entry is
-written (except by `zoo publish`); `plan` builds the config's task (which may prepare its dataset)
+Everything here except `export`, `verify` and the integrity line of `inspect` (which read one step's
+arrays; `--no-verify` skips it) reads metadata only: no run or zoo entry is written (except by `zoo publish`); `plan` builds the config's task (which may prepare its dataset)
 but only evaluates the shapes of its params. `export` reads the params of one step (never the
 optimizer state) and writes them to a safetensors file, or with `--format hf` to an HF folder
 (`config.json` from the run's `hf_config` artifact or `--hf-config`, and `model.safetensors`).
 `inspect hf:DIR` and `plan hf:DIR` read an HF folder's `config.json` and file headers only. `inspect` and `plan` say which params a
 run's `optimizer.freeze` / `optimizer.lr_multipliers` freeze or scale.
 
-Exit codes: 0 success; 2 a user error (a bad path, an unknown zoo name or config key, a rule
+Exit codes: 0 success; 1 `verify`/`inspect` found a corrupt step; 2 a user error (a bad path, an unknown zoo name or config key, a rule
 matching nothing, a plan strict mode would refuse), printed as one message on stderr; anything else
 is a bug and keeps its traceback.
 """
@@ -34,7 +35,8 @@ from typing import Any, Sequence
 
 from jaxckpt import config_strings
 from jaxckpt.cli import tables as cli_tables
-from jaxckpt.cli.exits import USER_ERROR_EXIT_CODE, quiet_late_loop_callbacks
+from jaxckpt.cli import verify as cli_verify
+from jaxckpt.cli.exits import USER_ERROR_EXIT_CODE, describe, quiet_late_loop_callbacks
 from jaxckpt.errors import CheckpointCorruptError, UserError, is_user_error
 from jaxckpt.runner.config_diff import flat_config
 from jaxckpt.runner.publish import publish
@@ -139,8 +141,12 @@ def _inspect(args: argparse.Namespace) -> int:
     out.append(cli_tables.state_table(flat, show_all=args.all, labels=labels))
     if training:
         out += ["", training]
+    intact = True
+    if not args.no_verify:
+        intact, line = cli_verify.integrity(checkpoint_dir / str(step))
+        out += ["", f"integrity of step {step}: {line}"]
     print("\n".join(out))
-    return 0
+    return 0 if intact else cli_verify.CORRUPT_EXIT_CODE
 
 
 # plan
@@ -382,7 +388,10 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--step", type=_parse_step, default=None,
                          help="step whose state table to show: N, latest or best (default: latest)")
     inspect.add_argument("--all", action="store_true", help="list every state leaf, not only params")
+    inspect.add_argument("--no-verify", action="store_true",
+                         help="skip reading the step's arrays to check their checksums (the integrity line)")
     inspect.set_defaults(run=_inspect)
+    cli_verify.add_parser(commands)
 
     plan = commands.add_parser(
             "plan", help="what pretrained loading would graft into a config's model", allow_abbrev=False,
@@ -467,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (is_user_error(e) or isinstance(e, CheckpointCorruptError)):
             raise
         sys.stdout.flush()
-        print(f"jaxckpt {args.command}: error: {e}", file=sys.stderr)
+        print(f"jaxckpt {args.command}: error: {describe(e)}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
     finally:
         absl_logging.set_verbosity(verbosity)

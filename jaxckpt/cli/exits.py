@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from jaxckpt.errors import PREEMPTED_EXIT_CODE, Preempted, is_user_error
+from jaxckpt.errors import PREEMPTED_EXIT_CODE, Preempted, UserError, is_user_error
 
 USER_ERROR_EXIT_CODE = 2
 
@@ -33,6 +33,17 @@ def quiet_late_loop_callbacks() -> None:
     sys.unraisablehook = _drop_late_loop_callbacks
 
 
+def describe(exc: BaseException) -> str:
+    """The message of a user error, after one prefix for all (`jaxckpt: error: `).
+
+    jaxckpt's own errors and `ValueError`s say what happened in words; another `OSError`
+    ("[Errno 13] Permission denied: 'x'") keeps its type name, which says more than its text.
+    """
+    if isinstance(exc, (UserError, ValueError)) or type(exc).__module__ == "jaxckpt.errors":
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def exit_code_of(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     """Calls `fn`; returns 0, or prints a user error to stderr (no traceback) and returns its code.
 
@@ -49,7 +60,7 @@ def exit_code_of(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     except Exception as e:
         if not is_user_error(e):
             raise
-        print(f"jaxckpt: error: {e}", file=sys.stderr)
+        print(f"jaxckpt: error: {describe(e)}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
     return 0
 

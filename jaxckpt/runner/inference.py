@@ -13,9 +13,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxckpt.checkpoint.storage import local_path
 from jaxckpt.errors import UserError
 from jaxckpt.runner import distributed, predictions, sources
 from jaxckpt.runner.config import complete
+from jaxckpt.runner.lock import holds_lock
 from jaxckpt.runner.logs import log
 from jaxckpt.runner.rundir import write_json
 from jaxckpt.runner.setup import abstract_params, open_manager
@@ -51,9 +53,14 @@ def _check_split(task: Task, split: str) -> None:
 
 
 def _load_for_inference(config: Any, workdir: Path, task: Task | None) -> tuple[Task, TrainState, int, Any]:
-    """The task and the params-only state that val/test/predict use (see `sources.load_for_inference`)."""
+    """The task and the params-only state that val/test/predict use (see `sources.load_for_inference`).
+
+    The workdir's checkpoints are opened read-only (nothing cleaned up or moved aside) unless this
+    process holds the workdir lock, as `run` does: another run may be writing them.
+    """
     mesh = distributed.run_mesh(config)
-    manager = open_manager(config, workdir) if (workdir / "checkpoints").exists() else None
+    read_only = not holds_lock(workdir)
+    manager = open_manager(config, workdir, read_only=read_only) if (workdir / "checkpoints").exists() else None
     try:
         start = sources.decide_start(config, workdir, manager, training=False)
         if task is None:
@@ -88,7 +95,7 @@ def evaluate(config: Any, workdir: str | Path, *, split: str = "val", task: Task
         checkpoint to evaluate is corrupt, or the task has no such split.
     """
     config = complete(config)
-    workdir = Path(workdir).expanduser().absolute()
+    workdir = local_path(workdir, key="workdir")
     task, state, step, mesh = _load_for_inference(config, workdir, task)
     _check_split(task, split)
     eval_step = jax.jit(make_eval_step(task.metrics_fn, model_state=has_model_state(task)))
@@ -123,7 +130,7 @@ def predict(config: Any, workdir: str | Path, *, split: str = "test", task: Task
         `predict_fn`, or it has no such split.
     """
     config = complete(config)
-    workdir = Path(workdir).expanduser().absolute()
+    workdir = local_path(workdir, key="workdir")
     task, state, step, mesh = _load_for_inference(config, workdir, task)
     _check_split(task, split)
     if not callable(getattr(task, "predict_fn", None)):

@@ -15,6 +15,13 @@ from typing import Any
 
 from jaxckpt.errors import WorkdirError
 
+_HELD: set[Path] = set()  # `.lock` files this process holds
+
+
+def holds_lock(workdir: str | os.PathLike) -> bool:
+    """Whether this process holds `workdir`'s `WorkdirLock` (then it alone may move its checkpoints)."""
+    return (Path(os.path.abspath(workdir)) / ".lock") in _HELD
+
 
 class WorkdirLock:
     """Exclusive, crash-safe lock on a run directory.
@@ -57,6 +64,7 @@ class WorkdirLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         self._fd = fd
+        _HELD.add(Path(os.path.abspath(self.path)))
         return self
 
     def release(self) -> None:
@@ -65,6 +73,7 @@ class WorkdirLock:
         The `.lock` file stays (an unlocked file is not a lock), holding the last holder's pid.
         """
         if self._fd is not None:
+            _HELD.discard(Path(os.path.abspath(self.path)))
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from jaxckpt.checkpoint.manager import CheckpointManager
+from jaxckpt.checkpoint.storage import local_path
 from jaxckpt.errors import CheckpointSaveError, NonFiniteLossError, Preempted, SaveFailedError, UserError, is_user_error
 from jaxckpt.runner import distributed, early_stop, sources
 from jaxckpt.runner import mesh as mesh_lib
@@ -79,7 +80,7 @@ def run(config: Any, workdir: str | Path, *, task: Task | None = None,
     config = complete(config)
     if config.run_type not in RUN_TYPES:
         raise UserError(f"config.run_type={config.run_type!r} is not one of {', '.join(RUN_TYPES)}.")
-    workdir = Path(workdir).expanduser().absolute()
+    workdir = local_path(workdir, key="workdir")
     primary = jax.process_index() == 0
     before = entries(workdir)
     # Lock before touching anything: a refused second run must not write into the first one's log.
@@ -148,7 +149,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, task: Task | None = 
       Preempted: after saving, when SIGTERM/SIGINT asked the run to stop.
     """
     config = complete(config)
-    workdir = Path(workdir)
+    workdir = local_path(workdir, key="workdir")
     primary = jax.process_index() == 0
     mesh = distributed.run_mesh(config)
     distributed.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
@@ -341,8 +342,8 @@ def _check_finite(train_metrics: dict[str, float], step: int, manager: Checkpoin
     if bad:
         latest = manager.latest_step()
         where = (f"the last good checkpoint is step {latest}" if latest is not None
-                 else "no checkpoint was saved yet, so a rerun starts over")
+                 else "no checkpoint was saved before it")
+        rerun = "it resumes from that checkpoint" if latest is not None else "it starts from the beginning"
         raise NonFiniteLossError(
             f"training {format_metrics(bad)} at step {step}. Stopped without saving; {where}. Lower "
-            "optimizer.learning_rate or set optimizer.grad_clip_norm, then rerun (it resumes from the last "
-            "good checkpoint).")
+            f"optimizer.learning_rate or set optimizer.grad_clip_norm, then rerun ({rerun}).")

@@ -17,6 +17,8 @@ import pathlib
 import tempfile
 from typing import Any, Callable
 
+from jaxckpt.checkpoint.storage import give_default_mode
+
 PathLike = str | os.PathLike[str]
 
 
@@ -73,12 +75,20 @@ def read_metrics(path: PathLike) -> list[dict[str, Any]]:
 
 
 def atomic_write(path: pathlib.Path, write_fn: Callable[[pathlib.Path], Any]) -> None:
-    """Calls `write_fn(tmp_path)` then moves the temporary file over `path` in one rename."""
+    """Calls `write_fn(tmp_path)` then moves the temporary file over `path` in one rename.
+
+    The file gets the mode a plain `open` would give it (not `mkstemp`'s 0600). Temporary files of
+    an earlier write that was killed are removed first: one process writes a run's files (the
+    workdir lock), so none of them is in use.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write_fn(pathlib.Path(tmp))
+        give_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

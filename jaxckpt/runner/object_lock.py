@@ -1,6 +1,6 @@
 """The workdir lock on object storage: a create-only lock object with a lease that its holder renews.
 
-A local workdir is locked with `flock` (`jaxckpt.runner.workdir.WorkdirLock`), which the kernel
+A local workdir is locked with `flock` (`jaxckpt.runner.lock.WorkdirLock`), which the kernel
 drops when the holder dies. An object store has no such thing, so `ObjectLock` writes
 `WORKDIR/.lock` only if no object is there (GCS: `ifGenerationMatch=0`; S3: `If-None-Match: *`),
 holding the holder's id, host, pid and a lease expiry. A background thread renews the lease

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from typing import Any, Mapping
 
+from jaxckpt.checkpoint import storage
 from jaxckpt.checkpoint.stepdir import EXTRA_ITEM, library_version, read_json_item
 from jaxckpt.runner.metrics_jsonl import read_metrics
 from jaxckpt.runner.rundir import best_rule
@@ -111,6 +112,7 @@ def publish(
     root.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
     try:
+        storage.give_default_mode(staging)  # (mkdtemp's 0700 would make the entry private)
         shutil.copytree(step_dir, staging / "checkpoints" / str(chosen))
         if config is not None:
             (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -16,7 +16,7 @@ from jaxckpt.train.optim import freeze_and_scale, make_optimizer
 from jaxckpt.train.state import TrainState
 
 
-def open_manager(config: Any, workdir: Path) -> CheckpointManager:
+def open_manager(config: Any, workdir: Path, *, read_only: bool = False) -> CheckpointManager:
     """The run's `CheckpointManager` over `workdir/checkpoints`, with the config's retention."""
     ck = config.checkpoint
     return CheckpointManager(
@@ -27,6 +27,7 @@ def open_manager(config: Any, workdir: Path) -> CheckpointManager:
         best_mode="min" if config.early_stop.minimize else "max",
         keep_every_steps=ck.keep_every_steps or None,
         async_save=ck.async_save,
+        read_only=read_only,
     )
 
 

@@ -18,7 +18,13 @@ from jax.experimental import multihost_utils
 
 from jaxckpt import config_strings
 from jaxckpt.checkpoint.manager import CheckpointManager
-from jaxckpt.errors import CheckpointCorruptError, CorruptCheckpointsError, UserError, WorkdirError
+from jaxckpt.errors import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    CorruptCheckpointsError,
+    UserError,
+    WorkdirError,
+)
 from jaxckpt.grafting.structure import parse_structure
 from jaxckpt.runner import distributed
 from jaxckpt.runner.config_diff import config_changes
@@ -69,19 +75,23 @@ def _pick_step(manager: CheckpointManager, best: bool, where: str, criteria: str
 
 
 def _intact_step(manager: CheckpointManager, best: bool, where: Path, criteria: str) -> int | None:
-    """The step to resume from, after checking its arrays; corrupt candidates are moved aside.
+    """The step to resume from, after checking its arrays; proven-corrupt candidates are moved aside.
 
     Each candidate (latest, or best) is read in full and compared with the checksums saved
-    with it. A corrupt one is logged as a warning and moved to `checkpoints/corrupt/<step>` (never
-    deleted), and the next candidate is tried, so a run killed while its disk was failing resumes
-    from the newest step that is still whole. With several processes a step is moved only when
-    every process found it corrupt; a disagreement is an error that moves nothing.
+    with it. One proven corrupt (`CheckpointCorruptError`) is logged as a warning and moved to
+    `checkpoints/corrupt/<step>` (never deleted; a read-only manager moves nothing), and the next
+    candidate is tried, so a run killed while its disk was failing resumes from the newest step
+    that is still whole. A failed read that proves nothing (`CheckpointReadError`) is raised: no
+    step is moved for it. With several processes a step is moved only when every process found it
+    corrupt; a disagreement is an error that moves nothing.
 
     Returns:
-      The step, or None if every step was corrupt (all moved aside).
+      The step, or None if every step was corrupt.
     """
-    while manager.all_steps():
-        step = _pick_step(manager, best, where, criteria)
+    candidates = manager.candidates("best" if best else "latest")
+    if best and not candidates and manager.all_steps():
+        _pick_step(manager, best, where, criteria)  # raises, saying why no step ranks
+    for step in candidates:
         try:
             manager.verify(step)
             error = None
@@ -97,6 +107,10 @@ def _intact_step(manager: CheckpointManager, best: bool, where: Path, criteria: 
                 f"processes disagree about step {step} in {manager.directory}: process {jax.process_index()} "
                 f"{seen}, another did not, so nothing was moved. Check that every host sees the same "
                 "checkpoint directory (a stale or flaky mount?) and rerun.")
+        if distributed.any_process(manager.read_only):  # (only process 0 holds the lock: all leave it)
+            log.warning("checkpoint step %d is corrupt (left in place: this process does not hold the "
+                        "workdir lock); falling back to the previous intact step. %s", step, error)
+            continue
         moved = _quarantine(manager, step)
         log.warning("checkpoint step %d is corrupt and was moved to %s (not deleted); falling back to "
                     "the previous intact step. %s", step, moved, error)
@@ -140,10 +154,10 @@ def decide_start(config: Any, workdir: Path, manager: CheckpointManager | None, 
     if own and ck.resume:
         step = _intact_step(manager, ck.resume_best, workdir, criteria)
         if step is None:
+            where = "left in place" if manager.read_only else f"moved to {manager.directory / 'corrupt'} (not deleted)"
             raise CorruptCheckpointsError(
-                f"every checkpoint in {manager.directory} ({own}) is corrupt; they were moved to "
-                f"{manager.directory / 'corrupt'} (not deleted). Rerun to start over in this workdir, or "
-                "restore them from a backup.")
+                f"every checkpoint in {manager.directory} ({own}) is corrupt; they were {where}. Rerun to "
+                "start over in this workdir, or restore them from a backup.")
         which = "best" if ck.resume_best else "latest"
         others = " (checkpoint.resume_file/pretrained are ignored on resume)" if ck.resume_file or ck.pretrained else ""
         return Start("resume", f"resuming from this workdir's {which} checkpoint, step {step}{others}",
@@ -153,8 +167,12 @@ def decide_start(config: Any, workdir: Path, manager: CheckpointManager | None, 
             f"{workdir} already holds checkpoints {own} but checkpoint.resume=False. Starting over here "
             "would mix two runs: pass a new --workdir, or move its checkpoints/ away.")
     if ck.resume_file:
-        checkpoint_dir, step = resolve_checkpoint_path(resolve_ref(ck.resume_file))
+        checkpoint_dir, step = resolve_checkpoint_path(resolve_ref(ck.resume_file), key="checkpoint.resume_file")
+        # Ranked by the rule its steps record (format 2 on), else by this config's.
         source = CheckpointManager(checkpoint_dir, read_only=True)
+        if source.policy.best_metric is None and criteria:
+            source = CheckpointManager(checkpoint_dir, read_only=True, best_metric=criteria,
+                                       best_mode="min" if config.early_stop.minimize else "max")
         if step is None:
             step = _pick_step(source, ck.resume_best, ck.resume_file, criteria)
         try:
@@ -337,8 +355,8 @@ def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
       `(params, GraftReport)`.
 
     Raises:
-      UserError: for a missing weights file, or any graft or option error (reworded as the config
-        fields that fix it).
+      UserError: for a missing or corrupt source, or any graft or option error (reworded as the
+        config fields that fix it).
     """
     if is_foreign(path) and not Path(path).exists():
         raise UserError(f"checkpoint.pretrained={path} does not exist.")
@@ -346,6 +364,11 @@ def load_pretrained(path: str, fresh_params: Any, ck: Any) -> tuple[Any, Any]:
         structure = parse_structure(getattr(ck, "structure", ""))
         return load_params(path, fresh_params, strict=ck.strict, structure=structure,
                            **config_strings.checkpoint_options(ck))
+    except CheckpointNotFoundError as e:
+        raise UserError(f"checkpoint.pretrained={path}: {e}") from e
+    except CheckpointCorruptError as e:
+        raise CorruptCheckpointsError(
+            f"checkpoint.pretrained={path}: {e} Point checkpoint.pretrained at another step or run.") from e
     except ValueError as e:
         raise UserError(
             f"{e}\nIn a config these are --config.checkpoint.strict=False, checkpoint.mapping='src:dst,...', "

@@ -20,10 +20,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxckpt.checkpoint import state_item
+from jaxckpt.checkpoint import integrity, state_item, storage
 from jaxckpt.checkpoint.retention import RetentionPolicy
 from jaxckpt.checkpoint.stepdir import STATE_ITEM, read_json_item, read_state_metadata
-from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError
+from jaxckpt.errors import CheckpointNotFoundError
 from jaxckpt.grafting.graft import GraftReport, graft, plan
 from jaxckpt.grafting.structure import Derived, StructureRule, restructure
 from jaxckpt.tree import treepath
@@ -61,7 +61,7 @@ def _steps_in(checkpoint_dir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit() and _is_step_dir(p))
 
 
-def resolve_checkpoint_path(path: os.PathLike | str) -> tuple[pathlib.Path, int | None]:
+def resolve_checkpoint_path(path: os.PathLike | str, *, key: str | None = None) -> tuple[pathlib.Path, int | None]:
     """Finds the checkpoint directory (and step, if the path names one) behind a user's path.
 
     Args:
@@ -69,6 +69,7 @@ def resolve_checkpoint_path(path: os.PathLike | str) -> tuple[pathlib.Path, int 
         `<step>/` folders), one step directory (`.../checkpoints/<step>`, holding `state/`), the
         state item of one (`.../checkpoints/<step>/state`: that step), or `zoo:NAME` (that zoo
         entry's step).
+      key: the config key the path came from (e.g. "checkpoint.resume_file"), named in errors.
 
     Returns:
       `(checkpoint_dir, step)`: `step` is the step the path names, or None when the caller picks
@@ -85,9 +86,11 @@ def resolve_checkpoint_path(path: os.PathLike | str) -> tuple[pathlib.Path, int 
       >>> resolve_checkpoint_path("runs/digits/checkpoints/300/state")
       (PosixPath('/abs/runs/digits/checkpoints'), 300)
     """
-    path = zoo.resolve(path).expanduser().absolute()
+    given = os.fspath(path)
+    path = storage.local_path(given, key=key) if not zoo.is_ref(given) else zoo.resolve(given)
     if not path.exists():
-        raise CheckpointNotFoundError(f"Checkpoint path {path} does not exist; expected {_EXPECTED}.")
+        where = f"{key}={given}: checkpoint path" if key else "Checkpoint path"
+        raise CheckpointNotFoundError(f"{where} {path} does not exist; expected {_EXPECTED}.")
     if _is_state_item(path):
         path = path.parent
     if _is_step_dir(path):
@@ -151,13 +154,8 @@ def _read_metadata(checkpoint: pathlib.Path) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of a step directory's state or a bare PyTree checkpoint; reads no array."""
     if _is_step_dir(checkpoint):
         return read_state_metadata(checkpoint)
-    try:
-        tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(checkpoint)).tree
-    except Exception as e:
-        raise CheckpointCorruptError(
-            f"Cannot read the array metadata of the Orbax checkpoint {checkpoint}: {type(e).__name__}: "
-            f"{e}. It is incomplete or damaged; save it again.", checkpoint
-        ) from e
+    tree = integrity.read_step(checkpoint, lambda: ocp.PyTreeCheckpointHandler().metadata(epath.Path(checkpoint)).tree,
+                               what="the array metadata")
     return {p: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)) for p, m in treepath.flatten(tree).items()}
 
 
@@ -172,12 +170,9 @@ def _read_arrays(
         return {}
     item_dir = _item_dir(checkpoint)
     if state_item.layout_arrays(item_dir) is not None and jax.process_count() == 1:
-        try:  # written by jaxckpt: one batch of key reads, no Orbax restore machinery
-            return state_item.read_arrays(item_dir, {p: (saved.dtype, sharding) for p, (saved, sharding) in wanted.items()})
-        except Exception as e:
-            raise CheckpointCorruptError(
-                f"Cannot read params from {checkpoint}: {type(e).__name__}: {e}. Load another step.", checkpoint
-            ) from e
+        # Written by jaxckpt: one batch of key reads, no Orbax restore machinery.
+        cast = {p: (saved.dtype, sharding) for p, (saved, sharding) in wanted.items()}
+        return integrity.read_step(checkpoint, lambda: state_item.read_arrays(item_dir, cast), what="the params")
     items, args = {}, {}
     for path, (saved, sharding) in wanted.items():
         items[path] = jax.ShapeDtypeStruct(saved.shape, saved.dtype, sharding=sharding)
@@ -185,19 +180,10 @@ def _read_arrays(
             args[path] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=saved.dtype)
         else:
             args[path] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=saved.shape, dtype=saved.dtype)
-    try:
-        restored = ocp.PyTreeCheckpointHandler().restore(
-            epath.Path(item_dir),
-            args=ocp.args.PyTreeRestore(
-                item=treepath.unflatten_dict(items),
-                restore_args=treepath.unflatten_dict(args),
-                partial_restore=True,
-            ),
-        )
-    except Exception as e:
-        raise CheckpointCorruptError(
-            f"Cannot read params from {checkpoint}: {type(e).__name__}: {e}. Load another step.", checkpoint
-        ) from e
+    restore = ocp.args.PyTreeRestore(item=treepath.unflatten_dict(items), restore_args=treepath.unflatten_dict(args),
+                                     partial_restore=True)
+    restored = integrity.read_step(
+        checkpoint, lambda: ocp.PyTreeCheckpointHandler().restore(epath.Path(item_dir), args=restore), what="the params")
     flat = treepath.flatten(restored)
     return {path: flat[path] for path in wanted}
 
@@ -247,7 +233,6 @@ def _open_source(
             f"rename= maps the tensor names of .safetensors/.pt/.pth/.bin files to tree paths, but {path} "
             "is an Orbax checkpoint, whose names are tree paths already. Drop rename, and move subtrees "
             "with mapping={'source_prefix': 'target_prefix'} instead.")
-    ref = ref.expanduser().absolute()
     if not _is_state_item(ref) and _is_orbax_tree(ref):
         _one_weights_set(ref, step, "a bare Orbax PyTree checkpoint")
         checkpoint = ref
@@ -325,7 +310,9 @@ def load_params(
 
     Raises:
       CheckpointNotFoundError: if the path, file or step does not exist or holds no checkpoint.
-      CheckpointCorruptError: if the metadata or the needed arrays cannot be read.
+      CheckpointCorruptError: if the metadata or the needed arrays are proven damaged.
+      CheckpointReadError: if they cannot be read for another reason (EMFILE, EIO, ...).
+      CheckpointFormatError: if a newer jaxckpt wrote the step.
       ImportError: for a PyTorch file without torch installed.
       ValueError: in strict mode, one error listing every problem leaf; for rules matching nothing;
         for an adapter onto an abstract target leaf; for `step` with a single set of weights; for
@@ -365,6 +352,10 @@ def load_params(
         for entry in abstract_loaded:
             target, leaf = targets[entry.path], source[entry.source]
             value = leaf() if isinstance(leaf, Derived) else leaf
+            if isinstance(value, jax.Array) and not value.is_fully_addressable:
+                # Read onto the target's sharding across processes: no process may fetch it whole.
+                flat[entry.path] = value if value.dtype == target.dtype else value.astype(target.dtype)
+                continue
             flat[entry.path] = jax.device_put(np.asarray(value).astype(target.dtype), _sharding_of(target))
         params = treepath.unflatten(flat, target_params)
     return params, report

@@ -27,6 +27,7 @@ import pathlib
 import re
 from typing import Any
 
+from jaxckpt.checkpoint import storage
 from jaxckpt.errors import ZooEntryNotFoundError
 
 PREFIX = "zoo:"
@@ -41,9 +42,9 @@ def zoo_dir() -> pathlib.Path:
         The folder (it may not exist yet; publishing creates it).
     """
     if os.environ.get("JAXCKPT_ZOO"):
-        return pathlib.Path(os.environ["JAXCKPT_ZOO"]).expanduser().absolute()
+        return storage.local_path(os.environ["JAXCKPT_ZOO"], key="JAXCKPT_ZOO")
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-    return pathlib.Path(cache, "jaxckpt", "zoo").expanduser().absolute()
+    return storage.local_path(os.path.join(cache, "jaxckpt", "zoo"))
 
 
 def check_name(name: str) -> str:
@@ -113,22 +114,23 @@ def resolve(ref: str | os.PathLike) -> pathlib.Path:
     """Turns `"zoo:NAME"` into the entry's step directory; returns any other path as a `Path`.
 
     Args:
-        ref: `"zoo:NAME"`, or a path (returned unchanged, as a `pathlib.Path`).
+        ref: `"zoo:NAME"`, or a local path (returned absolute and normalised).
 
     Returns:
-        `<zoo>/<name>/checkpoints/<step>` for a zoo reference, else `Path(ref)`.
+        `<zoo>/<name>/checkpoints/<step>` for a zoo reference, else `storage.local_path(ref)`.
 
     Raises:
         ZooEntryNotFoundError: if no entry has that name; the message lists the entries there are.
         ValueError: if the name is not a valid entry name.
+        UserError: if `ref` is a URL (object storage is not supported yet).
 
     Example:
 
         step_dir = resolve("zoo:digits-mlp")   # ~/.cache/jaxckpt/zoo/digits-mlp/checkpoints/600
-        resolve("runs/digits")                  # Path("runs/digits")
+        resolve("runs/digits")                  # Path("/abs/runs/digits")
     """
     if not is_ref(ref):
-        return pathlib.Path(ref)
+        return storage.local_path(ref)
     name = check_name(ref[len(PREFIX):])
     record = _entry_record(zoo_dir() / name)
     if record is None:
