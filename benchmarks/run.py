@@ -39,6 +39,9 @@ BENCHMARKS = (
     "graft_scaling",
     "resume_latency",
     "partial_read",
+    "sharded_save",
+    "sharded_restore",
+    "restore_peak_rss",
 )
 """Module names under `benchmarks/`, in the order they run."""
 

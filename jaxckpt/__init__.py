@@ -51,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     "load_params": "jaxckpt.weights.pretrained",
     "load_task": "jaxckpt.runner.task",
     "make_eval_step": "jaxckpt.train.step",
+    "make_mesh": "jaxckpt.runner.mesh",
     "make_optimizer": "jaxckpt.train.optim",
     "make_predict_step": "jaxckpt.train.step",
     "make_schedule": "jaxckpt.train.optim",
@@ -63,6 +64,7 @@ _EXPORTS: dict[str, str] = {
     "resolve_checkpoint_path": "jaxckpt.weights.pretrained",
     "run": "jaxckpt.runner.loop",
     "run_or_exit": "jaxckpt.cli.exits",
+    "state_shardings": "jaxckpt.runner.mesh",
     "sum_metrics": "jaxckpt.train.step",
     "train_and_evaluate": "jaxckpt.runner.loop",
     "unflatten": "jaxckpt.tree.treepath",
@@ -116,6 +118,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from jaxckpt.runner.follow import follow
     from jaxckpt.runner.lock import WorkdirLock
     from jaxckpt.runner.loop import evaluate, predict, run, train_and_evaluate
+    from jaxckpt.runner.mesh import make_mesh, state_shardings
     from jaxckpt.runner.task import Task, load_task
     from jaxckpt.train.ema import update_ema
     from jaxckpt.train.optim import describe_trainable, freeze_and_scale, make_optimizer, make_schedule

@@ -10,6 +10,7 @@ sequences (STYLE #11). This module is the one place that turns the first into th
 | `checkpoint.adapters`          | `"head:resize,pos:interpolate"`   | `{"head": "resize", "pos": "interpolate"}` |
 | `optimizer.lr_multipliers`     | `"head:10,encoder:0.1"`           | `(("head", 10.0), ("encoder", 0.1))` |
 | `checkpoint.rename`            | `r"fc(\d)\.weight=>Dense_\1/kernel;..."` | `((r"fc(\d)\.weight", r"Dense_\1/kernel"), ...)` |
+| `mesh.rules`                   | `"encoder/.*kernel=fsdp,None;bias="` | `(("encoder/.*kernel", ("fsdp", None)), ("bias", ()))` |
 
 `checkpoint.structure` (`"split h_{i}/qkv => h_{i}/q, h_{i}/k, h_{i}/v @ 1; ..."`) is parsed by
 `jaxckpt.grafting.structure.parse_structure` instead: its values are the graft's rule types, and
@@ -24,6 +25,8 @@ may set `skip=("head",)`) passes through unchanged. Empty strings and None mean 
 from __future__ import annotations
 
 from typing import Any, Mapping
+
+from jaxckpt.errors import ConfigError
 
 
 def _items(text: str, sep: str) -> list[str]:
@@ -186,6 +189,44 @@ def parse_rename(value: str | Any) -> tuple[tuple[str, str], ...]:
             raise ValueError(f"rename rule {item!r} must look like 'regex=>path', e.g. "
                              r"'encoder\.(\d+)\.weight=>encoder/Dense_\1/kernel'; separate rules with ';'.")
         rules.append((pattern.strip(), target.strip()))
+    return tuple(rules)
+
+
+def parse_mesh_rules(value: str | Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """`"regex=spec;regex=spec"` -> `((regex, spec entries), ...)`, for `mesh.rules`.
+
+    `;` separates rules and the last `=` splits a rule; the spec lists one entry per leading
+    dimension, comma-separated: an axis name, `None` (not split), or axes joined by `+`
+    (`data+fsdp`); an empty spec replicates. `jaxckpt.state_shardings` takes the result (each
+    spec as a `PartitionSpec`'s entries).
+
+    Args:
+        value: the string form, a dict or a sequence of `(regex, spec)` pairs (returned as pairs),
+            or None / a blank string.
+
+    Returns:
+        The rules in order (first match wins).
+
+    Raises:
+        ConfigError: for a rule without `=` or with an empty regex.
+
+    Example:
+        >>> parse_mesh_rules("encoder/.*kernel=fsdp,None; bias=")
+        (('encoder/.*kernel', ('fsdp', None)), ('bias', ()))
+    """
+    if value is None:
+        return ()
+    if not isinstance(value, str):
+        return tuple((value.items() if isinstance(value, Mapping) else (tuple(p) for p in value)))
+    rules = []
+    for item in _items(value, ";"):
+        regex, sep, spec = item.rpartition("=")
+        if not sep or not regex.strip():
+            raise ConfigError(f"mesh rule {item!r} must look like 'regex=spec', e.g. 'encoder/.*kernel=fsdp,None' "
+                              "(an empty spec replicates); separate rules with ';'.")
+        entries = [e.strip() for e in spec.split(",")] if spec.strip() else []
+        rules.append((regex.strip(), tuple(None if e in ("", "None", "none") else tuple(e.split("+")) if "+" in e
+                                           else e for e in entries)))
     return tuple(rules)
 
 

@@ -22,6 +22,9 @@ GOALS = {
     "graft_scaling": "value < 1 s",
     "resume_latency": "ratio >= 0.833",
     "partial_read": "ratio >= 0.909",
+    "sharded_save": "ratio >= 0.9",
+    "sharded_restore": "ratio >= 0.9",
+    "restore_peak_rss": "value < 1.3",
 }
 
 

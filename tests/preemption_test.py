@@ -54,8 +54,8 @@ def _flat(tree, prefix=""):
 class Running:
     """A `run.py` subprocess whose stderr is read line by line, so a test can act on a log line."""
 
-    def __init__(self, args: list[str]):
-        env = {**os.environ, **CLI_ENV}
+    def __init__(self, args: list[str], env: dict[str, str] | None = None):
+        env = {**os.environ, **(env or CLI_ENV)}
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "run.py"), *args], cwd=ROOT,
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []

@@ -17,7 +17,11 @@ is how `read_arrays` and `verify` find and check an array without asking tensors
 Where this writer does not apply (several processes, arrays not fully addressable from this
 one, leaves other than arrays / None / empty dicts, keys with `.` or `/`, zero-size arrays,
 dtypes zarr v2 cannot name), saving and reading go through Orbax's handler unchanged, with the
-checksums in the same place.
+checksums in the same place. That is the path of model-sharded state over several processes:
+Orbax writes from each process only the shards it owns (replica 0 of each slice), and
+`jaxckpt.checkpoint.shard_checksums` records a hash of every shard (`custom_metadata["jaxckpt"]["shards"]`), each
+computed by its owner. In one process a sharded array is fully addressable and this writer
+saves it as one chunk; any mesh, device or process count restores it through target shardings.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import tensorstore as ts
 import xxhash
 from etils import epath
 
+from jaxckpt.checkpoint import shard_checksums
 from jaxckpt.checkpoint.formats import FORMAT
 from jaxckpt.errors import ChecksumMismatch, ChunkSizeMismatch
 from jaxckpt.tree import treepath
@@ -55,6 +60,9 @@ _SHARDING_FILE = "_sharding"
 # Values larger than this go through tensorstore's zarr driver, which writes from the numpy
 # buffer; smaller ones are written as bytes, which costs a copy but no per-array open.
 _DIRECT_BYTES = 1 << 20
+# How many bytes of arrays a restore reads ahead of the one it places on devices: enough to keep
+# the disk busy, small beside a large state (restore's peak host memory is the state plus this).
+_READ_AHEAD_BYTES = 32 << 20
 _OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000}
 _ZARR_DTYPES = {np.dtype(ml_dtypes.bfloat16): "bfloat16"}
 
@@ -231,8 +239,8 @@ def checksums(flat: Mapping[str, Any]) -> dict[str, list]:
     """XXH3-64 of each array's bytes, keyed by path: `{path: [xxh3_64, dtype, shape]}`.
 
     Arrays not fully addressable from this process are checked through a local copy when they are
-    replicated (every process holds the whole value), and skipped when sharded over hosts: checking
-    those would need a cross-host gather, which costs more than the save.
+    replicated (every process holds the whole value), and skipped when sharded over hosts:
+    `jaxckpt.checkpoint.shard_checksums` hashes those shard by shard where they live, with no gather of the array.
     """
     out = {}
     for path, leaf in flat.items():
@@ -377,7 +385,7 @@ def layout_arrays(item_dir: os.PathLike | str) -> dict[str, list] | None:
 
 
 def read_arrays(item_dir: os.PathLike | str, wanted: Mapping[str, tuple[Any, Any]], *,
-                check: bool = False) -> dict[str, Any]:
+                check: bool = False, keep: bool = True) -> dict[str, Any]:
     """Reads arrays of an item this module wrote, each cast to a dtype and put on a sharding.
 
     Args:
@@ -386,6 +394,7 @@ def read_arrays(item_dir: os.PathLike | str, wanted: Mapping[str, tuple[Any, Any
         sharding returns numpy.
       check: compare each array's bytes with its recorded hash (while the other reads are in
         flight).
+      keep: return the arrays; False only checks them (`verify`), holding one at a time.
 
     Returns:
       `{path: array}`.
@@ -404,31 +413,54 @@ def read_arrays(item_dir: os.PathLike | str, wanted: Mapping[str, tuple[Any, Any
     check = check and bool(checkable(custom))
     context = ts.Context({"file_io_concurrency": {"limit": 128}})
     kvstore = ts.KvStore.open(_kvstore_spec(item_dir), context=context).result()
-    reads = {}
-    for path in wanted:
+
+    def start(path: str) -> tuple[Any, Any]:
         _, dtype, shape = arrays[path]
-        name = path.replace("/", ".")
-        if int(np.prod(shape, dtype=np.int64)) * dtype_of(dtype).itemsize > _DIRECT_BYTES:
-            spec = {"driver": "zarr", "kvstore": {**_kvstore_spec(item_dir), "path": name + "/"}, "open": True}
-            reads[path] = ts.open(spec, context=context, read=True).result().read()
-        else:
-            reads[path] = kvstore.read(_chunk_key(name, len(shape)))
-    out, bad, failed = {}, [], {}
-    for path, pending in reads.items():  # in order; later reads go on in tensorstore's threads
+        name, dtype = path.replace("/", "."), dtype_of(dtype)
+        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize <= _DIRECT_BYTES:
+            return kvstore.read(_chunk_key(name, len(shape))), None
+        spec = {"driver": "zarr", "kvstore": {**_kvstore_spec(item_dir), "path": name + "/"}, "open": True}
+        # Straight into an aligned buffer of our own: on CPU, `jax.device_put` then uses it
+        # without a copy, so a large array is held once, plus tensorstore's read buffer meanwhile.
+        into = _aligned_empty(tuple(shape), dtype)
+        source = ts.open(spec, context=context, read=True).result()
+        return ts.array(into, copy=False, write=True).write(source), into
+
+    # Reads go on in tensorstore's threads ahead of this loop, up to a bounded number of bytes, so
+    # host memory stays near the restored state itself however large it is.
+    out, bad, failed, queue, in_flight = {}, [], {}, list(wanted), {}
+    budget = 0
+    for path in wanted:
+        while queue and (not in_flight or budget + _nbytes(arrays[queue[0]]) <= _READ_AHEAD_BYTES):
+            budget += _nbytes(arrays[queue[0]])
+            try:
+                in_flight[queue[0]] = start(queue[0])
+            except Exception as e:  # noqa: BLE001 (an open that failed: reported with the reads below)
+                in_flight[queue[0]] = (e, None)
+            queue.pop(0)
+        pending, into = in_flight.pop(path)
+        budget -= _nbytes(arrays[path])
         crc, dtype, shape = arrays[path]
         try:
-            stored = _as_array(path, pending.result(), dtype_of(dtype), tuple(shape))
+            if isinstance(pending, Exception):
+                raise pending
+            result = pending.result()
+            stored = into if into is not None else _as_array(path, result, dtype_of(dtype), tuple(shape))
         except Exception as e:  # noqa: BLE001 (re-raised below, naming every array that failed)
             if not check:
                 raise
             failed[path] = e
             continue
+        finally:
+            del pending, into
         if check and _checksum(stored) != crc:
             bad.append(path)
         cast, sharding = wanted[path]
         if cast is not None and np.dtype(cast) != stored.dtype:
             stored = stored.astype(cast)
-        out[path] = stored if sharding is None else jax.device_put(stored, sharding)
+        if keep:
+            out[path] = stored if sharding is None else jax.device_put(stored, sharding)
+        del stored
     if failed:  # the first error decides what it means (see `integrity`); the message names them all
         first = next(iter(failed.values()))
         names = ", ".join(list(failed)[:5]) + (", ..." if len(failed) > 5 else "")
@@ -440,6 +472,19 @@ def read_arrays(item_dir: os.PathLike | str, wanted: Mapping[str, tuple[Any, Any
     if bad:
         raise ChecksumMismatch(bad)
     return out
+
+
+def _nbytes(record: list) -> int:
+    _, dtype, shape = record
+    return int(np.prod(shape, dtype=np.int64)) * dtype_of(dtype).itemsize
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-order array whose data starts on a 64-byte boundary (XLA's CPU alignment)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    offset = (-raw.ctypes.data) % 64
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 def _as_array(path: str, result: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -515,7 +560,11 @@ class StateRestore(ocp.args.PyTreeRestore):
 def _with_checksums(args: Any) -> Any:
     """Orbax's save path: the same checksums, computed now from what this process can see."""
     custom = dict(args.custom_metadata or {})
+    flat = treepath.flatten(args.item)
     custom[CUSTOM_KEY] = {**custom.get(CUSTOM_KEY, {}), "format": FORMAT, "checksum": CHECKSUM,
-                          "arrays": checksums(treepath.flatten(args.item))}
+                          "arrays": checksums(flat)}
+    shards = shard_checksums.record(flat)  # arrays sharded over processes: every shard, hashed where it lives
+    if shards:
+        custom[CUSTOM_KEY]["shards"] = shards
     return ocp.args.PyTreeSave(args.item, save_args=args.save_args, custom_metadata=custom,
                                ocdbt_target_data_file_size=args.ocdbt_target_data_file_size)

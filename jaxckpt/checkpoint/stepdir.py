@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxckpt.checkpoint import formats, integrity, state_item
+from jaxckpt.checkpoint import formats, integrity, shard_checksums, state_item
 from jaxckpt.tree import treepath
 from jaxckpt.types import PyTree
 
@@ -62,6 +62,12 @@ def saved_checksums(step_dir: os.PathLike | str) -> dict[str, list]:
 
 def _orbax_tree_metadata(step_dir: os.PathLike | str) -> PyTree:
     return ocp.PyTreeCheckpointHandler().metadata(epath.Path(pathlib.Path(step_dir) / STATE_ITEM)).tree
+
+
+def saved_shard_checksums(step_dir: os.PathLike | str) -> dict[str, dict[str, Any]]:
+    """Per-shard hashes of arrays that were sharded over processes (see `jaxckpt.checkpoint.shard_checksums`)."""
+    record = state_item.read_custom_metadata(pathlib.Path(step_dir) / STATE_ITEM).get(state_item.CUSTOM_KEY) or {}
+    return record.get("shards", {}) if record.get("checksum") == state_item.CHECKSUM else {}
 
 
 def state_tree_metadata(step_dir: os.PathLike | str) -> PyTree:
@@ -154,7 +160,8 @@ def verify_state(step_dir: os.PathLike | str) -> None:
     def read() -> None:
         formats.check_readable(step_dir)
         if _readable_fast(item):
-            state_item.read_arrays(item, {p: (None, None) for p in state_item.layout_arrays(item)}, check=True)
+            state_item.read_arrays(item, {p: (None, None) for p in state_item.layout_arrays(item)}, check=True,
+                                   keep=False)
             return
         tree = _orbax_tree_metadata(step_dir)
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
@@ -167,6 +174,7 @@ def verify_state(step_dir: os.PathLike | str) -> None:
 
 def _verify_flat(step_dir: pathlib.Path, flat: Mapping[str, Any]) -> None:
     bad = state_item.mismatched_checksums(saved_checksums(step_dir), flat)
+    bad += shard_checksums.mismatched(saved_shard_checksums(step_dir), flat)
     if bad:
         raise state_item.ChecksumMismatch(bad)
 

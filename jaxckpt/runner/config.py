@@ -13,7 +13,7 @@ from typing import Any
 from jaxckpt.errors import UserError
 
 # Sections every run reads; `model` and `data` belong to the task and have no defaults.
-SECTIONS = ("train", "eval", "optimizer", "checkpoint", "early_stop", "predict")
+SECTIONS = ("train", "eval", "optimizer", "checkpoint", "early_stop", "predict", "mesh")
 
 
 def default_config() -> Any:
@@ -87,6 +87,11 @@ def default_config() -> Any:
     c.early_stop.criteria = "val/loss"  # metric that picks the best checkpoint and stops early
     c.early_stop.minimize = True  # whether lower criteria is better
     c.early_stop.patience = -1  # evaluations without improvement before stopping; -1 = off
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel axis size; -1 = the devices mesh.fsdp leaves (data x fsdp = all devices)
+    c.mesh.fsdp = 1  # axis params and optimizer state are sharded along; 1 = replicated (pure data parallel)
+    c.mesh.rules = ""  # "regex=spec;..." e.g. "encoder/.*kernel=fsdp,None"; "" = largest dim fsdp divides
     return c
 
 

@@ -1,8 +1,11 @@
-"""Scale-out with JAX's own tools: `jax.distributed` processes and a one-axis data mesh.
+"""Scale-out with JAX's own tools: `jax.distributed` processes, meshes, and agreeing processes.
 
-The loop runs data-parallel over every device of every process: parameters are replicated, batches
-are split along their first axis. Every process reads the same global batch (pipelines are
-seeded), so each one can hand JAX the rows its devices own; no home-made collectives.
+The loop runs over every device of every process on a `data` x `fsdp` mesh (`jaxckpt.runner.mesh`):
+batches are split along their first axis over all devices; parameters are replicated (`fsdp=1`)
+or sharded along `fsdp`. Every process reads the same global batch (pipelines are seeded), so
+each one can hand JAX the rows its devices own. Decisions that all processes must take together
+(stop now, a step is corrupt) go through `any_process`/`all_processes`: one small host allgather,
+and nothing at all in a single-process run.
 """
 
 from __future__ import annotations
@@ -43,14 +46,46 @@ def data_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
 
 
+def run_mesh(config: Any) -> Mesh:
+    """The run's `data` x `fsdp` mesh from `config.mesh` (see `jaxckpt.runner.mesh.make_mesh`)."""
+    from jaxckpt.runner.mesh import make_mesh
+
+    return make_mesh(config.mesh.data, config.mesh.fsdp)
+
+
+def _gathered_flags(flag: bool) -> np.ndarray:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32)))
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process: one host allgather when several processes run.
+
+    Every process must call it at the same point. If another process died, the allgather fails
+    (gloo sees the connection drop) and `jax.distributed`'s heartbeat ends this process's shutdown,
+    so none waits forever (tests/sharding_test.py kills one of two).
+    """
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(_gathered_flags(flag).any())
+
+
+def all_processes(flag: bool) -> bool:
+    """Whether `flag` is true on every process (see `any_process`)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(_gathered_flags(flag).all())
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """The sharding of a value copied on every device of `mesh`."""
     return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """The sharding of a batch split along its first axis over the `"data"` axis."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """The sharding of a batch split along its first axis over every axis (every device) of `mesh`."""
+    return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, what: str) -> None:
@@ -76,9 +111,18 @@ def abstract_like(tree: PyTree, sharding: Any) -> PyTree:
 
 
 def to_host(tree: PyTree) -> PyTree:
-    """Host numpy copies of (possibly multi-process, replicated) arrays."""
+    """Host numpy copies of the global values of (possibly multi-process) arrays.
+
+    A replicated array is read from this process's copy; one split over processes (e.g. a batch
+    of predictions, rows over every device) is gathered, so every process must call this at the
+    same point.
+    """
     def fetch(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(x.addressable_data(0))
+            if x.sharding.is_fully_replicated:
+                return np.asarray(x.addressable_data(0))
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
     return jax.tree.map(fetch, tree)

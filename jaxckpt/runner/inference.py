@@ -58,7 +58,7 @@ def _load_for_inference(config: Any, workdir: Path, task: Task | None) -> tuple[
     The workdir's checkpoints are opened read-only (nothing cleaned up or moved aside) unless this
     process holds the workdir lock, as `run` does: another run may be writing them.
     """
-    mesh = distributed.data_mesh()
+    mesh = distributed.run_mesh(config)
     read_only = not holds_lock(workdir)
     manager = open_manager(config, workdir, read_only=read_only) if (workdir / "checkpoints").exists() else None
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from jaxckpt.checkpoint.manager import CheckpointManager
 from jaxckpt.checkpoint.storage import local_path
 from jaxckpt.errors import CheckpointSaveError, NonFiniteLossError, Preempted, SaveFailedError, UserError, is_user_error
 from jaxckpt.runner import distributed, early_stop, sources
+from jaxckpt.runner import mesh as mesh_lib
 from jaxckpt.runner.config import complete
 from jaxckpt.runner.curves import plot_curves
 from jaxckpt.runner.inference import evaluate, evaluate_split, predict
@@ -151,7 +153,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, task: Task | None = 
     config = complete(config)
     workdir = local_path(workdir, key="workdir")
     primary = jax.process_index() == 0
-    mesh = distributed.data_mesh()
+    mesh = distributed.run_mesh(config)
     distributed.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
     manager = open_manager(config, workdir)
     try:
@@ -192,8 +194,11 @@ def _train(config: Any, workdir: Path, task: Task, manager: CheckpointManager, m
     writers = open_writers(workdir, purge_step=start_step + 1) if primary else None
 
     with_state = has_model_state(task)
+    # The state keeps its shardings step after step (one compile; saves write what was restored).
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
     train_step = jax.jit(make_train_step(task.loss_fn, grad_accum_steps=config.train.grad_accum_steps,
-                                         model_state=with_state, ema_decay=ema_decay(config)), donate_argnums=0)
+                                         model_state=with_state, ema_decay=ema_decay(config)), donate_argnums=0,
+                         out_shardings=(state_shardings, distributed.replicated(mesh)))
     eval_step = jax.jit(make_eval_step(task.metrics_fn, model_state=with_state))
     criteria = config.early_stop.criteria
     patience = config.early_stop.patience
@@ -231,6 +236,8 @@ def _train(config: Any, workdir: Path, task: Task, manager: CheckpointManager, m
             # Logged once signals are caught: a SIGTERM from here on saves a step and exits 75.
             log.info("training steps %d..%d (batch %d, %d device(s))", step + 1, num_steps,
                      config.train.batch_size, mesh.devices.size)
+            if mesh.shape.get("fsdp", 1) > 1:
+                log.info("mesh %s: params and optimizer state sharded along fsdp", mesh_lib.describe(mesh))
             while step < num_steps:
                 batch, data_state = next(batches)
                 state, metrics = train_step(state, batch)
@@ -238,7 +245,8 @@ def _train(config: Any, workdir: Path, task: Task, manager: CheckpointManager, m
                 pending.append(metrics)
                 progress.update()
                 at_end = step == num_steps
-                stopping = stop.requested  # read once: a signal may land at any moment
+                # Read once (a signal may land at any moment), and agreed: every process stops at this step.
+                stopping = distributed.any_process(stop.requested)
                 if step % config.train.log_every_steps == 0 or at_end:
                     train_metrics = _mean_of_steps(pending)
                     window = len(pending)
@@ -275,8 +283,9 @@ def _train(config: Any, workdir: Path, task: Task, manager: CheckpointManager, m
                     clock.saved()
                 if stopping:
                     manager.wait()
-                    log.warning("stop requested by signal %d: saved step %d", stop.signum, step)
-                    raise Preempted(step, stop.signum)
+                    signum = stop.signum or signal.SIGTERM  # another process got the signal
+                    log.warning("stop requested by signal %d: saved step %d", signum, step)
+                    raise Preempted(step, signum)
                 if stop_early:
                     log.info("early stop at step %d: %s did not improve for %d evaluations (best %.6g at step %s)",
                              step, criteria, patience + 1, loop_state["best_value"], loop_state["best_step"])

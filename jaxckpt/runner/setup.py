@@ -8,8 +8,9 @@ from typing import Any
 import jax
 import optax
 
+from jaxckpt import config_strings
 from jaxckpt.checkpoint.manager import CheckpointManager
-from jaxckpt.runner import distributed
+from jaxckpt.runner import mesh as mesh_lib
 from jaxckpt.runner.follow_results import follower_results
 from jaxckpt.runner.task import has_model_state
 from jaxckpt.train.optim import freeze_and_scale, make_optimizer
@@ -61,38 +62,60 @@ def optimizer(config: Any, params: Any, tx: optax.GradientTransformation | None)
 
 
 def abstract_params(task: Any, config: Any, mesh: Any) -> tuple[Any, Any]:
-    """The task's params and model state (None without one) as abstract values on the mesh."""
+    """The task's params and model state (None without one) as abstract values on the mesh.
+
+    Params are sharded as `config.mesh` says (`jaxckpt.runner.mesh.state_shardings`); the
+    model state is replicated unless a rule names it.
+    """
     _, params_rng, state_rng = _init_rngs(config)
-    replicated = distributed.replicated(mesh)
-    params = distributed.abstract_like(jax.eval_shape(task.init_params, params_rng), replicated)
+    rules = config_strings.parse_mesh_rules(config.mesh.rules)
+    params = jax.eval_shape(task.init_params, params_rng)
+    params = mesh_lib.with_shardings(params, mesh_lib.state_shardings(params, mesh, rules, prefix="params/",
+                                                                      require_match=False))
     model_state = None
     if has_model_state(task):
-        model_state = distributed.abstract_like(jax.eval_shape(task.init_model_state, state_rng), replicated)
+        model_state = jax.eval_shape(task.init_model_state, state_rng)
+        model_state = mesh_lib.with_shardings(model_state, mesh_lib.state_shardings(
+            model_state, mesh, rules, prefix="model_state/", require_match=False))
     return params, model_state
 
 
 def abstract_state(task: Any, config: Any, mesh: Any, tx: optax.GradientTransformation | None
                    ) -> tuple[TrainState, optax.GradientTransformation]:
-    """The state's abstract shape (with replicated shardings) and the optimizer, computing nothing."""
-    rng, _, _ = _init_rngs(config)
+    """The state's abstract shape (with its shardings on the mesh) and the optimizer, computing nothing.
+
+    Raises:
+      ConfigError: for a `config.mesh.rules` entry that names no axis of the mesh, does not
+        divide a leaf's shape, or matches no leaf.
+    """
     params, model_state = abstract_params(task, config, mesh)
     tx = optimizer(config, params, tx)
+    return _on_mesh(config, mesh, tx, params, model_state), tx
+
+
+def _on_mesh(config: Any, mesh: Any, tx: optax.GradientTransformation, params: Any, model_state: Any) -> TrainState:
+    """The abstract state built from abstract params with `tx`, each leaf with its sharding."""
+    rng, _, _ = _init_rngs(config)
     ema = ema_decay(config) > 0
     abstract = jax.eval_shape(
         lambda p, m: TrainState.create(apply_fn=None, params=p, tx=tx, rng=rng, model_state=m, ema=ema), params,
         model_state)
-    return distributed.abstract_like(abstract, distributed.replicated(mesh)), tx
+    rules = config_strings.parse_mesh_rules(config.mesh.rules)
+    return mesh_lib.with_shardings(abstract, mesh_lib.state_shardings(abstract, mesh, rules))
 
 
 def fresh_state(task: Any, config: Any, tx: Any, mesh: Any, params: Any = None) -> TrainState:
-    """A step-0 state on the mesh: the task's initial params (or `params`), model state and optimizer state."""
+    """A step-0 state on the mesh: the task's initial params (or `params`), model state and optimizer state.
+
+    Each part is created directly on its shardings (`out_shardings`), never whole on one device.
+    """
     rng, params_rng, state_rng = _init_rngs(config)
-    replicated = distributed.replicated(mesh)
+    shardings = jax.tree.map(lambda x: x.sharding, _on_mesh(config, mesh, tx, *abstract_params(task, config, mesh)))
     if params is None:
-        params = jax.jit(task.init_params, out_shardings=replicated)(params_rng)
+        params = jax.jit(task.init_params, out_shardings=shardings.params)(params_rng)
     model_state = None
     if has_model_state(task):
-        model_state = jax.jit(task.init_model_state, out_shardings=replicated)(state_rng)
+        model_state = jax.jit(task.init_model_state, out_shardings=shardings.model_state)(state_rng)
     ema = ema_decay(config) > 0
     create = lambda p, m: TrainState.create(apply_fn=None, params=p, tx=tx, rng=rng, model_state=m, ema=ema)
-    return jax.jit(create, out_shardings=replicated)(params, model_state)
+    return jax.jit(create, out_shardings=shardings)(params, model_state)

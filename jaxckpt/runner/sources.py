@@ -26,6 +26,7 @@ from jaxckpt.errors import (
     WorkdirError,
 )
 from jaxckpt.grafting.structure import parse_structure
+from jaxckpt.runner import distributed
 from jaxckpt.runner.config_diff import config_changes
 from jaxckpt.runner.logs import log
 from jaxckpt.runner.metrics_jsonl import truncate_after
@@ -81,7 +82,8 @@ def _intact_step(manager: CheckpointManager, best: bool, where: Path, criteria: 
     `checkpoints/corrupt/<step>` (never deleted; a read-only manager moves nothing), and the next
     candidate is tried, so a run killed while its disk was failing resumes from the newest step
     that is still whole. A failed read that proves nothing (`CheckpointReadError`) is raised: no
-    step is moved for it.
+    step is moved for it. With several processes a step is moved only when every process found it
+    corrupt; a disagreement is an error that moves nothing.
 
     Returns:
       The step, or None if every step was corrupt.
@@ -92,15 +94,26 @@ def _intact_step(manager: CheckpointManager, best: bool, where: Path, criteria: 
     for step in candidates:
         try:
             manager.verify(step)
-            return step
+            error = None
         except CheckpointCorruptError as e:
-            if manager.read_only:
-                log.warning("checkpoint step %d is corrupt (left in place: this process does not hold the "
-                            "workdir lock); falling back to the previous intact step. %s", step, e)
-                continue
-            moved = _quarantine(manager, step)
-            log.warning("checkpoint step %d is corrupt and was moved to %s (not deleted); falling back to "
-                        "the previous intact step. %s", step, moved, e)
+            error = e
+        # Several processes move a step aside only when every one of them found it corrupt: a read
+        # that failed on one host (a flaky mount) is no proof, and a lone move would split the job.
+        if distributed.all_processes(error is None):
+            return step
+        if not distributed.all_processes(error is not None):
+            seen = "read it intact" if error is None else f"found it corrupt ({error})"
+            raise CorruptCheckpointsError(
+                f"processes disagree about step {step} in {manager.directory}: process {jax.process_index()} "
+                f"{seen}, another did not, so nothing was moved. Check that every host sees the same "
+                "checkpoint directory (a stale or flaky mount?) and rerun.")
+        if distributed.any_process(manager.read_only):  # (only process 0 holds the lock: all leave it)
+            log.warning("checkpoint step %d is corrupt (left in place: this process does not hold the "
+                        "workdir lock); falling back to the previous intact step. %s", step, error)
+            continue
+        moved = _quarantine(manager, step)
+        log.warning("checkpoint step %d is corrupt and was moved to %s (not deleted); falling back to "
+                    "the previous intact step. %s", step, moved, error)
     return None
 
 
@@ -186,7 +199,7 @@ def decide_start(config: Any, workdir: Path, manager: CheckpointManager | None, 
 
 
 # Fields that steer a run but never change the shapes of its state; left out when explaining a mismatch.
-_RUN_CONTROL = ("run_type", "seed", "train.", "eval.", "early_stop.", "checkpoint.")
+_RUN_CONTROL = ("run_type", "seed", "train.", "eval.", "early_stop.", "checkpoint.", "mesh.")
 
 
 def _shape_changes(saved_config: Any, config: Any, training: bool) -> list[str]:

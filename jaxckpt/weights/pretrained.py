@@ -359,6 +359,10 @@ def load_params(
         for entry in abstract_loaded:
             target, leaf = targets[entry.path], source[entry.source]
             value = leaf() if isinstance(leaf, Derived) else leaf
+            if isinstance(value, jax.Array) and not value.is_fully_addressable:
+                # Read onto the target's sharding across processes: no process may fetch it whole.
+                flat[entry.path] = value if value.dtype == target.dtype else value.astype(target.dtype)
+                continue
             flat[entry.path] = jax.device_put(np.asarray(value).astype(target.dtype), _sharding_of(target))
         params = treepath.unflatten(flat, target_params)
     return params, dataclasses.replace(report, source_tree=source_tree)
