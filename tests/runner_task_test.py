@@ -133,3 +133,20 @@ def test_default_config_documents_every_key():
     for line in source.splitlines():
         if line.strip().startswith("c.") and "=" in line:
             assert "#" in line or "ConfigDict()" in line, f"undocumented config key: {line.strip()}"
+
+
+def test_a_callers_train_step_replaces_the_loss_fn_step_and_keeps_the_rest(tmp_path):
+    task = LinearTask(fail_in_loss=True)  # the task's own loss_fn is never traced
+
+    def my_step(state, batch):  # plain SGD on the squared error, written by hand
+        def loss(params):
+            return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+
+        value, grads = jax.value_and_grad(loss)(state.params)
+        return state.apply_gradients(grads=grads), {"loss": value, "grad_norm": optax.global_norm(grads)}
+
+    state = jaxckpt.run(_config(), tmp_path, task=task, tx=optax.sgd(0.1), train_step=my_step)
+    assert int(state.step) == 20
+    assert jaxckpt.evaluate(_config(), tmp_path, task=task)["loss"] < 0.1
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [10, 20]

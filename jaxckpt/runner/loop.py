@@ -46,7 +46,7 @@ from jaxckpt.runner.task import Task, artifacts_of, check_task, check_train_iter
 from jaxckpt.runner.writers import format_metrics, open_writers
 from jaxckpt.train.ema import EMA_KEY
 from jaxckpt.train.state import TrainState
-from jaxckpt.train.step import make_eval_step, make_train_step
+from jaxckpt.train.step import TrainStep, make_eval_step, make_train_step
 
 RUN_TYPES = ("train", "train_val", "val", "test", "predict")
 
@@ -54,7 +54,7 @@ __all__ = ("RUN_TYPES", "evaluate", "predict", "run", "train_and_evaluate")
 
 
 def run(config: Any, workdir: str | Path, *, task: Task | None = None,
-        tx: optax.GradientTransformation | None = None) -> Any:
+        tx: optax.GradientTransformation | None = None, train_step: TrainStep | None = None) -> Any:
     """Runs `config.run_type` in `workdir`, holding the workdir's lock (see the module docstring).
 
     Args:
@@ -64,6 +64,9 @@ def run(config: Any, workdir: str | Path, *, task: Task | None = None,
       task: the task to run; None builds it from `config.task` (an import path).
       tx: an optax optimizer to train with instead of `config.optimizer` (whose `freeze` and
         `lr_multipliers` still apply over it).
+      train_step: your own pure `train_step(state, batch) -> (state, metrics)` instead of
+        `make_train_step(task.loss_fn, ...)`; the loop jits it (donating the state) and keeps
+        everything else: checkpoints, resume, evaluation, logging. Its metrics must include `loss`.
 
     Returns:
       The final `TrainState` for train runs, the metrics dict for val/test, the predictions path for predict.
@@ -91,7 +94,7 @@ def run(config: Any, workdir: str | Path, *, task: Task | None = None,
     try:
         with _run_log(workdir, write=primary):
             if config.run_type in ("train", "train_val"):
-                return train_and_evaluate(config, workdir, task=task, tx=tx)
+                return train_and_evaluate(config, workdir, task=task, tx=tx, train_step=train_step)
             split = config.eval.split or ("val" if config.run_type == "val" else "test")
             if config.run_type == "predict":
                 return predict(config, workdir, split=split, task=task)
@@ -134,7 +137,8 @@ def _run_log(workdir: Path, *, write: bool):
 
 
 def train_and_evaluate(config: Any, workdir: str | Path, *, task: Task | None = None,
-                       tx: optax.GradientTransformation | None = None) -> TrainState:
+                       tx: optax.GradientTransformation | None = None,
+                       train_step: TrainStep | None = None) -> TrainState:
     """Trains (and, for `run_type="train_val"`, evaluates on val) in `workdir`.
 
     Args:
@@ -142,6 +146,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, task: Task | None = 
       workdir: the run directory (already locked by `run`, or call this under your own lock).
       task: the task; None builds it from `config.task`.
       tx: an optax optimizer instead of `config.optimizer` (see `run`).
+      train_step: your own train step instead of the task's `loss_fn` (see `run`).
 
     Returns:
       The final `TrainState`.
@@ -178,13 +183,13 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, task: Task | None = 
             write_json(workdir / "config.json", config.to_dict())
             for name, value in artifacts_of(task).items():
                 write_json(workdir / f"{name}.json", value)
-        return _train(config, workdir, task, manager, mesh, state.replace(tx=tx), loop_state, train_iter)
+        return _train(config, workdir, task, manager, mesh, state.replace(tx=tx), loop_state, train_iter, train_step)
     finally:
         manager.close()
 
 
 def _train(config: Any, workdir: Path, task: Task, manager: CheckpointManager, mesh: Any, state: TrainState,
-           loop_state: dict[str, Any], train_iter: Any) -> TrainState:
+           loop_state: dict[str, Any], train_iter: Any, custom_step: TrainStep | None) -> TrainState:
     primary = jax.process_index() == 0
     num_steps = config.train.num_steps
     validate = config.run_type == "train_val"
@@ -196,9 +201,9 @@ def _train(config: Any, workdir: Path, task: Task, manager: CheckpointManager, m
     with_state = has_model_state(task)
     # The state keeps its shardings step after step (one compile; saves write what was restored).
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    train_step = jax.jit(make_train_step(task.loss_fn, grad_accum_steps=config.train.grad_accum_steps,
-                                         model_state=with_state, ema_decay=ema_decay(config)), donate_argnums=0,
-                         out_shardings=(state_shardings, distributed.replicated(mesh)))
+    step_fn = custom_step or make_train_step(task.loss_fn, grad_accum_steps=config.train.grad_accum_steps,
+                                             model_state=with_state, ema_decay=ema_decay(config))
+    train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, distributed.replicated(mesh)))
     eval_step = jax.jit(make_eval_step(task.metrics_fn, model_state=with_state))
     criteria = config.early_stop.criteria
     patience = config.early_stop.patience
