@@ -1,4 +1,4 @@
-"""Tests for jaxckpt.state_item: Orbax's PyTree format written in one transaction."""
+"""Tests for jaxckpt.checkpoint.state_item and state_read: Orbax's PyTree format, written and read back."""
 
 import json
 
@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 
-from jaxckpt.checkpoint import state_item
+from jaxckpt.checkpoint import state_item, state_read
 from jaxckpt.checkpoint.manager import CheckpointManager
 
 P = jax.sharding.PartitionSpec
@@ -80,7 +80,7 @@ def test_read_arrays_casts_and_places(tmp_path):
     tree = _tree()
     state_item.write(tmp_path, state_item.to_host(tree))
     sharding = tree["params"]["sharded"].sharding
-    got = state_item.read_arrays(tmp_path, {
+    got = state_read.read_arrays(tmp_path, {
         "params/sharded": (None, sharding),
         "params/enc/bias": (np.float32, None),
         "params/big": (None, None),
@@ -88,7 +88,7 @@ def test_read_arrays_casts_and_places(tmp_path):
     assert got["params/sharded"].sharding == sharding
     assert got["params/enc/bias"].dtype == np.float32 and isinstance(got["params/enc/bias"], np.ndarray)
     np.testing.assert_array_equal(got["params/big"], np.arange(300_000, dtype=np.float32))
-    assert set(state_item.layout_arrays(tmp_path)) == {
+    assert set(state_read.layout_arrays(tmp_path)) == {
         "step", "params/enc/kernel", "params/enc/bias", "params/sharded", "params/big", "opt_state/count"}
 
 
@@ -97,7 +97,7 @@ def test_a_damaged_chunk_is_an_error_not_garbage(tmp_path):
     kvstore = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": str(tmp_path) + "/"}}).result()
     kvstore.write("a/0", b"\0" * 3).result()
     with pytest.raises(ValueError, match="holds 3 bytes, expected 16"):
-        state_item.read_arrays(tmp_path, {"a": (None, None)})
+        state_read.read_arrays(tmp_path, {"a": (None, None)})
 
 
 @pytest.mark.parametrize("tree", [
@@ -109,7 +109,7 @@ def test_orbax_saves_what_this_writer_does_not(tmp_path, tree):
     assert not state_item.can_write(tree)
     with CheckpointManager(tmp_path) as manager:
         manager.save(1, tree)
-    assert state_item.layout_arrays(tmp_path / "1" / "state") is None
+    assert state_read.layout_arrays(tmp_path / "1" / "state") is None
     assert (tmp_path / "1" / "state" / "_METADATA").exists()
 
 
@@ -120,7 +120,7 @@ def test_keys_with_dots_take_the_fast_writer_and_plain_orbax_reads_them(tmp_path
     with CheckpointManager(tmp_path) as manager:
         manager.save(1, tree)
     item = tmp_path / "1" / "state"
-    assert state_item.layout_arrays(item) is not None  # written by the fast writer
+    assert state_read.layout_arrays(item) is not None  # written by the fast writer
     ckptr = ocp.PyTreeCheckpointer()
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), ckptr.metadata(item).item_metadata.tree)
     restored = ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
@@ -178,8 +178,8 @@ def test_the_fast_writer_steps_aside_and_orbax_writes_the_same_files(tmp_path, m
             assert manager.info(1)["writer"] == "orbax"
     assert reason in caplog.text
     item = tmp_path / "1" / "state"
-    assert state_item.layout_arrays(item) is None  # not the fast layout, but the same checksums
-    assert set(state_item.checkable(state_item.read_custom_metadata(item))) == {"params/w", "step"}
+    assert state_read.layout_arrays(item) is None  # not the fast layout, but the same checksums
+    assert set(state_read.checkable(state_read.read_custom_metadata(item))) == {"params/w", "step"}
     with CheckpointManager(tmp_path, read_only=True) as manager:
         manager.verify(1)
         restored = manager.restore(jax.eval_shape(lambda: tree))

@@ -131,7 +131,7 @@ def test_write_bytes_atomic_and_append_line_on_object_stores(store_url):
 # A state item in jaxckpt's layout (state_item.write's), written through kvstore_spec.
 
 def _write_item(item_dir: str, tree) -> None:
-    """What `state_item.write` does once its `_kvstore_spec` and `_write_json` take URLs."""
+    """What `state_item.write` does once its `item_kvstore_spec` and `_write_json` take URLs."""
     host = state_item.to_host(tree, copy=False)
     spec = {"driver": "ocdbt", "base": storage.kvstore_spec(item_dir, single_writer=True),
             "config": state_item._OCDBT_CONFIG}
@@ -147,7 +147,7 @@ def _write_item(item_dir: str, tree) -> None:
                                     "value_metadata": state_item._value_metadata(leaf, sharding)}
         leaf = np.require(leaf, requirements="C")
         in_txn.write(f"{name}/.zarray", json.dumps(state_item._zarray(leaf))).result()
-        in_txn.write(state_item._chunk_key(name, leaf.ndim), leaf.tobytes()).result()
+        in_txn.write(state_item.chunk_key(name, leaf.ndim), leaf.tobytes()).result()
     txn.commit_async().result()
     storage.write_bytes_atomic(f"{item_dir}/_sharding", json.dumps(shardings).encode())
     storage.write_bytes_atomic(f"{item_dir}/_METADATA", json.dumps({

@@ -31,31 +31,26 @@ alive (`jaxckpt.checkpoint.writers`).
 
 from __future__ import annotations
 
-import datetime
-import errno
-import json
 import logging
 import os
 import pathlib
-import shutil
 import threading
-import time
 import warnings
 import weakref
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping
 
 import flax.serialization
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxckpt.checkpoint import formats, pins, state_item, storage, writers
+from jaxckpt.checkpoint import formats, pins, state_item, step_save, storage, writers
 from jaxckpt.checkpoint.retention import RetentionPolicy
+from jaxckpt.checkpoint.step_metrics import LateMetrics, StepMetrics
 from jaxckpt.checkpoint.stepdir import (
     CORRUPT_DIR,
     EXTRA_ITEM,
     INFO_ITEM,
-    STATE_ITEM,
+    move_aside,
     read_json_item,
     read_state,
     read_state_metadata,
@@ -65,66 +60,7 @@ from jaxckpt.checkpoint.stepdir import (
 from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError, CheckpointSaveError
 from jaxckpt.types import PyTree
 
-_TMP_MARK = writers.TMP_MARK
 log = logging.getLogger("jaxckpt")
-_SETTLE_SECONDS = 10.0
-
-def _is_disk_full(exc: BaseException) -> bool:
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
-            return True
-        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
-    return False
-
-
-def _json_ready(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
-    value = dict(value or {})
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError) as e:
-        raise TypeError(
-            f"{what} must be JSON-serialisable (str, numbers, bools, lists, dicts): {e}. Convert arrays "
-            "with .tolist() or float() before saving."
-        ) from e
-    return value
-
-
-def _metrics_ready(metrics: Mapping[str, Any] | None) -> dict[str, float]:
-    out = {}
-    for name, value in (metrics or {}).items():
-        try:
-            out[str(name)] = float(np.asarray(value))
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"metrics[{name!r}] must be a scalar number, got {type(value).__name__}: {e}") from e
-    return out
-
-
-class LateMetrics(Protocol):
-    """Metrics that arrive after a step was saved, e.g. from a follower evaluator in another process."""
-
-    def metrics(self, step: int) -> Mapping[str, Any] | None:
-        """The late metrics of `step` (e.g. `{"val/loss": 0.3}`), or None if none arrived yet."""
-
-    def waiting(self) -> bool:
-        """Whether metrics are still coming for steps that lack them (a live evaluator is attached)."""
-
-
-class _PinnedPolicy:
-    """The Orbax preservation policy of a manager: its retention, late metrics and pins together."""
-
-    def __init__(self, manager: "CheckpointManager"):
-        self._manager = manager
-
-    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any = None) -> list[bool]:
-        del context
-        keep = self._manager._steps_to_keep({info.step: info.metrics for info in checkpoints})
-        return [info.step in keep for info in checkpoints]
-
 
 class CheckpointManager:
     """Saves and restores train states under one directory, keeping the right checkpoints.
@@ -177,7 +113,6 @@ class CheckpointManager:
           ValueError: for an inconsistent retention setting (e.g. `max_to_keep=0`).
           CheckpointNotFoundError: if `read_only` and the directory does not exist.
         """
-        self._late = late_metrics
         self._directory = storage.local_path(directory)
         self._async = async_save
         self._read_only = read_only
@@ -209,9 +144,9 @@ class CheckpointManager:
         self._own_thread = async_save and jax.process_count() == 1 and self._fast
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
-        self._metrics: dict[int, dict[str, Any] | None] = {}
+        self._metrics = StepMetrics(self._directory, self._policy, late_metrics)
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=_PinnedPolicy(self),
+            preservation_policy=self._metrics.preservation_policy(),
             # A best_fn makes Orbax write each step's metrics item; ranking itself is the policy's.
             best_fn=lambda metrics: 0.0,
             best_mode=best_mode,
@@ -220,15 +155,8 @@ class CheckpointManager:
             create=not read_only,
             read_only=read_only,
         )
-        handlers = {
-            # Plain Orbax's PyTree format without zstd (trained float weights shrink by <10% under
-            # it, while compressing cost more than the disk write), written in one transaction.
-            # Never copies: an async save hands it a snapshot, and several processes go through Orbax.
-            STATE_ITEM: state_item.StateItemHandler(copy_arrays=False, fast=self._fast),
-            EXTRA_ITEM: ocp.JsonCheckpointHandler(),
-            INFO_ITEM: ocp.JsonCheckpointHandler(),
-        }
-        self._mngr = ocp.CheckpointManager(self._directory, options=options, item_handlers=handlers)
+        self._mngr = ocp.CheckpointManager(self._directory, options=options,
+                                           item_handlers=step_save.item_handlers(self._fast))
 
     @property
     def directory(self) -> pathlib.Path:
@@ -284,33 +212,18 @@ class CheckpointManager:
                 "overwritten. Save under a new step number, or move that directory away first."
             )
         tree = flax.serialization.to_state_dict(state)
-        metrics = _metrics_ready(metrics)
+        metrics = step_save.metrics_ready(metrics)
         slow = state_item.unwritable(tree) if self._fast else "the fast writer is off"
         background = self._own_thread and slow is None
         if self._own_thread and slow is not None and not self._slow_noted:
             self._slow_noted = True
             log.warning("async_save=True, but this state is saved synchronously on the calling thread: %s", slow)
-        info = {
-            "format": formats.FORMAT,
-            "jaxckpt_version": formats.library_version(),
-            "jax_version": jax.__version__,
-            "orbax_version": ocp.__version__,
-            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "writer": "fast" if slow is None else "orbax",
-            "best_metric": self._policy.best_metric,
-            "best_mode": self._policy.best_mode,
-        }
+        info = step_save.info_record("fast" if slow is None else "orbax", self._policy)
         if background:
             tree = state_item.snapshot(tree)  # the only copy; the caller may donate `state` next
-        args = ocp.args.Composite(
-            **{
-                STATE_ITEM: state_item.StateSave(tree),
-                EXTRA_ITEM: ocp.args.JsonSave(_json_ready(extra, "extra")),
-                INFO_ITEM: ocp.args.JsonSave(info),
-            }
-        )
+        args = step_save.step_args(tree, extra, info)
         self._pending = step
-        self._metrics[step] = metrics
+        self._metrics.record(step, metrics)
         if background:
             self._thread = threading.Thread(target=self._save_on_thread, args=(step, args, metrics),
                                             name=f"jaxckpt-save-{step}")
@@ -351,41 +264,17 @@ class CheckpointManager:
     def _save_failed(self, step: int | None, exc: BaseException) -> CheckpointSaveError:
         """Cleans up after a failed save and builds the error to raise."""
         if step is not None:
-            self._remove_failed_save(step)
-            self._metrics.pop(step, None)
+            step_save.remove_failed_save(self._directory, step)
+            self._metrics.forget(step)
         self._mngr.reload()
-        kept = self._mngr.all_steps()
-        where = f"step {step} to {self.step_dir(step)}" if step is not None else f"to {self._directory}"
-        if _is_disk_full(exc):
-            reason = "the disk is full (No space left on device). Free space on that disk or save to another directory"
-        else:
-            reason = f"{type(exc).__name__}: {exc}"
-        return CheckpointSaveError(
-            f"Saving {where} failed: {reason}. Earlier checkpoints {sorted(kept)} in {self._directory} are intact."
-        )
-
-    def _remove_failed_save(self, step: int) -> None:
-        """Removes a failed save's partial directory once the writes still in flight have stopped.
-
-        Orbax raises at the first failed item while other items' writes may still be landing (and
-        recreating directories), so we remove until the directory stays gone for a few polls.
-        """
-        if jax.process_index() != 0:
-            return
-        quiet, deadline = 0, time.monotonic() + _SETTLE_SECONDS
-        while quiet < 3 and time.monotonic() < deadline:
-            leftovers = list(self._directory.glob(f"{step}{_TMP_MARK}*"))
-            for leftover in leftovers:
-                shutil.rmtree(leftover, ignore_errors=True)
-            quiet = 0 if leftovers else quiet + 1
-            time.sleep(0.05)
+        return step_save.save_error(self._directory, step, self._mngr.all_steps(), exc)
 
     # Finding steps.
 
     def reload(self) -> None:
         """Re-reads the directory, after step directories were moved or removed by hand."""
         self.wait()
-        self._metrics.clear()
+        self._metrics.forget()
         self._mngr.reload()
 
     def all_steps(self) -> list[int]:
@@ -433,23 +322,7 @@ class CheckpointManager:
 
     def _metrics_by_step(self) -> dict[int, dict[str, Any] | None]:
         self.wait()
-        for step in self._mngr.all_steps():
-            if step not in self._metrics:
-                self._metrics[step] = read_json_item(self.step_dir(step), "metrics")
-        return {step: self._with_late(step, self._metrics[step]) for step in self._mngr.all_steps()}
-
-    def _with_late(self, step: int, saved: Mapping[str, Any] | None) -> dict[str, Any] | None:
-        late = self._late.metrics(step) if self._late is not None else None
-        return {**late, **(saved or {})} if late else saved
-
-    def _steps_to_keep(self, saved: Mapping[int, Mapping[str, Any] | None]) -> set[int]:
-        """The retention decision: the policy over saved and late metrics, steps awaiting a metric, pins."""
-        metrics = {step: self._with_late(step, m) for step, m in saved.items()}
-        keep = self._policy.steps_to_keep(metrics)
-        name = self._policy.best_metric
-        if name and self._policy.keep_best and self._late is not None and self._late.waiting():
-            keep |= {step for step, m in metrics.items() if name not in (m or {})}
-        return pins.guard(self._directory, metrics, keep, mark=jax.process_index() == 0)
+        return self._metrics.by_step(self._mngr.all_steps())
 
     def apply_retention(self) -> list[int]:
         """Deletes the steps retention no longer keeps, without saving (e.g. once late metrics arrived).
@@ -463,12 +336,12 @@ class CheckpointManager:
         if self._read_only:
             raise ValueError(f"This CheckpointManager for {self._directory} is read-only; it deletes nothing.")
         self.wait()
-        saved = {step: self._metrics.get(step) for step in self._metrics_by_step()}
-        keep = self._steps_to_keep(saved)
+        saved = {step: self._metrics.saved(step) for step in self._metrics_by_step()}
+        keep = self._metrics.steps_to_keep(saved)
         deleted = [step for step in self.all_steps() if step not in keep]
         for step in deleted:
             self._mngr.delete(step)
-            self._metrics.pop(step, None)
+            self._metrics.forget(step)
         pins.forget_deleted(self._directory, self.all_steps())
         return deleted
 
@@ -548,13 +421,8 @@ class CheckpointManager:
         if self._read_only:
             raise ValueError(f"This CheckpointManager for {self._directory} is read-only; it moves nothing.")
         self.wait()
-        aside = self._directory / CORRUPT_DIR
-        aside.mkdir(exist_ok=True)
-        dest, n = aside / str(step), 1
-        while dest.exists():
-            dest, n = aside / f"{step}.{n}", n + 1
-        shutil.move(self.step_dir(step), dest)
-        self._metrics.pop(step, None)
+        dest = move_aside(self._directory, step)
+        self._metrics.forget(step)
         self._mngr.reload()
         return dest
 

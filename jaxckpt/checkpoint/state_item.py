@@ -12,7 +12,8 @@ holding each leaf as a zarr v2 array named by its keys joined with `.` (`params.
 Plain Orbax reads it with no jaxckpt import (tests/state_item_test.py compares both writers'
 output key by key). Two differences, both invisible to Orbax readers: every array is one chunk,
 and `_METADATA["custom_metadata"]["jaxckpt"]` holds each array's dtype, shape and XXH3 hash, which
-is how `read_arrays` and `verify` find and check an array without asking tensorstore.
+is how `jaxckpt.checkpoint.state_read` finds and checks an array without asking tensorstore.
+This module writes the item (and names its files for the reader); `state_read` reads it back.
 
 Where this writer does not apply (several processes, arrays not fully addressable from this
 one, leaves other than arrays / None / empty dicts, keys with `.` or `/`, zero-size arrays,
@@ -45,7 +46,6 @@ from etils import epath
 
 from jaxckpt.checkpoint import shard_checksums
 from jaxckpt.checkpoint.formats import FORMAT
-from jaxckpt.errors import ChecksumMismatch, ChunkSizeMismatch
 from jaxckpt.tree import treepath
 from jaxckpt.types import PyTree
 
@@ -55,14 +55,11 @@ LAYOUT = "one-chunk-v1"
 CUSTOM_KEY = "jaxckpt"
 CHECKSUM = "xxh3_64"
 """The checksum recorded for every array (`_METADATA["custom_metadata"]["jaxckpt"]["checksum"]`)."""
-_METADATA_FILE = "_METADATA"
+METADATA_FILE = "_METADATA"
 _SHARDING_FILE = "_sharding"
-# Values larger than this go through tensorstore's zarr driver, which writes from the numpy
-# buffer; smaller ones are written as bytes, which costs a copy but no per-array open.
-_DIRECT_BYTES = 1 << 20
-# How many bytes of arrays a restore reads ahead of the one it places on devices: enough to keep
-# the disk busy, small beside a large state (restore's peak host memory is the state plus this).
-_READ_AHEAD_BYTES = 32 << 20
+# Arrays larger than this go through tensorstore's zarr driver, which writes from (and reads into)
+# a numpy buffer; smaller ones are one key's bytes, which costs a copy but no per-array open.
+DIRECT_BYTES = 1 << 20
 _OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000}
 _ZARR_DTYPES = {np.dtype(ml_dtypes.bfloat16): "bfloat16"}
 
@@ -226,7 +223,7 @@ def to_host(tree: PyTree, *, copy: bool = True) -> dict[tuple[str, ...], Any]:
     return host
 
 
-def _checksum(array: np.ndarray) -> str:
+def xxh3(array: np.ndarray) -> str:
     """XXH3-64 of an array's bytes, as 16 hex digits.
 
     ~14 GB/s on one core here, with the GIL released: 2.6x hardware CRC-32C and 6x zlib's crc32,
@@ -249,21 +246,12 @@ def checksums(flat: Mapping[str, Any]) -> dict[str, list]:
                 continue
             leaf = leaf.addressable_data(0)
         data = np.asarray(leaf)
-        out[path] = [_checksum(data), data.dtype.name, list(data.shape)]
+        out[path] = [xxh3(data), data.dtype.name, list(data.shape)]
     return out
 
 
-def mismatched_checksums(saved: Mapping[str, list], flat: Mapping[str, Any]) -> list[str]:
-    """Paths whose restored bytes differ from the saved checksum (same dtype and shape only)."""
-    restored = checksums({p: v for p, v in flat.items() if p in saved})
-    return [
-        p
-        for p, (crc, dtype, shape) in saved.items()
-        if p in restored and restored[p][1:] == [dtype, shape] and restored[p][0] != crc
-    ]
 
-
-def _kvstore_spec(item_dir: pathlib.Path) -> dict[str, Any]:
+def item_kvstore_spec(item_dir: pathlib.Path) -> dict[str, Any]:
     # One writer per item directory (a fresh temporary one), so no lock files: tensorstore's default
     # writes each file under a lock and renames it into place, which cost ~60% of a 512 MiB save
     # here. Orbax opens its own databases the same way.
@@ -277,7 +265,7 @@ def _zarray(array: np.ndarray) -> dict[str, Any]:
             "fill_value": None, "filters": None, "order": "C", "shape": shape, "zarr_format": 2}
 
 
-def _chunk_key(name: str, ndim: int) -> str:
+def chunk_key(name: str, ndim: int) -> str:
     return f"{name}/{'.'.join('0' * ndim) or '0'}"
 
 
@@ -307,7 +295,7 @@ def write(item_dir: os.PathLike | str, host: Mapping[tuple[str, ...], Any],
     item_dir = pathlib.Path(item_dir)
     item_dir.mkdir(parents=True, exist_ok=True)
     context = ts.Context({"file_io_concurrency": {"limit": 128}})
-    kvstore = ts.KvStore.open(_kvstore_spec(item_dir), context=context).result()
+    kvstore = ts.KvStore.open(item_kvstore_spec(item_dir), context=context).result()
     txn = ts.Transaction(atomic=False)
     in_txn = kvstore.with_transaction(txn)
     pending, written, shardings, tree_metadata = [], {}, {}, {}
@@ -323,8 +311,8 @@ def write(item_dir: os.PathLike | str, host: Mapping[tuple[str, ...], Any],
         written["/".join(keys)] = leaf
         if sharding is not None and (serialized := _orbax_internals()[1].from_jax_sharding(sharding)) is not None:
             shardings[base64.urlsafe_b64encode(name.encode()).decode()] = serialized.to_serialized_string()
-        if leaf.nbytes > _DIRECT_BYTES:
-            spec = {"driver": "zarr", "kvstore": {**_kvstore_spec(item_dir), "path": name + "/"},
+        if leaf.nbytes > DIRECT_BYTES:
+            spec = {"driver": "zarr", "kvstore": {**item_kvstore_spec(item_dir), "path": name + "/"},
                     "metadata": {k: v for k, v in _zarray(leaf).items() if k != "zarr_format"}, "create": True}
             store = ts.open(spec, context=context, transaction=txn).result()
             # No copy into tensorstore's buffers: nothing writes to `leaf` until the save is done
@@ -332,9 +320,9 @@ def write(item_dir: os.PathLike | str, host: Mapping[tuple[str, ...], Any],
             pending.append(store.write(leaf, can_reference_source_data_indefinitely=True))
         else:
             pending.append(in_txn.write(f"{name}/.zarray", json.dumps(_zarray(leaf), separators=(",", ":"))))
-            pending.append(in_txn.write(_chunk_key(name, leaf.ndim), leaf.tobytes()))
+            pending.append(in_txn.write(chunk_key(name, leaf.ndim), leaf.tobytes()))
     # While tensorstore's threads write, this one checksums.
-    arrays = {path: [_checksum(leaf), leaf.dtype.name, list(leaf.shape)] for path, leaf in written.items()}
+    arrays = {path: [xxh3(leaf), leaf.dtype.name, list(leaf.shape)] for path, leaf in written.items()}
     for f in pending:
         f.result()
     txn.commit_async().result()
@@ -342,7 +330,7 @@ def write(item_dir: os.PathLike | str, host: Mapping[tuple[str, ...], Any],
     custom[CUSTOM_KEY] = {**custom.get(CUSTOM_KEY, {}), "format": FORMAT, "layout": LAYOUT, "checksum": CHECKSUM,
                           "arrays": arrays}
     _write_json(item_dir / _SHARDING_FILE, shardings)
-    _write_json(item_dir / _METADATA_FILE, {
+    _write_json(item_dir / METADATA_FILE, {
         "tree_metadata": tree_metadata, "use_ocdbt": True, "use_zarr3": False,
         "store_array_data_equal_to_fill_value": True, "custom_metadata": custom,
     })
@@ -355,154 +343,13 @@ def _write_json(path: pathlib.Path, data: Any) -> None:
         os.fsync(f.fileno())
 
 
-def read_custom_metadata(item_dir: os.PathLike | str) -> dict[str, Any]:
-    """`_METADATA["custom_metadata"]` of an item ({} if there is no `_METADATA`).
-
-    Raises:
-      json.JSONDecodeError: if `_METADATA` does not parse (proof of damage, see `integrity`).
-      OSError: if it cannot be read (which proves nothing: the caller classifies it).
-    """
-    path = pathlib.Path(item_dir) / _METADATA_FILE
-    try:
-        with open(path) as f:
-            return json.load(f).get("custom_metadata") or {}
-    except FileNotFoundError:
-        return {}
-    except json.JSONDecodeError as e:  # the message names the file
-        raise json.JSONDecodeError(f"{path} does not parse: {e.msg}", e.doc, e.pos) from None
-
-
-def checkable(custom_metadata: Mapping[str, Any]) -> dict[str, list]:
-    """The recorded `{path: [hash, dtype, shape]}` if this release knows their algorithm, else {}."""
-    record = custom_metadata.get(CUSTOM_KEY) or {}
-    return record.get("arrays", {}) if record.get("checksum") == CHECKSUM else {}
-
-
-def layout_arrays(item_dir: os.PathLike | str) -> dict[str, list] | None:
-    """`{path: [hash, dtype, shape]}` of an item this module wrote; None for any other item."""
-    record = read_custom_metadata(item_dir).get(CUSTOM_KEY) or {}
-    return record.get("arrays") if record.get("layout") == LAYOUT else None
-
-
-def read_arrays(item_dir: os.PathLike | str, wanted: Mapping[str, tuple[Any, Any]], *,
-                check: bool = False, keep: bool = True) -> dict[str, Any]:
-    """Reads arrays of an item this module wrote, each cast to a dtype and put on a sharding.
-
-    Args:
-      item_dir: the item directory.
-      wanted: `{path: (dtype or None, sharding or None)}`; None dtype keeps the saved one, None
-        sharding returns numpy.
-      check: compare each array's bytes with its recorded hash (while the other reads are in
-        flight).
-      keep: return the arrays; False only checks them (`verify`), holding one at a time.
-
-    Returns:
-      `{path: array}`.
-
-    Raises:
-      KeyError: if a path is not an array of the item.
-      ChunkSizeMismatch: if a stored chunk has the wrong size (a damaged file).
-      ChecksumMismatch: with `check`, naming every array whose bytes changed. Hashes of an
-        algorithm this release does not know (CRC-32C before 0.1.0) are not checked.
-    """
-    item_dir = pathlib.Path(item_dir)
-    custom = read_custom_metadata(item_dir)
-    arrays = layout_arrays(item_dir)
-    if arrays is None:
-        raise ValueError(f"{item_dir} was not written by jaxckpt.state_item; read it with Orbax.")
-    check = check and bool(checkable(custom))
-    context = ts.Context({"file_io_concurrency": {"limit": 128}})
-    kvstore = ts.KvStore.open(_kvstore_spec(item_dir), context=context).result()
-
-    def start(path: str) -> tuple[Any, Any]:
-        _, dtype, shape = arrays[path]
-        name, dtype = path.replace("/", "."), dtype_of(dtype)
-        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize <= _DIRECT_BYTES:
-            return kvstore.read(_chunk_key(name, len(shape))), None
-        spec = {"driver": "zarr", "kvstore": {**_kvstore_spec(item_dir), "path": name + "/"}, "open": True}
-        # Straight into an aligned buffer of our own: on CPU, `jax.device_put` then uses it
-        # without a copy, so a large array is held once, plus tensorstore's read buffer meanwhile.
-        into = _aligned_empty(tuple(shape), dtype)
-        source = ts.open(spec, context=context, read=True).result()
-        return ts.array(into, copy=False, write=True).write(source), into
-
-    # Reads go on in tensorstore's threads ahead of this loop, up to a bounded number of bytes, so
-    # host memory stays near the restored state itself however large it is.
-    out, bad, failed, queue, in_flight = {}, [], {}, list(wanted), {}
-    budget = 0
-    for path in wanted:
-        while queue and (not in_flight or budget + _nbytes(arrays[queue[0]]) <= _READ_AHEAD_BYTES):
-            budget += _nbytes(arrays[queue[0]])
-            try:
-                in_flight[queue[0]] = start(queue[0])
-            except Exception as e:  # noqa: BLE001 (an open that failed: reported with the reads below)
-                in_flight[queue[0]] = (e, None)
-            queue.pop(0)
-        pending, into = in_flight.pop(path)
-        budget -= _nbytes(arrays[path])
-        crc, dtype, shape = arrays[path]
-        try:
-            if isinstance(pending, Exception):
-                raise pending
-            result = pending.result()
-            stored = into if into is not None else _as_array(path, result, dtype_of(dtype), tuple(shape))
-        except Exception as e:  # noqa: BLE001 (re-raised below, naming every array that failed)
-            if not check:
-                raise
-            failed[path] = e
-            continue
-        finally:
-            del pending, into
-        if check and _checksum(stored) != crc:
-            bad.append(path)
-        cast, sharding = wanted[path]
-        if cast is not None and np.dtype(cast) != stored.dtype:
-            stored = stored.astype(cast)
-        if keep:
-            out[path] = stored if sharding is None else jax.device_put(stored, sharding)
-        del stored
-    if failed:  # the first error decides what it means (see `integrity`); the message names them all
-        first = next(iter(failed.values()))
-        names = ", ".join(list(failed)[:5]) + (", ..." if len(failed) > 5 else "")
-        try:
-            named = type(first)(f"{len(failed)} array(s) could not be read ({names}): {first}")
-        except Exception:  # noqa: BLE001 (a type that takes other arguments: raise it as it is)
-            raise first from None
-        raise named from first
-    if bad:
-        raise ChecksumMismatch(bad)
-    return out
-
-
-def _nbytes(record: list) -> int:
-    _, dtype, shape = record
-    return int(np.prod(shape, dtype=np.int64)) * dtype_of(dtype).itemsize
-
-
-def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised C-order array whose data starts on a 64-byte boundary (XLA's CPU alignment)."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + 64, np.uint8)
-    offset = (-raw.ctypes.data) % 64
-    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
-
-
-def _as_array(path: str, result: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """A read's result as a writable array: zarr reads are arrays, key reads are bytes."""
-    if isinstance(result, np.ndarray):
-        return result
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if result.state != "value" or len(result.value) != expected:
-        size = len(result.value) if result.state == "value" else 0
-        raise ChunkSizeMismatch(f"the stored chunk of {path} holds {size} bytes, expected {expected}")
-    return np.frombuffer(bytearray(result.value), dtype).reshape(shape)
 
 
 class StateItemHandler(ocp.PyTreeCheckpointHandler):
     """Orbax's `PyTreeCheckpointHandler`, saving through `write` when it applies.
 
-    Restoring is Orbax's (the files are its format); jaxckpt's manager reads through
-    `read_arrays` instead when `layout_arrays` says it may. A plain `ocp.CheckpointManager`
+    Restoring is Orbax's (the files are its format); jaxckpt reads through
+    `state_read.read_arrays` instead when `state_read.layout_arrays` says it may. A plain `ocp.CheckpointManager`
     restores the item with `args=ocp.args.Composite(state=ocp.args.PyTreeRestore(...))`.
     """
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -15,7 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxckpt.checkpoint import formats, integrity, shard_checksums, state_item
+from jaxckpt.checkpoint import formats, integrity, shard_checksums, state_item, state_read
+from jaxckpt.errors import ChecksumMismatch
 from jaxckpt.tree import treepath
 from jaxckpt.types import PyTree
 
@@ -41,7 +43,7 @@ def read_state_metadata(step_dir: os.PathLike | str) -> dict[str, jax.ShapeDtype
     """
     def read() -> dict[str, jax.ShapeDtypeStruct]:
         formats.check_readable(step_dir)
-        arrays = state_item.layout_arrays(pathlib.Path(step_dir) / STATE_ITEM)
+        arrays = state_read.layout_arrays(pathlib.Path(step_dir) / STATE_ITEM)
         if arrays is not None:  # recorded in _METADATA: no tensorstore open per array
             return {p: jax.ShapeDtypeStruct(tuple(shape), state_item.dtype_of(dtype))
                     for p, (_, dtype, shape) in arrays.items()}
@@ -57,7 +59,7 @@ def saved_checksums(step_dir: os.PathLike | str) -> dict[str, list]:
     {} if none was, or if they were computed by an algorithm this release does not check (CRC-32C in
     builds before 0.1.0): such a step is read without the check, never taken for corrupt.
     """
-    return state_item.checkable(state_item.read_custom_metadata(pathlib.Path(step_dir) / STATE_ITEM))
+    return state_read.checkable(state_read.read_custom_metadata(pathlib.Path(step_dir) / STATE_ITEM))
 
 
 def _orbax_tree_metadata(step_dir: os.PathLike | str) -> PyTree:
@@ -66,7 +68,7 @@ def _orbax_tree_metadata(step_dir: os.PathLike | str) -> PyTree:
 
 def saved_shard_checksums(step_dir: os.PathLike | str) -> dict[str, dict[str, Any]]:
     """Per-shard hashes of arrays that were sharded over processes (see `jaxckpt.checkpoint.shard_checksums`)."""
-    record = state_item.read_custom_metadata(pathlib.Path(step_dir) / STATE_ITEM).get(state_item.CUSTOM_KEY) or {}
+    record = state_read.read_custom_metadata(pathlib.Path(step_dir) / STATE_ITEM).get(state_item.CUSTOM_KEY) or {}
     return record.get("shards", {}) if record.get("checksum") == state_item.CHECKSUM else {}
 
 
@@ -92,9 +94,20 @@ def read_json_item(step_dir: os.PathLike | str, item: str) -> dict[str, Any] | N
         return None
 
 
+
+def move_aside(directory: pathlib.Path, step: int) -> pathlib.Path:
+    """Moves `directory/<step>` to `directory/corrupt/<step>` (`<step>.1`, ... if taken); returns the new path."""
+    aside = directory / CORRUPT_DIR
+    aside.mkdir(exist_ok=True)
+    dest, n = aside / str(step), 1
+    while dest.exists():
+        dest, n = aside / f"{step}.{n}", n + 1
+    shutil.move(directory / str(int(step)), dest)
+    return dest
+
 def _readable_fast(item_dir: pathlib.Path) -> bool:
-    """Whether `state_item.read_arrays` may read an item (it wrote it, and one process reads)."""
-    return state_item.layout_arrays(item_dir) is not None and jax.process_count() == 1
+    """Whether `state_read.read_arrays` may read an item (it wrote it, and one process reads)."""
+    return state_read.layout_arrays(item_dir) is not None and jax.process_count() == 1
 
 
 def _on_a_device(leaf: Any) -> Any:
@@ -135,7 +148,7 @@ def read_state(step_dir: os.PathLike | str, target: PyTree, *, verify: bool = Tr
     def read() -> PyTree:
         if _readable_fast(item):
             wanted = {p: (x.dtype, x.sharding) for p, x in treepath.flatten(abstract).items()}
-            return treepath.unflatten(state_item.read_arrays(item, wanted, check=verify), abstract)
+            return treepath.unflatten(state_read.read_arrays(item, wanted, check=verify), abstract)
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
         restored = ocp.PyTreeCheckpointHandler().restore(
             epath.Path(item), args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args))
@@ -160,7 +173,7 @@ def verify_state(step_dir: os.PathLike | str) -> None:
     def read() -> None:
         formats.check_readable(step_dir)
         if _readable_fast(item):
-            state_item.read_arrays(item, {p: (None, None) for p in state_item.layout_arrays(item)}, check=True,
+            state_read.read_arrays(item, {p: (None, None) for p in state_read.layout_arrays(item)}, check=True,
                                    keep=False)
             return
         tree = _orbax_tree_metadata(step_dir)
@@ -173,10 +186,10 @@ def verify_state(step_dir: os.PathLike | str) -> None:
 
 
 def _verify_flat(step_dir: pathlib.Path, flat: Mapping[str, Any]) -> None:
-    bad = state_item.mismatched_checksums(saved_checksums(step_dir), flat)
+    bad = state_read.mismatched_checksums(saved_checksums(step_dir), flat)
     bad += shard_checksums.mismatched(saved_shard_checksums(step_dir), flat)
     if bad:
-        raise state_item.ChecksumMismatch(bad)
+        raise ChecksumMismatch(bad)
 
 
 def _check_structure(

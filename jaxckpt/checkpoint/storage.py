@@ -6,7 +6,7 @@ s3fs for `s3://`), every tensorstore kvstore through `kvstore_spec`, and every O
 (see `jaxckpt.checkpoint.orbax_s3`). Small files a run writes (config.json, eval JSON,
 curves.png) go through `write_bytes_atomic`, metrics.jsonl through `append_line`.
 
-Where it plugs in: `state_item._kvstore_spec` builds its OCDBT base from
+Where it plugs in: `state_item.item_kvstore_spec` builds its OCDBT base from
 `kvstore_spec(item_dir, single_writer=True)`; `manager.CheckpointManager` keeps its directory
 as `as_path(directory)` and passes `atomicity_options(directory)` to Orbax; the runner's
 `write_json`, metric writer and curve plot call `write_bytes_atomic` / `append_line`.

@@ -22,12 +22,12 @@ def integrity(step_dir: pathlib.Path) -> tuple[bool, str]:
       CheckpointReadError: if the step cannot be read for a reason that proves nothing (EIO, ...).
       CheckpointFormatError: if a newer jaxckpt wrote it.
     """
-    from jaxckpt.checkpoint import formats, state_item, stepdir
+    from jaxckpt.checkpoint import formats, state_item, state_read, stepdir
 
     number, version = formats.step_format(step_dir)
-    custom = state_item.read_custom_metadata(step_dir / stepdir.STATE_ITEM)
+    custom = state_read.read_custom_metadata(step_dir / stepdir.STATE_ITEM)
     algorithm = (custom.get(state_item.CUSTOM_KEY) or {}).get("checksum")
-    checked = state_item.checkable(custom)
+    checked = state_read.checkable(custom)
     try:
         stepdir.verify_state(step_dir)
     except CheckpointCorruptError as e:

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxckpt.checkpoint import integrity, state_item, storage
+from jaxckpt.checkpoint import integrity, state_read, storage
 from jaxckpt.checkpoint.retention import RetentionPolicy
 from jaxckpt.checkpoint.stepdir import STATE_ITEM, read_json_item, read_state_metadata
 from jaxckpt.errors import CheckpointNotFoundError
@@ -170,10 +170,10 @@ def _read_arrays(
     if not wanted:
         return {}
     item_dir = _item_dir(checkpoint)
-    if state_item.layout_arrays(item_dir) is not None and jax.process_count() == 1:
+    if state_read.layout_arrays(item_dir) is not None and jax.process_count() == 1:
         # Written by jaxckpt: one batch of key reads, no Orbax restore machinery.
         cast = {p: (saved.dtype, sharding) for p, (saved, sharding) in wanted.items()}
-        return integrity.read_step(checkpoint, lambda: state_item.read_arrays(item_dir, cast), what="the params")
+        return integrity.read_step(checkpoint, lambda: state_read.read_arrays(item_dir, cast), what="the params")
     items, args = {}, {}
     for path, (saved, sharding) in wanted.items():
         items[path] = jax.ShapeDtypeStruct(saved.shape, saved.dtype, sharding=sharding)
