@@ -49,7 +49,7 @@ _OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
 _HTTP_5XX = re.compile(r"\b(?:HTTP|status(?: code)?)\D{0,3}5\d\d\b", re.IGNORECASE)
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
     """`exc`, its causes and contexts, and the members of exception groups, each once."""
     seen, todo = set(), [exc]
     while todo:
@@ -68,7 +68,7 @@ def damage(exc: BaseException, step_dir: os.PathLike | str) -> str | None:
       exc: what a read of the step raised.
       step_dir: the step directory (a missing file proves damage only while the step itself exists).
     """
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, (ChecksumMismatch, ChunkSizeMismatch)):
             return str(e)
         if isinstance(e, json.JSONDecodeError):
@@ -87,7 +87,7 @@ def damage(exc: BaseException, step_dir: os.PathLike | str) -> str | None:
 
 def cause(exc: BaseException) -> tuple[str, bool]:
     """A one-line cause of a read failure that proves no damage, and whether retrying may help."""
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, MemoryError):
             return "out of memory (MemoryError)", True
         if isinstance(e, TimeoutError):

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxckpt.checkpoint import formats, state_item, writers
+from jaxckpt.checkpoint import formats, integrity, state_item, writers
 from jaxckpt.checkpoint.retention import RetentionPolicy
 from jaxckpt.checkpoint.stepdir import EXTRA_ITEM, INFO_ITEM, STATE_ITEM
 from jaxckpt.errors import CheckpointSaveError
@@ -98,16 +98,8 @@ def metrics_ready(metrics: Mapping[str, Any] | None) -> dict[str, float]:
 
 
 def _is_disk_full(exc: BaseException) -> bool:
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
-            return True
-        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
-    return False
+    return any((isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e)
+               for e in integrity.exception_chain(exc))
 
 
 def save_error(directory: pathlib.Path, step: int | None, kept: list[int], exc: BaseException) -> CheckpointSaveError:
