@@ -14,7 +14,7 @@ import pytest
 from experiments.tasks import hf_models
 from jaxckpt.errors import CheckpointNotFoundError
 from jaxckpt.tree import treepath
-from jaxckpt.weights import foreign, hf, hf_presets
+from jaxckpt.weights import hf, hf_presets, tensor_files
 from jaxckpt.weights.pretrained import load_params
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -31,7 +31,7 @@ def _abstract(name):
 def reads(monkeypatch):
     """The HF keys read from safetensors files, in order."""
     seen = []
-    original = foreign._safetensors_reader
+    original = tensor_files._safetensors_reader
 
     def spy(safetensors, path, key):
         read = original(safetensors, path, key)
@@ -40,7 +40,7 @@ def reads(monkeypatch):
             seen.append(key)
             return read()
         return counted
-    monkeypatch.setattr(foreign, "_safetensors_reader", spy)
+    monkeypatch.setattr(tensor_files, "_safetensors_reader", spy)
     return seen
 
 

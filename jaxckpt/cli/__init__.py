@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from jaxckpt.cli.config_args import config_error
 from jaxckpt.errors import MissingDependencyError
 
 
@@ -20,13 +21,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxckpt: error: {e}", file=sys.stderr)
         return 2
     return commands.main(argv)
-
-
-def config_error(error: BaseException, argv: Sequence[str]) -> str:
-    """`jaxckpt.cli.commands.config_error`: one line saying what is wrong with a `--config` command line."""
-    from jaxckpt.cli import commands
-
-    return commands.config_error(error, argv)
 
 
 __all__ = ("config_error", "main")

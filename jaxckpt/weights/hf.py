@@ -4,7 +4,7 @@ A folder as `save_pretrained` writes it holds `config.json` and the weights: `mo
 or shards named by `model.safetensors.index.json`, or (read with torch) `pytorch_model.bin` or its
 shards named by `pytorch_model.bin.index.json`. `config.json` names the model family
 (`hf_presets.family_of`), whose table renames every tensor and gives its layout. `open_hf` reads only
-the file headers: each tensor becomes a `foreign.LazyTensor` at its Flax path (transposed on read
+the file headers: each tensor becomes a `tensor_files.LazyTensor` at its Flax path (transposed on read
 where the table says so), and fused tensors (GPT-2's `c_attn`) stay under their HF key for the
 table's `Split` rules, which the graft applies. So `load_params("hf:DIR", target)` reads each tensor
 it loads once, by byte range, and nothing else.
@@ -28,7 +28,7 @@ from jaxckpt.grafting.structure import Split
 from jaxckpt.tree import treepath
 from jaxckpt.types import Params
 from jaxckpt.weights import hf_presets
-from jaxckpt.weights.foreign import LazyTensor, _open_safetensors, _open_torch
+from jaxckpt.weights.tensor_files import LazyTensor, open_safetensors, open_torch
 
 PREFIX = "hf:"
 CONFIG_FILE = "config.json"
@@ -133,7 +133,7 @@ def open_hf(path: str | os.PathLike) -> HFSource:
     entries: dict[str, tuple[Any, tuple[int, ...], Any, str]] = {}
     for name in files:
         file = str(folder / name)
-        opened = _open_safetensors(file)[0] if name.endswith(".safetensors") else _open_torch(file)
+        opened = open_safetensors(file)[0] if name.endswith(".safetensors") else open_torch(file)
         for key, (read, shape, dtype) in opened.items():
             if key in entries:
                 raise ValueError(f"hf:{folder}: tensor {key!r} is in both {entries[key][3]} and {name}.")
