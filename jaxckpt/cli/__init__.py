@@ -16,7 +16,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit code: 2 when the extra is missing.
     """
     try:
-        from jaxckpt.cli import commands
+        import jaxckpt.cli.commands as commands
     except MissingDependencyError as e:
         print(f"jaxckpt: error: {e}", file=sys.stderr)
         return 2

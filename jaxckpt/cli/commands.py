@@ -30,12 +30,12 @@ import argparse
 import sys
 from typing import Sequence
 
-from jaxckpt.cli import export as export_command
-from jaxckpt.cli import follow as follow_command
-from jaxckpt.cli import inspect as inspect_command
-from jaxckpt.cli import plan as plan_command
-from jaxckpt.cli import verify as verify_command
-from jaxckpt.cli import zoo_cli as zoo_command
+import jaxckpt.cli.export as export_command
+import jaxckpt.cli.follow as follow_command
+import jaxckpt.cli.inspect as inspect_command
+import jaxckpt.cli.plan as plan_command
+import jaxckpt.cli.verify as verify_command
+import jaxckpt.cli.zoo_cli as zoo_command
 from jaxckpt.cli.exits import USER_ERROR_EXIT_CODE, describe, quiet_late_loop_callbacks
 from jaxckpt.errors import CheckpointCorruptError, is_user_error
 

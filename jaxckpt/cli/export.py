@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxckpt.cli import tables as cli_tables
+import jaxckpt.cli.tables as cli_tables
 from jaxckpt.cli.inspect import saved_config
 from jaxckpt.errors import UserError
 from jaxckpt.runner.rundir import best_rule

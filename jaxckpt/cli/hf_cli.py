@@ -8,8 +8,8 @@ from typing import Any
 
 import jax
 
+import jaxckpt.cli.tables as cli_tables
 from jaxckpt.checkpoint.stepdir import EXTRA_ITEM, read_json_item
-from jaxckpt.cli import tables as cli_tables
 from jaxckpt.errors import UserError
 from jaxckpt.grafting.structure import Derived, restructure
 from jaxckpt.weights import hf

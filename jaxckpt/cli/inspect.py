@@ -10,8 +10,8 @@ import argparse
 import pathlib
 from typing import Any
 
-from jaxckpt.cli import tables as cli_tables
-from jaxckpt.cli import verify as cli_verify
+import jaxckpt.cli.tables as cli_tables
+import jaxckpt.cli.verify as cli_verify
 from jaxckpt.errors import UserError
 from jaxckpt.runner.config_diff import flat_config
 from jaxckpt.runner.rundir import best_rule

@@ -11,8 +11,8 @@ import os
 import sys
 from typing import Any, Sequence
 
+import jaxckpt.cli.tables as cli_tables
 from jaxckpt import config_strings
-from jaxckpt.cli import tables as cli_tables
 from jaxckpt.cli.config_args import load_config
 from jaxckpt.errors import UserError
 from jaxckpt.weights import zoo

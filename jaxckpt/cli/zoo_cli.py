@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxckpt.cli import tables as cli_tables
+import jaxckpt.cli.tables as cli_tables
 from jaxckpt.runner.publish import publish
 from jaxckpt.weights import zoo
 
