@@ -137,6 +137,24 @@ def fresh_dir(path: os.PathLike | str) -> pathlib.Path:
     return path
 
 
+def timed_write(out: os.PathLike | str, opener: Callable) -> Callable[[], float]:
+    """A timing of one write: `opener(directory)` prepares (untimed) and returns `(write, close)`.
+
+    Each call writes into a fresh directory under `out`, times `write()` plus an fsync of what it
+    wrote, then closes (untimed) and removes the directory.
+    """
+    def once() -> float:
+        target = fresh_dir(out)
+        write, close = opener(target)
+        with Stopwatch() as sw:
+            write()
+            fsync_tree(target)
+        close()
+        shutil.rmtree(target)
+        return sw.seconds
+    return once
+
+
 def mbps(nbytes: int, seconds: float) -> float:
     return nbytes / MiB / seconds
 

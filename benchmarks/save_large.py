@@ -79,18 +79,8 @@ def run(mode: str, workdir: pathlib.Path) -> list[Record]:
     jax.block_until_ready(state)
     out = workdir / NAME
 
-    def timed(opener) -> callable:
-        """`opener(directory)` prepares (untimed) and returns the timed write."""
-        def once() -> float:
-            target = harness.fresh_dir(out)
-            write, close = opener(target)
-            with harness.Stopwatch() as sw:
-                write()
-                harness.fsync_tree(target)
-            close()
-            shutil.rmtree(target)
-            return sw.seconds
-        return once
+    def timed(opener):
+        return harness.timed_write(out, opener)
 
     def plain(write):
         return lambda d: (lambda: write(d), lambda: None)

@@ -12,7 +12,6 @@ writes one chunk per shard.
 from __future__ import annotations
 
 import pathlib
-import shutil
 
 from benchmarks import child, harness
 from benchmarks.harness import MiB, Record
@@ -48,16 +47,7 @@ def measure(mode: str, directory: str) -> dict:
     out = pathlib.Path(directory)
 
     def timed(opener):
-        def once() -> float:
-            target = harness.fresh_dir(out)
-            write, close = opener(target)
-            with harness.Stopwatch() as sw:
-                write()
-                harness.fsync_tree(target)
-            close()
-            shutil.rmtree(target)
-            return sw.seconds
-        return once
+        return harness.timed_write(out, opener)
 
     def jaxckpt_save(target: pathlib.Path):
         mngr = CheckpointManager(target, async_save=False, max_to_keep=None)
