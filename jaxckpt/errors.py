@@ -116,7 +116,8 @@ class ZooEntryNotFoundError(CheckpointNotFoundError):
 def is_user_error(error: BaseException) -> bool:
     """Whether `error` is about the user's input (one line, exit 2) rather than a bug (a traceback).
 
-    A `UserError` always is. A `ValueError` or `OSError` is when jaxckpt raised it, or a library
+    A `UserError` always is, and so is one of this module's `ValueError`/`OSError` types (such as
+    `CheckpointNotFoundError`). Another `ValueError` or `OSError` is when jaxckpt raised it, or a library
     raised it for jaxckpt (a missing file that Orbax failed to open): the innermost frame of its
     traceback that is not in the standard library or an installed package belongs to jaxckpt. The
     same error raised from a user's `loss_fn` or task code is a bug in that code, and keeps its
@@ -132,6 +133,8 @@ def is_user_error(error: BaseException) -> bool:
         return True
     if not isinstance(error, (ValueError, OSError)):
         return False
+    if type(error).__module__ == __name__:  # jaxckpt's own ValueError/OSError types (CheckpointNotFoundError)
+        return True
     frames = []
     tb = error.__traceback__
     while tb is not None:

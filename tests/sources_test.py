@@ -67,11 +67,22 @@ def test_nan_before_any_checkpoint_says_there_is_none(tmp_path):
     assert "step None" not in str(e.value) and "starts from the beginning" in str(e.value)
 
 
-@pytest.mark.parametrize("error", [CheckpointNotFoundError("Checkpoint path /x does not exist"),
-                                   UserError("bad input"), ValueError("bad value")])
-def test_every_user_error_has_one_prefix(capsys, error):
+def _mean_of_nothing():
+    from jaxckpt.train.step import mean_metrics
+
+    mean_metrics({"count": 0.0})  # a ValueError raised by jaxckpt itself
+
+
+@pytest.mark.parametrize("error, message", [
+    (CheckpointNotFoundError("Checkpoint path /x does not exist"), "Checkpoint path /x does not exist"),
+    (UserError("bad input"), "bad input"),
+    (_mean_of_nothing, "no examples were evaluated (count is 0); is the split empty?"),
+])
+def test_every_user_error_has_one_prefix(capsys, error, message):
     def fail():
+        if callable(error):
+            error()
         raise error
 
     assert exit_code_of(fail) == 2
-    assert capsys.readouterr().err == f"jaxckpt: error: {error}\n"
+    assert capsys.readouterr().err == f"jaxckpt: error: {message}\n"
