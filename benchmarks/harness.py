@@ -155,6 +155,18 @@ def timed_write(out: os.PathLike | str, opener: Callable) -> Callable[[], float]
     return once
 
 
+def timed_cold_read(path: os.PathLike | str, read: Callable) -> Callable[[], float]:
+    """A timing of one read from a cold page cache: `path` is evicted, then `read()` is timed to completion."""
+    import jax
+
+    def once() -> float:
+        evict(path)
+        with Stopwatch() as sw:
+            jax.block_until_ready(read())
+        return sw.seconds
+    return once
+
+
 def mbps(nbytes: int, seconds: float) -> float:
     return nbytes / MiB / seconds
 

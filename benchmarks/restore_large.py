@@ -60,13 +60,8 @@ def run(mode: str, workdir: pathlib.Path) -> list[Record]:
 
         return torch.load(dirs["torch"] / "state.pt")
 
-    def cold(name: str, read) -> callable:
-        def once() -> float:
-            harness.evict(dirs[name])
-            with harness.Stopwatch() as sw:
-                jax.block_until_ready(read())
-            return sw.seconds
-        return once
+    def cold(name: str, read):
+        return harness.timed_cold_read(dirs[name], read)
 
     candidates = {
         "numpy": cold("numpy", np_load),

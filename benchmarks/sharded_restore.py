@@ -43,12 +43,7 @@ def measure(mode: str, directory: str) -> dict:
     reader = CheckpointManager(dirs["jaxckpt"], read_only=True)
 
     def cold(name: str, read):
-        def once() -> float:
-            harness.evict(dirs[name])
-            with harness.Stopwatch() as sw:
-                jax.block_until_ready(read())
-            return sw.seconds
-        return once
+        return harness.timed_cold_read(dirs[name], read)
 
     candidates = {
         "jaxckpt": cold("jaxckpt", lambda: reader.restore(target, step=1)),

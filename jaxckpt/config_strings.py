@@ -29,6 +29,11 @@ from typing import Any, Mapping
 from jaxckpt.errors import ConfigError
 
 
+def _pairs(value: Any) -> tuple[tuple, ...]:
+    """A rules value already in Python form (a mapping, or a sequence of pairs) as a tuple of pairs."""
+    return tuple(value.items() if isinstance(value, Mapping) else (tuple(p) for p in value))
+
+
 def _items(text: str, sep: str) -> list[str]:
     return [item.strip() for item in text.split(sep) if item.strip()]
 
@@ -144,7 +149,7 @@ def parse_lr_multipliers(value: str | Any) -> tuple[tuple[str, float], ...]:
     if value is None:
         return ()
     if not isinstance(value, str):
-        return tuple((value.items() if isinstance(value, Mapping) else (tuple(p) for p in value)))
+        return _pairs(value)
     rules = []
     for item in _items(value, ","):
         pattern, sep, mult = item.rpartition(":")
@@ -181,7 +186,7 @@ def parse_rename(value: str | Any) -> tuple[tuple[str, str], ...]:
     if value is None:
         return ()
     if not isinstance(value, str):
-        return tuple((value.items() if isinstance(value, Mapping) else (tuple(p) for p in value)))
+        return _pairs(value)
     rules = []
     for item in _items(value, ";"):
         pattern, sep, target = item.partition("=>")
@@ -217,7 +222,7 @@ def parse_mesh_rules(value: str | Any) -> tuple[tuple[str, tuple[Any, ...]], ...
     if value is None:
         return ()
     if not isinstance(value, str):
-        return tuple((value.items() if isinstance(value, Mapping) else (tuple(p) for p in value)))
+        return _pairs(value)
     rules = []
     for item in _items(value, ";"):
         regex, sep, spec = item.rpartition("=")
