@@ -28,6 +28,7 @@ import pathlib
 import posixpath
 import re
 import tempfile
+import typing
 from typing import Any
 from urllib import parse
 
@@ -265,6 +266,43 @@ def local_path(path: os.PathLike | str, *, key: str | None = None) -> pathlib.Pa
             "gs:// or s3:// is not supported yet). Copy the files to a local disk (e.g. with gsutil or "
             "aws s3 cp) and pass that path.")
     return pathlib.Path(os.path.normpath(os.path.abspath(os.path.expanduser(text))))
+
+
+AnyPath = typing.Union[pathlib.Path, epath.Path]
+"""A directory or file a run may use: a `pathlib.Path` locally, an `epath.Path` for a URL."""
+
+
+def run_path(path: os.PathLike | str, *, key: str | None = None) -> AnyPath:
+    """`path` as a run may use it: a normalised local `pathlib.Path`, or an `epath.Path` for a URL.
+
+    Both have the `pathlib` methods a run needs (`/`, `exists`, `is_dir`, `iterdir`, `mkdir`,
+    `open`, `read_text`, `write_bytes`, `glob`, `unlink`); what an object store lacks (rename,
+    append, fsync) goes through `write_bytes_atomic` and `append_line`.
+
+    Args:
+      path: a local path (`~`, `.` and `..` resolved) or a `gs://` / `s3://` URL.
+      key: the config key or argument it came from (e.g. "workdir"), for the error.
+
+    Raises:
+      UserError: for a URL `split_url` refuses (another scheme, no bucket, glob characters),
+        naming `key`.
+
+    Example:
+      >>> str(run_path("gs://bucket/runs/a/../b")), run_path("/tmp/x/../y")
+      ('gs://bucket/runs/b', PosixPath('/tmp/y'))
+    """
+    text = os.fspath(path)
+    if not _URL.match(text):
+        return local_path(text, key=key)
+    try:
+        return as_path(text)
+    except UserError as e:
+        raise UserError(f"{key}={text}: {e}" if key else str(e)) from None
+
+
+def is_local(path: os.PathLike | str) -> bool:
+    """Whether `path` is on a local (or mounted) file system, not an object store."""
+    return not is_url(path)
 
 
 def _umask() -> int:
