@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -31,6 +30,7 @@ from jaxckpt.tree import treepath
 from jaxckpt.types import Params
 from jaxckpt.weights import hf, zoo
 from jaxckpt.weights.foreign import RenameSpec, is_foreign, read_foreign
+from jaxckpt.weights.tensor_files import refuse_url
 
 PARAMS_KEY = "params"
 _EXPECTED = (
@@ -39,47 +39,62 @@ _EXPECTED = (
 )
 # Files Orbax writes at the top of every PyTree checkpoint (the state item included).
 _ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt")
+# On an object store a step is written in place under its final name and committed by this
+# marker, written last (`storage.atomicity_options`); a step without it is a save in progress.
+_COMMIT_MARKER = "commit_success.txt"
 
 
-def _is_step_dir(path: pathlib.Path) -> bool:
+def _is_step_dir(path: storage.AnyPath) -> bool:
     return (path / STATE_ITEM).is_dir()
 
 
-def _is_state_item(path: pathlib.Path) -> bool:
+def is_committed(step_dir: storage.AnyPath) -> bool:
+    """Whether a step directory is a finished save: always locally (Orbax renames it into place
+    once written); on `gs://`/`s3://` only once Orbax's commit marker is in it."""
+    return not storage.is_url(step_dir) or (step_dir / _COMMIT_MARKER).exists()
+
+
+def _is_state_item(path: storage.AnyPath) -> bool:
     """`.../<step>/state`: the state item of a step directory named by its step."""
     return path.name == STATE_ITEM and path.parent.name.isdigit() and path.is_dir()
 
 
-def _is_orbax_tree(path: pathlib.Path) -> bool:
+def _is_orbax_tree(path: storage.AnyPath) -> bool:
     """A bare Orbax PyTree checkpoint (e.g. `ocp.StandardCheckpointer().save(path, params)`)."""
     return not _is_step_dir(path) and any((path / name).is_file() for name in _ORBAX_MARKERS)
 
 
-def _steps_in(checkpoint_dir: pathlib.Path) -> list[int]:
-    """Committed steps: integer-named folders with a state item (unfinished saves have other names)."""
+def _steps_in(checkpoint_dir: storage.AnyPath) -> list[int]:
+    """Committed steps: integer-named folders with a state item (unfinished saves have other names
+    locally, and no commit marker on an object store)."""
     if not checkpoint_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit() and _is_step_dir(p))
+    return sorted(int(p.name) for p in checkpoint_dir.iterdir()
+                  if p.name.isdigit() and _is_step_dir(p) and is_committed(p))
 
 
-def resolve_checkpoint_path(path: os.PathLike | str, *, key: str | None = None) -> tuple[pathlib.Path, int | None]:
+def resolve_checkpoint_path(path: os.PathLike | str, *, key: str | None = None) -> tuple[storage.AnyPath, int | None]:
     """Finds the checkpoint directory (and step, if the path names one) behind a user's path.
 
     Args:
       path: a run directory (`WORKDIR`, holding `checkpoints/`), a checkpoint directory (holding
         `<step>/` folders), one step directory (`.../checkpoints/<step>`, holding `state/`), the
         state item of one (`.../checkpoints/<step>/state`: that step), or `zoo:NAME` (that zoo
-        entry's step).
+        entry's step); local, or a `gs://` / `s3://` URL.
       key: the config key the path came from (e.g. "checkpoint.resume_file"), named in errors.
 
     Returns:
-      `(checkpoint_dir, step)`: `step` is the step the path names, or None when the caller picks
+      `(checkpoint_dir, step)`: `checkpoint_dir` is a `pathlib.Path`, or an `epath.Path` for a
+      URL (`storage.run_path`); `step` is the step the path names, or None when the caller picks
       (latest or best).
 
     Raises:
       CheckpointNotFoundError: if the path does not exist or holds no checkpoint.
+      UserError: for a URL of another scheme than gs:// and s3://, naming `key`.
 
     Example:
+      >>> resolve_checkpoint_path("gs://bucket/runs/digits/checkpoints/300")
+      (PosixGPath('gs://bucket/runs/digits/checkpoints'), 300)
       >>> resolve_checkpoint_path("runs/digits")
       (PosixPath('/abs/runs/digits/checkpoints'), None)
       >>> resolve_checkpoint_path("runs/digits/checkpoints/300")
@@ -88,7 +103,7 @@ def resolve_checkpoint_path(path: os.PathLike | str, *, key: str | None = None) 
       (PosixPath('/abs/runs/digits/checkpoints'), 300)
     """
     given = os.fspath(path)
-    path = storage.local_path(given, key=key) if not zoo.is_ref(given) else zoo.resolve(given)
+    path = zoo.resolve(given) if zoo.is_ref(given) else storage.run_path(given, key=key)
     if not path.exists():
         where = f"{key}={given}: checkpoint path" if key else "Checkpoint path"
         raise CheckpointNotFoundError(f"{where} {path} does not exist; expected {_EXPECTED}.")
@@ -100,6 +115,10 @@ def resolve_checkpoint_path(path: os.PathLike | str, *, key: str | None = None) 
                 f"{path} looks like a step directory (it holds state/) but its name is not a step "
                 "number; rename it to its step (e.g. .../checkpoints/300)."
             )
+        if not is_committed(path):
+            raise CheckpointNotFoundError(
+                f"{path} has no {_COMMIT_MARKER}: its save is still running or was killed. Wait for it, "
+                "or name another step.")
         return path.parent, int(path.name)
     if (path / "checkpoints").is_dir():
         return path / "checkpoints", None
@@ -115,7 +134,7 @@ def resolve_step_dir(
     *,
     best_metric: str | None = None,
     best_mode: str = "min",
-) -> pathlib.Path:
+) -> storage.AnyPath:
     """The step directory to read for `path` and `step`.
 
     Args:
@@ -146,12 +165,12 @@ def _sharding_of(leaf: Any) -> jax.sharding.Sharding | None:
     return getattr(leaf, "sharding", None) if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)) else None
 
 
-def _item_dir(checkpoint: pathlib.Path) -> pathlib.Path:
+def _item_dir(checkpoint: storage.AnyPath) -> storage.AnyPath:
     """The Orbax PyTree of a step directory (its state item) or of a bare PyTree checkpoint."""
     return checkpoint / STATE_ITEM if _is_step_dir(checkpoint) else checkpoint
 
 
-def _read_metadata(checkpoint: pathlib.Path) -> dict[str, jax.ShapeDtypeStruct]:
+def _read_metadata(checkpoint: storage.AnyPath) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of a step directory's state or a bare PyTree checkpoint; reads no array."""
     if _is_step_dir(checkpoint):
         return read_state_metadata(checkpoint)
@@ -161,7 +180,7 @@ def _read_metadata(checkpoint: pathlib.Path) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def _read_arrays(
-    checkpoint: pathlib.Path, wanted: Mapping[str, tuple[jax.ShapeDtypeStruct, jax.sharding.Sharding | None]]
+    checkpoint: storage.AnyPath, wanted: Mapping[str, tuple[jax.ShapeDtypeStruct, jax.sharding.Sharding | None]]
 ) -> dict[str, Any]:
     """Partial Orbax restore of the `wanted` tree paths only, each onto its sharding (or as numpy).
 
@@ -228,6 +247,7 @@ def _open_source(
         return leaves, lambda wanted: {p: np.asarray(leaves[p]) for p in wanted}, opened.structure, None
     ref = zoo.resolve(path)
     if is_foreign(ref):
+        refuse_url(ref, "weights files (.safetensors, .pt, .pth, .bin) are read from a local disk")
         if not ref.exists():
             raise CheckpointNotFoundError(f"Weights file {ref} does not exist.")
         _one_weights_set(ref, step, "a weights file")

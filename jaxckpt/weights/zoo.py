@@ -28,7 +28,7 @@ import re
 from typing import Any
 
 from jaxckpt.checkpoint import storage
-from jaxckpt.errors import ZooEntryNotFoundError
+from jaxckpt.errors import UserError, ZooEntryNotFoundError
 
 PREFIX = "zoo:"
 ENTRY_FILE = "zoo.json"
@@ -39,11 +39,24 @@ EMA_TREE = "ema_params"  # jaxckpt.train.ema.EMA_KEY; the weights layer does not
 def zoo_dir() -> pathlib.Path:
     """The zoo folder: `$JAXCKPT_ZOO`, else `$XDG_CACHE_HOME/jaxckpt/zoo`, else `~/.cache/jaxckpt/zoo`.
 
+    The zoo is a local folder: publishing assembles an entry beside the others and renames it
+    into place, which an object store cannot do. Runs and checkpoints may be URLs; publish from
+    one into the local zoo (`python -m jaxckpt zoo publish gs://bucket/run NAME`).
+
     Returns:
         The folder (it may not exist yet; publishing creates it).
+
+    Raises:
+        UserError: if `$JAXCKPT_ZOO` is a URL.
     """
     if os.environ.get("JAXCKPT_ZOO"):
-        return storage.local_path(os.environ["JAXCKPT_ZOO"], key="JAXCKPT_ZOO")
+        value = os.environ["JAXCKPT_ZOO"]
+        if "://" in value:
+            raise UserError(
+                    f"JAXCKPT_ZOO={value} is a URL, but the zoo is a local folder (an entry is published by "
+                    "a rename, which object stores lack). Set JAXCKPT_ZOO to a local folder; runs and "
+                    "checkpoints themselves may stay on gs:// or s3:// and be published from there.")
+        return storage.local_path(value, key="JAXCKPT_ZOO")
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
     return storage.local_path(os.path.join(cache, "jaxckpt", "zoo"))
 
@@ -62,7 +75,7 @@ def check_name(name: str) -> str:
     return name
 
 
-def read_json(path: pathlib.Path) -> dict[str, Any] | None:
+def read_json(path: storage.AnyPath) -> dict[str, Any] | None:
     """A JSON file's contents, None if there is no such file; invalid JSON is a ValueError naming it."""
     if not path.is_file():
         return None
@@ -120,27 +133,29 @@ def is_ref(ref: Any) -> bool:
     return isinstance(ref, str) and ref.startswith(PREFIX)
 
 
-def resolve(ref: str | os.PathLike) -> pathlib.Path:
-    """Turns `"zoo:NAME"` into the entry's step directory; returns any other path as a `Path`.
+def resolve(ref: str | os.PathLike) -> storage.AnyPath:
+    """Turns `"zoo:NAME"` into the entry's step directory; returns any other path as `storage.run_path` does.
 
     Args:
-        ref: `"zoo:NAME"`, or a local path (returned absolute and normalised).
+        ref: `"zoo:NAME"`, a local path (returned absolute and normalised) or a `gs://` / `s3://`
+            URL (returned as an `epath.Path`).
 
     Returns:
-        `<zoo>/<name>/checkpoints/<step>` for a zoo reference, else `storage.local_path(ref)`.
+        `<zoo>/<name>/checkpoints/<step>` for a zoo reference, else `storage.run_path(ref)`.
 
     Raises:
         ZooEntryNotFoundError: if no entry has that name; the message lists the entries there are.
         ValueError: if the name is not a valid entry name.
-        UserError: if `ref` is a URL (object storage is not supported yet).
+        UserError: if `ref` is a URL of another scheme, or `$JAXCKPT_ZOO` is a URL.
 
     Example:
 
         step_dir = resolve("zoo:digits-mlp")   # ~/.cache/jaxckpt/zoo/digits-mlp/checkpoints/600
         resolve("runs/digits")                  # Path("/abs/runs/digits")
+        resolve("gs://bucket/runs/digits")      # epath.Path("gs://bucket/runs/digits")
     """
     if not is_ref(ref):
-        return storage.local_path(ref)
+        return storage.run_path(ref)
     name = check_name(ref[len(PREFIX):])
     record = _entry_record(zoo_dir() / name)
     if record is None:
