@@ -41,7 +41,7 @@ from jaxckpt.errors import MissingDependencyError
 from jaxckpt.grafting.graft import GraftReport, graft
 from jaxckpt.tree import treepath
 from jaxckpt.types import Params
-from jaxckpt.weights.tensor_files import LazyTensor, open_safetensors, open_torch
+from jaxckpt.weights.tensor_files import LazyTensor, open_safetensors, open_torch, refuse_url
 
 RenameSpec = Mapping[str, str] | Sequence[tuple[str, str]] | None
 """`{regex: path}` or `[(regex, path), ...]`; first match wins."""
@@ -121,6 +121,7 @@ def read_foreign(path: str | os.PathLike, *, rename: RenameSpec = None,
     path = os.fspath(path)
     if layout is not None and layout not in _LAYOUTS:
         raise ValueError(f"layout={layout!r} is unknown; use one of {_LAYOUTS}.")
+    refuse_url(path, "weights files (.safetensors, .pt, .pth, .bin) are read from a local disk")
     if not os.path.exists(path):
         raise FileNotFoundError(f"No weights file at {path!r}.")
     rules = rename_rules(rename)
@@ -296,6 +297,13 @@ def write_safetensors(params: Params, path: str | os.PathLike, *, layout: str = 
         tensors[name] = np.ascontiguousarray(array if perm is None else np.transpose(array, perm))
         names[tree_path] = name
     header = {"format": "pt" if layout == "torch" else "flax", LAYOUT_KEY: layout}
+    from jaxckpt.checkpoint import storage  # (imports Orbax: only when writing)
+
+    if storage.is_url(path):  # one upload, applied whole: no partial file to rename
+        from safetensors.numpy import save
+
+        storage.write_bytes_atomic(storage.run_path(path), save(tensors, metadata=header))
+        return names
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     partial = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.partial")

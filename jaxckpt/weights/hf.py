@@ -28,7 +28,7 @@ from jaxckpt.grafting.structure import Split
 from jaxckpt.tree import treepath
 from jaxckpt.types import Params
 from jaxckpt.weights import hf_presets
-from jaxckpt.weights.tensor_files import LazyTensor, open_safetensors, open_torch
+from jaxckpt.weights.tensor_files import LazyTensor, open_safetensors, open_torch, refuse_url
 
 PREFIX = "hf:"
 CONFIG_FILE = "config.json"
@@ -68,7 +68,12 @@ def is_hf(path: Any) -> bool:
 
 
 def folder_of(path: str | os.PathLike) -> pathlib.Path:
-    """The folder of `hf:DIR` (or of a plain `DIR`)."""
+    """The folder of `hf:DIR` (or of a plain `DIR`).
+
+    Raises:
+        UserError: if DIR is a URL: HF folders are read from a local disk (safetensors maps them).
+    """
+    refuse_url(path, "HF folders (hf:DIR) are read from a local disk")
     return pathlib.Path(os.fspath(path).removeprefix(PREFIX)).expanduser()
 
 
@@ -184,6 +189,7 @@ def export_hf(params: Params, config: Mapping[str, Any],
     family = hf_presets.family_of(config)
     flat = {path: np.asarray(leaf) for path, leaf in treepath.flatten(params).items()}
     tensors = {key: np.ascontiguousarray(t) for key, t in hf_presets.to_hf(family, flat).items()}
+    refuse_url(out_dir, "an HF folder is written to a local disk (to upload it, copy the folder after)")
     out = pathlib.Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     partial = out / f".model.safetensors.{os.getpid()}.partial"

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_dtypes  # Registers bfloat16/float8 with numpy, so BF16 tensors can be read.
 import numpy as np
 
-from jaxckpt.errors import MissingDependencyError
+from jaxckpt.errors import MissingDependencyError, UserError
 
 _SAFETENSORS_DTYPES = {
     "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
@@ -148,3 +148,18 @@ def _torch_reader(torch: Any, tensor: Any) -> Callable[[], np.ndarray]:
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
     return read
+
+
+def refuse_url(path: str | os.PathLike, why: str, *, key: str | None = None) -> None:
+    """Raises a one-line `UserError` if `path` is a URL, saying `why` it must be local and what to do.
+
+    Example:
+        >>> refuse_url("gs://b/bert.safetensors", "weights files are read from a local disk")
+        Traceback (most recent call last):
+        UserError: gs://b/bert.safetensors is a URL, but weights files are read from a local disk; ...
+    """
+    text = os.fspath(path)
+    if "://" in text:
+        where = f"{key}={text}" if key else text
+        raise UserError(f"{where} is a URL, but {why}; copy it to a local disk first (gsutil cp -r / "
+                        "aws s3 cp --recursive) and pass the local path.")
