@@ -25,7 +25,11 @@ def run_export(args: argparse.Namespace) -> int:
     from jaxckpt.tree.treepath import flatten, unflatten_dict
     from jaxckpt.weights.foreign import SAFETENSORS_SUFFIXES, write_safetensors
     from jaxckpt.weights.pretrained import PARAMS_KEY, load_params, resolve_step_dir
+    from jaxckpt.weights.tensor_files import refuse_url
 
+    if args.format == "hf":  # refused before any array is read
+        refuse_url(args.out, "--format hf writes an HF folder to a local disk (upload the folder after)",
+                   key="OUT")
     if args.format == "hf" and args.out.endswith(SAFETENSORS_SUFFIXES):
         raise UserError(f"--format hf writes a folder (config.json + model.safetensors); OUT={args.out!r} "
                         "names a file. Pass a folder, e.g. runs/export/bert_hf/.")
@@ -61,7 +65,10 @@ def run_export(args: argparse.Namespace) -> int:
           f"{cli_tables.human_bytes(nbytes)}, {args.layout} layout")
     rows = [[name, param, str(tuple(leaves[param].shape))] for param, name in names.items()]
     print(cli_tables.table(rows, ["tensor", "from param", "param shape"]))
-    print(f"\nload it into a model with --config.checkpoint.pretrained={args.out}")
+    if "://" in args.out:  # weights files are read from a local disk (`jaxckpt.weights.tensor_files.refuse_url`)
+        print("\nto load it into a model, copy it to a local disk and pass --config.checkpoint.pretrained=LOCAL_PATH")
+    else:
+        print(f"\nload it into a model with --config.checkpoint.pretrained={args.out}")
     return 0
 
 
@@ -73,9 +80,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             description="Reads only the params of one step (not the optimizer state) and writes them to "
             "OUT. With --layout torch, Dense/Conv kernels are written as PyTorch 'weight's in (out, in) / "
             "OIHW layout; --config.checkpoint.pretrained=OUT reads them back into the same model.")
-    export.add_argument("source", help="run dir, checkpoints dir, step dir, or zoo:NAME")
-    export.add_argument("out", help="the file to write, ending in .safetensors (replaced if it exists); "
-                        "with --format hf, the folder to write")
+    export.add_argument("source", help="run dir, checkpoints dir, step dir (local, gs:// or s3://), or zoo:NAME")
+    export.add_argument("out", help="the file to write, ending in .safetensors (replaced if it exists; local, "
+                        "gs:// or s3://); with --format hf, the local folder to write")
     export.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
                         help="safetensors: one file (default); hf: a Hugging Face folder, config.json + "
                         "model.safetensors, that transformers' from_pretrained loads")

@@ -15,16 +15,21 @@ def add_parser(commands: Any) -> None:
             "step once, writing eval_<split>_<step>.json and the metrics.jsonl point an in-loop evaluation "
             "would; its results rank the run's best checkpoints. Exits once the run has finished and every "
             "step is evaluated. Other arguments are overrides of each step's saved config: --config.KEY=VALUE.")
-    parser.add_argument("workdir", help="the training run's directory (it may not exist yet)")
+    parser.add_argument("workdir", help="the training run's directory, local or gs:// / s3:// (it may not exist yet)")
     parser.add_argument("--split", default="val", help="the split to evaluate (default: val)")
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between looks for new steps (default: 1)")
 
 
 def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    """Follows `args.workdir`, logging to stderr and `WORKDIR/follow.log`; returns the exit code 0."""
+    """Follows `args.workdir`, logging to stderr and `WORKDIR/follow.log`; returns the exit code 0.
+
+    A `gs://` / `s3://` workdir gets no `follow.log` (a log file is appended to line by line,
+    which objects are not): its log goes to stderr only.
+    """
+    from jaxckpt.checkpoint.storage import is_url
     from jaxckpt.runner.follow import follow
     from jaxckpt.runner.logs import setup_logging
 
-    setup_logging(args.workdir, filename="follow.log")
+    setup_logging(args.workdir, write=not is_url(args.workdir), filename="follow.log")
     follow(args.workdir, split=args.split, overrides=overrides, poll_seconds=args.poll)
     return 0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import pathlib
+import os
+import typing
 from typing import Any
 
 import jax
@@ -13,6 +14,9 @@ from jaxckpt.checkpoint.stepdir import EXTRA_ITEM, read_json_item
 from jaxckpt.errors import UserError
 from jaxckpt.grafting.structure import Derived, restructure
 from jaxckpt.weights import hf
+
+if typing.TYPE_CHECKING:
+    from jaxckpt.checkpoint.storage import AnyPath
 
 
 def inspect_hf(path: str) -> str:
@@ -42,15 +46,16 @@ def inspect_hf(path: str) -> str:
     ])
 
 
-def hf_config_of(step_dir: pathlib.Path, hf_config: str | None) -> dict[str, Any]:
+def hf_config_of(step_dir: AnyPath | os.PathLike, hf_config: str | None) -> dict[str, Any]:
     """The HF `config.json` of an export: the file `hf_config`, else the step's `hf_config` artifact.
 
     Raises:
         UserError: if neither is there, saying how to pass one.
     """
     if hf_config:
-        with open(hf_config) as f:
-            return json.load(f)
+        from jaxckpt.checkpoint import storage
+
+        return json.loads(storage.run_path(hf_config, key="--hf-config").read_text())
     artifacts = (read_json_item(step_dir, EXTRA_ITEM) or {}).get("task_artifacts") or {}
     if "hf_config" not in artifacts:
         raise UserError(
@@ -60,7 +65,7 @@ def hf_config_of(step_dir: pathlib.Path, hf_config: str | None) -> dict[str, Any
     return artifacts["hf_config"]
 
 
-def export_step(params: Any, step_dir: pathlib.Path, out: str, hf_config: str | None,
+def export_step(params: Any, step_dir: AnyPath | os.PathLike, out: str, hf_config: str | None,
                 described: str) -> str:
     """Writes a step's params as an HF folder at `out`; returns what `export --format hf` prints."""
     written = hf.export_hf(params, hf_config_of(step_dir, hf_config), out)

@@ -7,7 +7,8 @@ Only the integrity line reads arrays (one step's; `--no-verify` skips it). `insp
 from __future__ import annotations
 
 import argparse
-import pathlib
+import os
+import typing
 from typing import Any
 
 import jaxckpt.cli.tables as cli_tables
@@ -16,6 +17,9 @@ from jaxckpt.errors import UserError
 from jaxckpt.runner.config_diff import flat_config
 from jaxckpt.runner.rundir import best_rule
 from jaxckpt.weights import zoo
+
+if typing.TYPE_CHECKING:
+    from jaxckpt.checkpoint.storage import AnyPath
 
 # Config fields worth a line in `inspect`; absent ones are left out (model.* is shown whole).
 _CONFIG_SUMMARY = (
@@ -35,7 +39,7 @@ def _parse_step(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"--step must be a step number, 'latest' or 'best'; got {text!r}") from None
 
 
-def saved_config(path: pathlib.Path) -> tuple[pathlib.Path, int | None, dict[str, Any] | None]:
+def saved_config(path: AnyPath | os.PathLike) -> tuple[AnyPath, int | None, dict[str, Any] | None]:
     """`(checkpoint_dir, named_step, config)`: the run's `config.json`, else the one saved in the step."""
     from jaxckpt.checkpoint.stepdir import EXTRA_ITEM, read_json_item
     from jaxckpt.weights.pretrained import resolve_checkpoint_path, resolve_step_dir
@@ -131,7 +135,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Adds the `inspect` command to the CLI's subparsers."""
     inspect = commands.add_parser("inspect", help="steps, metrics, config and param table of a checkpoint")
-    inspect.add_argument("path", help="run dir, checkpoints dir, step dir, zoo:NAME, or hf:DIR")
+    inspect.add_argument("path", help="run dir, checkpoints dir, step dir (local, gs:// or s3://), zoo:NAME, "
+                         "or hf:DIR")
     inspect.add_argument("--step", type=_parse_step, default=None,
                          help="step whose state table to show: N, latest or best (default: latest)")
     inspect.add_argument("--all", action="store_true", help="list every state leaf, not only params")

@@ -7,15 +7,19 @@ the only way to know: a truncated data file leaves the metadata (what `inspect` 
 from __future__ import annotations
 
 import argparse
-import pathlib
+import os
+import typing
 
 from jaxckpt.errors import CheckpointCorruptError, UserError
+
+if typing.TYPE_CHECKING:
+    from jaxckpt.checkpoint.storage import AnyPath
 
 CORRUPT_EXIT_CODE = 1
 """Exit code of `verify` (and `inspect`) when a step is proven corrupt."""
 
 
-def integrity(step_dir: pathlib.Path) -> tuple[bool, str]:
+def integrity(step_dir: AnyPath | os.PathLike) -> tuple[bool, str]:
     """`(intact, one line)` for one step: its format, checksum algorithm and what reading it found.
 
     Raises:
@@ -42,10 +46,15 @@ def integrity(step_dir: pathlib.Path) -> tuple[bool, str]:
 def run_verify(args: argparse.Namespace) -> int:
     """Verifies every step of PATH (or the one it names, or --step); 1 if any is corrupt."""
     from jaxckpt.weights import zoo
-    from jaxckpt.weights.pretrained import resolve_checkpoint_path
+    from jaxckpt.weights.pretrained import is_committed, resolve_checkpoint_path
 
     checkpoint_dir, named = resolve_checkpoint_path(zoo.resolve(args.path))
-    steps = sorted(int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit() and p.is_dir())
+    folders = [p for p in checkpoint_dir.iterdir() if p.name.isdigit() and p.is_dir()]
+    # On gs:// / s3:// a step is written in place; one without its commit marker is no checkpoint yet.
+    uncommitted = sorted(int(p.name) for p in folders if not is_committed(p))
+    if uncommitted:
+        print(f"not committed, not checked (a save still running, or killed): steps {uncommitted}", flush=True)
+    steps = sorted(int(p.name) for p in folders if int(p.name) not in uncommitted)
     if named is not None or args.step is not None:
         wanted = args.step if args.step is not None else named
         if wanted not in steps:
@@ -71,6 +80,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "verify", help="read every array of every step and check it against its saved checksum",
         description="Exit codes: 0 every step intact; 1 a step is corrupt (the bad arrays are named); "
         "2 a bad path or a step that cannot be read now (e.g. EIO), which proves nothing.")
-    verify.add_argument("path", help="run dir, checkpoints dir, step dir, or zoo:NAME")
+    verify.add_argument("path", help="run dir, checkpoints dir, step dir (local, gs:// or s3://), or zoo:NAME")
     verify.add_argument("--step", type=int, default=None, help="verify only this step")
     verify.set_defaults(run=run_verify)

@@ -29,7 +29,7 @@ from jaxckpt.weights import zoo
 from jaxckpt.weights.pretrained import resolve_checkpoint_path, resolve_step_dir
 
 
-def _run_config(checkpoint_dir: pathlib.Path, step_dir: pathlib.Path) -> dict[str, Any] | None:
+def _run_config(checkpoint_dir: storage.AnyPath, step_dir: storage.AnyPath) -> dict[str, Any] | None:
     """The run's config: `config.json` beside `checkpoints/`, else the one saved in `step_dir`."""
     config = zoo.read_json(checkpoint_dir.parent / "config.json")
     if config is None:
@@ -37,14 +37,36 @@ def _run_config(checkpoint_dir: pathlib.Path, step_dir: pathlib.Path) -> dict[st
     return config
 
 
-def _jsonl_metrics(run_dir: pathlib.Path, step: int) -> dict[str, float]:
+def _jsonl_metrics(run_dir: storage.AnyPath, step: int) -> dict[str, float]:
     """The points logged in `metrics.jsonl` at `step`, as `{"<split>/<metric>": value}`."""
+    path = run_dir / "metrics.jsonl"
+    if storage.is_url(path):  # read_metrics parses local files: parse a local copy, in one place
+        if not path.exists():
+            return {}
+        with tempfile.TemporaryDirectory() as tmp:
+            local = pathlib.Path(tmp) / path.name
+            local.write_bytes(path.read_bytes())
+            return _jsonl_metrics(pathlib.Path(tmp), step)
     out = {}
-    for point in read_metrics(run_dir / "metrics.jsonl"):
+    for point in read_metrics(path):
         if point.get("step") == step:
             split = point.get("split", "?")
             out.update({f"{split}/{k}": v for k, v in point.items() if k not in ("step", "split")})
     return out
+
+
+def _copy_tree(source: storage.AnyPath, dest: pathlib.Path) -> None:
+    """Copies a directory tree, local or on `gs://`/`s3://`, to a new local folder `dest`."""
+    if not storage.is_url(source):
+        shutil.copytree(source, dest)
+        return
+    dest.mkdir(parents=True)
+    for child in source.iterdir():
+        if child.is_dir():
+            _copy_tree(child, dest / child.name)
+        else:  # streamed: a step's data files may be larger than memory
+            with child.open("rb") as src, open(dest / child.name, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 24)
 
 
 def _finite_or_none(metrics: Mapping[str, float]) -> dict[str, float | None]:
@@ -68,7 +90,8 @@ def publish(
 
     Args:
         workdir: a run directory, its `checkpoints/` directory, or one step directory
-            (which then fixes the step).
+            (which then fixes the step); local or a `gs://` / `s3://` URL (the zoo itself is
+            local: `jaxckpt.weights.zoo.zoo_dir`).
         name: the entry name (`[A-Za-z0-9._-]+`); later used as `zoo:NAME`.
         step: None or `"latest"` (the newest step), `"best"` (ranked by the run's
             `early_stop.criteria`, or `best_metric`), or a step number.
@@ -122,7 +145,7 @@ def publish(
     staging = pathlib.Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
     try:
         storage.give_default_mode(staging)  # (mkdtemp's 0700 would make the entry private)
-        shutil.copytree(step_dir, staging / "checkpoints" / str(chosen))
+        _copy_tree(step_dir, staging / "checkpoints" / str(chosen))
         if config is not None:
             (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         metrics = {**_jsonl_metrics(checkpoint_dir.parent, chosen), **saved_metrics}

@@ -36,6 +36,7 @@ from jaxckpt.train.state import TrainState
 from jaxckpt.tree import treepath
 from jaxckpt.weights.foreign import is_foreign
 from jaxckpt.weights.pretrained import load_params, resolve_checkpoint_path
+from jaxckpt.weights.tensor_files import refuse_url
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,7 +320,7 @@ def load_start(start: Start, task: Task, config: Any, abstract: TrainState, tx: 
             newer = [s for s in start.manager.all_steps() if s > start.step]
             if newer and config.run_type in ("train", "train_val"):
                 start.manager.wait()
-                moved = set_aside(Path(start.manager.directory), newer, workdir) if jax.process_index() == 0 else None
+                moved = set_aside(start.manager.directory, newer, workdir) if jax.process_index() == 0 else None
                 if jax.process_count() > 1:  # the others must not list the steps process 0 is moving
                     multihost_utils.sync_global_devices("jaxckpt set_aside")
                 start.manager.reload()
@@ -372,8 +373,11 @@ def load_pretrained(path: str, fresh_params: Any, ck: Any, tree: str = "params")
       UserError: for a missing or corrupt source, or any graft or option error (reworded as the
         config fields that fix it).
     """
-    if is_foreign(path) and not Path(path).exists():
-        raise UserError(f"checkpoint.pretrained={path} does not exist.")
+    if is_foreign(path):
+        refuse_url(path, "weights files (.safetensors, .pt, .pth, .bin) are read from a local disk",
+                   key="checkpoint.pretrained")
+        if not Path(path).exists():
+            raise UserError(f"checkpoint.pretrained={path} does not exist.")
     try:
         structure = parse_structure(getattr(ck, "structure", ""))
         return load_params(path, fresh_params, strict=ck.strict, structure=structure, tree=tree,

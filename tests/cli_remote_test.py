@@ -1,0 +1,109 @@
+"""The command line, pretrained sources and the follower on `gs://` and `s3://` run directories.
+
+The emulators come from tests/object_store.py (registered in conftest.py). The first tests need no
+checkpoint on a URL: path resolution, commit markers and the clear refusals of what stays local.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxckpt.checkpoint import storage
+from jaxckpt.cli import commands as cli
+from jaxckpt.errors import CheckpointNotFoundError, UserError
+from jaxckpt.runner import follow as follower
+from jaxckpt.weights import foreign, zoo
+from jaxckpt.weights.pretrained import load_params, resolve_checkpoint_path, resolve_step_dir
+
+
+@pytest.fixture(params=["gcs_emulator", "s3_emulator"])
+def store_url(request):
+    """A fresh directory URL on each store, per test (not `node.name`: fsspec globs its brackets)."""
+    return f"{request.getfixturevalue(request.param)}/cli/{request.node.originalname}"
+
+
+def _fake_step(checkpoint_dir: str, step: int, *, committed: bool) -> None:
+    """The objects resolution looks at: a state item, and the commit marker Orbax writes last on a URL."""
+    storage.write_bytes_atomic(f"{checkpoint_dir}/{step}/state/_METADATA", b"{}")
+    if committed:
+        storage.write_bytes_atomic(f"{checkpoint_dir}/{step}/commit_success.txt", b"ok")
+
+
+def test_a_url_resolves_to_its_committed_steps_only(store_url):
+    run = f"{store_url}/run"
+    _fake_step(f"{run}/checkpoints", 10, committed=True)
+    _fake_step(f"{run}/checkpoints", 20, committed=False)  # a save in progress, written in place
+    checkpoint_dir, step = resolve_checkpoint_path(run)
+    assert (str(checkpoint_dir), step) == (f"{run}/checkpoints", None)
+    assert str(resolve_step_dir(run)) == f"{run}/checkpoints/10"
+    assert str(resolve_step_dir(f"{run}/checkpoints/10/state")) == f"{run}/checkpoints/10"
+    assert follower.committed_steps(checkpoint_dir) == [10]
+    with pytest.raises(CheckpointNotFoundError, match="commit_success.txt: its save is still running"):
+        resolve_checkpoint_path(f"{run}/checkpoints/20")
+    with pytest.raises(CheckpointNotFoundError, match=r"checkpoint.resume_file=.*/nothing: checkpoint path .* does not"):
+        resolve_checkpoint_path(f"{store_url}/nothing", key="checkpoint.resume_file")
+    assert str(zoo.resolve(f"{run}/checkpoints/../checkpoints")) == f"{run}/checkpoints"
+
+
+def test_cli_names_a_missing_url(store_url, capsys):
+    for command in ("inspect", "verify"):
+        assert cli.main([command, f"{store_url}/nothing"]) == 2
+        err = capsys.readouterr().err
+        assert f"{store_url}/nothing does not exist" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["verify"], ["export", "--step", "1"]])
+def test_cli_refuses_other_url_schemes(command, capsys, tmp_path):
+    args = [command[0], "https://example.com/run", *command[1:]]
+    if command[0] == "export":
+        args.insert(2, str(tmp_path / "out.safetensors"))
+    assert cli.main(args) == 2
+    assert "'https://example.com/run' is not a gs:// or s3:// URL" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_what_stays_local_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("JAXCKPT_ZOO", "gs://bucket/zoo")
+    with pytest.raises(UserError, match=r"JAXCKPT_ZOO=gs://bucket/zoo is a URL, but the zoo is a local folder"):
+        zoo.zoo_dir()
+    monkeypatch.delenv("JAXCKPT_ZOO")
+    with pytest.raises(UserError, match=r"gs://b/bert.safetensors is a URL, but weights files .* local disk; copy"):
+        load_params("gs://b/bert.safetensors", {"w": np.zeros(2)})
+    with pytest.raises(UserError, match=r"s3://b/m.pt is a URL, but weights files"):
+        foreign.read_foreign("s3://b/m.pt")
+    assert cli.main(["inspect", "hf:gs://b/bert"]) == 2
+    assert "hf:gs://b/bert is a URL, but HF folders (hf:DIR) are read from a local disk" in capsys.readouterr().err
+    # --format hf is refused before the source is even looked at.
+    assert cli.main(["export", "runs/none", "gs://b/bert_hf/", "--format", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert "OUT=gs://b/bert_hf/ is a URL, but --format hf writes an HF folder to a local disk" in err
+    assert len(err.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []  # no folder named "gs:" or "s3:"
+
+
+def test_pretrained_source_refuses_a_url_weights_file():
+    from jaxckpt.runner.sources import load_pretrained
+
+    with pytest.raises(UserError, match=r"^checkpoint.pretrained=gs://b/w.safetensors is a URL, but weights"):
+        load_pretrained("gs://b/w.safetensors", {"w": np.zeros(2)}, None)
+
+
+def test_write_safetensors_to_a_url_reads_back(store_url):
+    from safetensors.numpy import load
+
+    params = {"head": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3), "bias": np.ones(3, np.float32)}}
+    names = foreign.write_safetensors(params, f"{store_url}/export/model.safetensors")
+    assert names == {"head/kernel": "head.weight", "head/bias": "head.bias"}
+    tensors = load(storage.as_path(f"{store_url}/export/model.safetensors").read_bytes())
+    np.testing.assert_array_equal(tensors["head.weight"], params["head"]["kernel"].T)
+    assert [p.name for p in storage.as_path(f"{store_url}/export").iterdir()] == ["model.safetensors"]
+
+
+def test_hf_config_may_be_a_url(store_url):
+    from jaxckpt.cli.hf_cli import hf_config_of
+
+    storage.write_bytes_atomic(f"{store_url}/config.json", json.dumps({"model_type": "bert"}).encode())
+    assert hf_config_of("unused", f"{store_url}/config.json") == {"model_type": "bert"}
