@@ -107,3 +107,32 @@ def test_hf_config_may_be_a_url(store_url):
 
     storage.write_bytes_atomic(f"{store_url}/config.json", json.dumps({"model_type": "bert"}).encode())
     assert hf_config_of("unused", f"{store_url}/config.json") == {"model_type": "bert"}
+
+
+def test_follow_a_url_workdir_defers_its_metric_points_to_the_end(store_url):
+    workdir = f"{store_url}/followed"
+    config = {"task": "unused", "train": {"num_steps": 20}, "early_stop": {"criteria": ""}}
+    for step in (10, 20):  # what the follower reads of a step: its saved config and loop state
+        _fake_step(f"{workdir}/checkpoints", step, committed=True)
+        storage.write_bytes_atomic(f"{workdir}/checkpoints/{step}/extra/metadata",
+                                   json.dumps({"config": config, "loop_state": {}}).encode())
+    _fake_step(f"{workdir}/checkpoints", 30, committed=False)  # a save in progress: not a step yet
+    seen = []
+
+    def evaluate(step_dir):
+        seen.append(str(step_dir))
+        # Nothing is appended while the trainer may still be rewriting metrics.jsonl.
+        assert not storage.as_path(f"{workdir}/metrics.jsonl").exists()
+        return {"loss": float(step_dir.name) / 100}
+
+    result = follower.follow(workdir, evaluate=evaluate, poll_seconds=0.01)
+    assert result["evaluated"] == [10, 20] and result["skipped"] == []
+    assert seen == [f"{workdir}/checkpoints/10", f"{workdir}/checkpoints/20"]
+    assert json.loads(storage.as_path(f"{workdir}/eval_val_20.json").read_text()) == \
+        {"step": 20, "split": "val", "loss": 0.2}
+    lines = storage.as_path(f"{workdir}/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"step": 10, "split": "val", "loss": 0.1},
+                                                    {"step": 20, "split": "val", "loss": 0.2}]
+    # Restarted, it finds both results and writes no point twice.
+    assert follower.follow(workdir, evaluate=evaluate, poll_seconds=0.01)["evaluated"] == []
+    assert len(storage.as_path(f"{workdir}/metrics.jsonl").read_text().splitlines()) == 2
