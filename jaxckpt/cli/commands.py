@@ -19,6 +19,11 @@ optimizer state) and writes them to a safetensors file, or with `--format hf` to
 `inspect hf:DIR` and `plan hf:DIR` read an HF folder's `config.json` and file headers only. `inspect` and `plan` say which params a
 run's `optimizer.freeze` / `optimizer.lr_multipliers` freeze or scale.
 
+A run, checkpoint or step directory may be local or on object storage (`gs://BUCKET/RUN`,
+`s3://BUCKET/RUN`) in every command, and `export` may write its `.safetensors` file there; `hf:DIR`
+folders, weights files read as sources, `export --format hf` and the zoo stay local (a URL there is
+refused in one line saying to copy it). On a URL a step counts once its commit marker is written.
+
 Exit codes: 0 success; 1 `verify`/`inspect` found a corrupt step; 2 a user error (a bad path, an unknown zoo name or config key, a rule
 matching nothing, a plan strict mode would refuse), printed as one message on stderr; anything else
 is a bug and keeps its traceback.
