@@ -6,6 +6,7 @@ reading a step, and a save killed with SIGKILL half-way: the rerun never takes i
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -161,3 +162,42 @@ def test_a_reader_sees_steps_another_process_saved_after_it_listed(store_url, tm
         assert np.array_equal(reader.restore({"w": jnp.zeros(4)})["w"], np.full(4, 2.0))
     finally:
         reader.close()
+
+
+_TWO_PROCESS_SAVE = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jaxckpt.runner import distributed
+    directory, coordinator, process_id = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    distributed.initialize(coordinator, 2, process_id)
+    from jaxckpt.checkpoint.manager import CheckpointManager
+    mesh = Mesh(np.array(jax.devices()), ("fsdp",))  # 2 processes x 2 devices
+    w = jax.make_array_from_callback((8, 6), NamedSharding(mesh, P("fsdp")),
+                                     lambda index: np.arange(48.0).reshape(8, 6)[index])
+    with CheckpointManager(directory) as manager:
+        manager.save(3, {"w": w, "step": np.asarray(3, np.int32)})
+    print("saved", flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_save_their_own_shards_to_a_bucket_and_one_restores(gcs_emulator, tmp_path):
+    directory = f"{gcs_emulator}/checkpoints/two_processes"
+    script = tmp_path / "save.py"
+    script.write_text(_TWO_PROCESS_SAVE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        coordinator = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen([sys.executable, str(script), directory, coordinator, str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(err for _, err in outs)
+    state = storage.as_path(directory) / "3" / "state"
+    assert sorted(p.name for p in state.glob("ocdbt.process_*")) == ["ocdbt.process_0", "ocdbt.process_1"]
+    assert (storage.as_path(directory) / "3" / "commit_success.txt").exists()
+    with CheckpointManager(directory, read_only=True) as manager:  # this process: 4 devices, one host
+        manager.verify(3)
+        restored = manager.restore({"w": jax.ShapeDtypeStruct((8, 6), jnp.float32), "step": jnp.asarray(0)})
+    assert np.array_equal(restored["w"], np.arange(48.0).reshape(8, 6))
