@@ -2,15 +2,20 @@
 
 The emulators come from tests/object_store.py (registered in conftest.py). The first tests need no
 checkpoint on a URL: path resolution, commit markers and the clear refusals of what stays local.
+The others save a small run with `CheckpointManager` straight to the store and read it back
+through `inspect`, `verify`, `plan`, `export`, `zoo publish` and pretrained loading.
 """
 
 import json
 import os
 
+import ml_collections
 import numpy as np
 import pytest
+from cli_test import _CONFIG, _TASK  # the task module and config file the local CLI tests plan with
 
 from jaxckpt.checkpoint import storage
+from jaxckpt.checkpoint.manager import CheckpointManager
 from jaxckpt.cli import commands as cli
 from jaxckpt.errors import CheckpointNotFoundError, UserError
 from jaxckpt.runner import follow as follower
@@ -136,3 +141,103 @@ def test_follow_a_url_workdir_defers_its_metric_points_to_the_end(store_url):
     # Restarted, it finds both results and writes no point twice.
     assert follower.follow(workdir, evaluate=evaluate, poll_seconds=0.01)["evaluated"] == []
     assert len(storage.as_path(f"{workdir}/metrics.jsonl").read_text().splitlines()) == 2
+
+
+# With the checkpoint layer on URLs: a small run saved by CheckpointManager straight to the store.
+
+def _save_run(run: str, task_name: str) -> dict:
+    config = {"task": task_name, "seed": 0, "model": {"width": 3}, "data": {"target": "parity"},
+              "early_stop": {"criteria": "val/loss", "minimize": True}}
+    storage.write_bytes_atomic(f"{run}/config.json", json.dumps(config).encode())
+    manager = CheckpointManager(f"{run}/checkpoints", max_to_keep=-1, best_metric="val/loss", async_save=False)
+    for step, loss in ((10, 0.2), (20, 0.5)):
+        params = {"encoder": {"kernel": np.full((4, 3), step, np.float32)},
+                  "head": {"kernel": np.ones((3, 2), np.float32)}}
+        manager.save(step, {"step": np.int32(step), "params": params, "opt_state": {"mu": params}},
+                     metrics={"val/loss": loss}, extra={"config": config})
+    manager.close()
+    return config
+
+
+def _run_with_task(run: str, tmp_path, monkeypatch):
+    """Saves a run with steps 10 and 20 (best 10 by val/loss) at `run`; its task and config file are local."""
+    task_name = f"cli_remote_task_{os.getpid()}_{abs(hash(str(tmp_path))) % 10**8}"
+    (tmp_path / f"{task_name}.py").write_text(_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config_path = tmp_path / "config_file.py"
+    config_path.write_text(_CONFIG.format(task=task_name))
+    monkeypatch.setenv("JAXCKPT_ZOO", str(tmp_path / "zoo"))
+    _save_run(run, task_name)
+    return run, config_path
+
+
+@pytest.fixture
+def url_run(store_url, tmp_path, monkeypatch):
+    return _run_with_task(f"{store_url}/run", tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def gcs_run(gcs_emulator, request, tmp_path, monkeypatch):
+    return _run_with_task(f"{gcs_emulator}/cli/{request.node.originalname}/run", tmp_path, monkeypatch)
+
+
+def test_inspect_and_verify_a_url_run(url_run, capsys):
+    run, _ = url_run
+    assert cli.main(["inspect", run]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoints: {run}/checkpoints" in out
+    assert "steps:       10, 20" in out and "best:        10 by val/loss (min)" in out
+    assert "params/encoder/kernel  (4, 3)  float32" in out
+    assert "integrity of step 20: ok" in out
+    assert cli.main(["inspect", f"{run}/checkpoints/10", "--no-verify"]) == 0
+    assert "state of step 10" in capsys.readouterr().out
+    assert cli.main(["verify", run]) == 0
+    out = capsys.readouterr().out
+    assert "step 10: ok" in out and "step 20: ok" in out
+
+
+def test_plan_pretrained_export_and_publish_from_gcs(gcs_run, capsys):
+    run, config_path = gcs_run
+    assert cli.main(["plan", f"{run}/checkpoints/10", "--config", str(config_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"step directory {run}/checkpoints/10" in out and "would succeed" in out
+
+    fresh = {"encoder": {"kernel": np.zeros((4, 3), np.float32)}, "head": {"kernel": np.zeros((3, 2), np.float32)}}
+    params, report = load_params(run, fresh, step="best", best_metric="val/loss")
+    np.testing.assert_array_equal(np.asarray(params["encoder"]["kernel"]), np.full((4, 3), 10))
+    assert report.ok
+
+    from jaxckpt.runner.sources import load_pretrained
+
+    ck = ml_collections.ConfigDict({"strict": False, "mapping": "encoder:encoder", "skip": "", "adapters": "",
+                                    "rename": "", "structure": ""})
+    params, report = load_pretrained(f"{run}/checkpoints/20", fresh, ck)
+    np.testing.assert_array_equal(np.asarray(params["encoder"]["kernel"]), np.full((4, 3), 20))
+    np.testing.assert_array_equal(np.asarray(params["head"]["kernel"]), np.zeros((3, 2)))  # not mapped: fresh
+
+    # checkpoint.resume_file: resolved as decide_start does, then opened by the manager.
+    from jaxckpt.runner.sources import resolve_ref
+
+    checkpoint_dir, step = resolve_checkpoint_path(resolve_ref(f"{run}/checkpoints/20"), key="checkpoint.resume_file")
+    source = CheckpointManager(checkpoint_dir, read_only=True)
+    try:
+        assert step == 20 and source.all_steps() == [10, 20]
+        source.verify(step)
+        assert source.restore_extra(step)["config"]["model"] == {"width": 3}
+    finally:
+        source.close()
+
+    assert cli.main(["export", run, f"{run}/export/model.safetensors", "--best"]) == 0
+    assert "params of step 10" in capsys.readouterr().out
+    from safetensors.numpy import load
+
+    exported = load(storage.as_path(f"{run}/export/model.safetensors").read_bytes())
+    np.testing.assert_array_equal(exported["encoder.weight"], np.full((3, 4), 10))
+
+    assert cli.main(["zoo", "publish", run, "from-gcs", "--best"]) == 0
+    assert "published zoo:from-gcs (step 10" in capsys.readouterr().out
+    entry = zoo.list_entries()[0]
+    assert entry["source"] == run and entry["metrics"]["val/loss"] == pytest.approx(0.2)
+    assert cli.main(["verify", "zoo:from-gcs"]) == 0  # a whole local copy, commit marker and all
+    assert "step 10: ok" in capsys.readouterr().out
+

@@ -61,12 +61,11 @@ def _copy_tree(source: storage.AnyPath, dest: pathlib.Path) -> None:
         shutil.copytree(source, dest)
         return
     dest.mkdir(parents=True)
-    for child in source.iterdir():
-        if child.is_dir():
-            _copy_tree(child, dest / child.name)
-        else:  # streamed: a step's data files may be larger than memory
-            with child.open("rb") as src, open(dest / child.name, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 24)
+    for file in storage.files_under(source):  # one listing: an object store's "folders" are key prefixes
+        target = dest / str(file)[len(str(source)) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with file.open("rb") as src, open(target, "wb") as out:  # streamed: data files may outgrow memory
+            shutil.copyfileobj(src, out, 1 << 24)
 
 
 def _finite_or_none(metrics: Mapping[str, float]) -> dict[str, float | None]:

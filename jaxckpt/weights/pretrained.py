@@ -23,6 +23,7 @@ from etils import epath
 from jaxckpt.checkpoint import integrity, state_read, storage
 from jaxckpt.checkpoint.retention import RetentionPolicy
 from jaxckpt.checkpoint.stepdir import STATE_ITEM, read_json_item, read_state_metadata
+from jaxckpt.checkpoint.writers import COMMIT_FILE
 from jaxckpt.errors import CheckpointNotFoundError
 from jaxckpt.grafting.graft import GraftReport, graft, plan
 from jaxckpt.grafting.structure import Derived, StructureRule, restructure
@@ -39,9 +40,6 @@ _EXPECTED = (
 )
 # Files Orbax writes at the top of every PyTree checkpoint (the state item included).
 _ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt")
-# On an object store a step is written in place under its final name and committed by this
-# marker, written last (`storage.atomicity_options`); a step without it is a save in progress.
-_COMMIT_MARKER = "commit_success.txt"
 
 
 def _is_step_dir(path: storage.AnyPath) -> bool:
@@ -51,7 +49,7 @@ def _is_step_dir(path: storage.AnyPath) -> bool:
 def is_committed(step_dir: storage.AnyPath) -> bool:
     """Whether a step directory is a finished save: always locally (Orbax renames it into place
     once written); on `gs://`/`s3://` only once Orbax's commit marker is in it."""
-    return not storage.is_url(step_dir) or (step_dir / _COMMIT_MARKER).exists()
+    return not storage.is_url(step_dir) or (step_dir / COMMIT_FILE).exists()
 
 
 def _is_state_item(path: storage.AnyPath) -> bool:
@@ -117,7 +115,7 @@ def resolve_checkpoint_path(path: os.PathLike | str, *, key: str | None = None) 
             )
         if not is_committed(path):
             raise CheckpointNotFoundError(
-                f"{path} has no {_COMMIT_MARKER}: its save is still running or was killed. Wait for it, "
+                f"{path} has no {COMMIT_FILE}: its save is still running or was killed. Wait for it, "
                 "or name another step.")
         return path.parent, int(path.name)
     if (path / "checkpoints").is_dir():
