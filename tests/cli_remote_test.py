@@ -59,8 +59,9 @@ def test_cli_names_a_missing_url(store_url, capsys):
         assert f"{store_url}/nothing does not exist" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", [["inspect"], ["verify"], ["export", "--step", "1"]])
-def test_cli_refuses_other_url_schemes(command, capsys, tmp_path):
+@pytest.mark.parametrize("command", [["inspect"], ["verify"], ["export", "--step", "1"], ["follow"]])
+def test_cli_refuses_other_url_schemes(command, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     args = [command[0], "https://example.com/run", *command[1:]]
     if command[0] == "export":
         args.insert(2, str(tmp_path / "out.safetensors"))

@@ -26,10 +26,11 @@ def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     A `gs://` / `s3://` workdir gets no `follow.log` (a log file is appended to line by line,
     which objects are not): its log goes to stderr only.
     """
-    from jaxckpt.checkpoint.storage import is_url
+    from jaxckpt.checkpoint.storage import is_url, run_path
     from jaxckpt.runner.follow import follow
     from jaxckpt.runner.logs import setup_logging
 
-    setup_logging(args.workdir, write=not is_url(args.workdir), filename="follow.log")
-    follow(args.workdir, split=args.split, overrides=overrides, poll_seconds=args.poll)
+    workdir = run_path(args.workdir, key="workdir")  # another scheme is refused before a log folder is made
+    setup_logging(str(workdir), write=not is_url(workdir), filename="follow.log")
+    follow(workdir, split=args.split, overrides=overrides, poll_seconds=args.poll)
     return 0
