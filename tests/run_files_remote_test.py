@@ -236,3 +236,25 @@ def test_setup_logging_writes_the_log_to_a_url(workdir):
         for handler in old[2]:
             logs.log.addHandler(handler)
         logging.getLogger().setLevel(old[3])
+
+
+def test_a_run_on_a_url_writes_every_run_file_there_and_resumes(workdir, data_dir):
+    import jaxckpt
+    from tests.runs import tiny_config
+
+    first = jaxckpt.run(tiny_config(data_dir, **{"train.num_steps": 20, "checkpoint.every_steps": 10}), workdir)
+    assert int(first.step) == 20
+    assert sorted(p.name for p in storage.as_path(f"{workdir}/checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
+    state = jaxckpt.run(tiny_config(data_dir), workdir)  # the same run, now to 40 steps
+    assert int(state.step) == 40
+    assert {"config.json", "checkpoints", "metrics.jsonl", "curves.png", "tensorboard", "train.log"} <= entries(workdir)
+    assert ".lock" not in entries(workdir)  # released
+    log = _read(f"{workdir}/train.log").decode()
+    assert "fresh start from random initialisation" in log
+    assert "resuming from this workdir's latest checkpoint, step 20" in log
+    steps = [(p["step"], p["split"]) for p in read_metrics(f"{workdir}/metrics.jsonl")]
+    assert steps == [(10, "train"), (20, "train"), (20, "val"), (30, "train"), (40, "train"), (40, "val")]
+    assert json.loads(_read(f"{workdir}/config.json"))["train"]["num_steps"] == 40
+    assert _read(f"{workdir}/curves.png").startswith(b"\x89PNG")
+    assert len(list(storage.as_path(f"{workdir}/tensorboard").iterdir())) == 2  # one event file per run
+    # (run_type=val/test/predict on a URL waits on jaxckpt.weights, whose zoo.resolve takes local paths only.)

@@ -115,22 +115,15 @@ def set_aside(checkpoint_dir: Path, steps: Iterable[int], workdir: Path) -> Path
     dest = run_file(workdir) / "superseded" / time.strftime("%Y%m%d-%H%M%S")
     if storage.is_url(dest):
         for step in steps:
-            _copy_tree(run_file(checkpoint_dir) / str(step), dest / str(step))
-            (run_file(checkpoint_dir) / str(step)).rmtree()
+            source = run_file(checkpoint_dir) / str(step)
+            for path in storage.files_under(source):
+                storage.write_bytes_atomic(dest / str(step) / path.relative_to(source), path.read_bytes())
+            source.rmtree()
         return dest
     dest.mkdir(parents=True, exist_ok=True)
     for step in steps:
         shutil.move(str(checkpoint_dir / str(step)), str(dest / str(step)))
     return dest
-
-
-def _copy_tree(source: storage.AnyPath, dest: storage.AnyPath) -> None:
-    """Copies every object under `source` to the same name under `dest` (object stores only)."""
-    for path in source.iterdir():
-        if path.is_dir():
-            _copy_tree(path, dest / path.name)
-        else:
-            storage.write_bytes_atomic(dest / path.name, path.read_bytes())
 
 
 def best_rule(config: Mapping[str, Any] | None) -> tuple[str | None, str]:
