@@ -244,7 +244,8 @@ def test_a_run_on_a_url_writes_every_run_file_there_and_resumes(workdir, data_di
 
     first = jaxckpt.run(tiny_config(data_dir, **{"train.num_steps": 20, "checkpoint.every_steps": 10}), workdir)
     assert int(first.step) == 20
-    assert sorted(p.name for p in storage.as_path(f"{workdir}/checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
+    saved = sorted(p.name for p in storage.as_path(f"{workdir}/checkpoints").iterdir() if p.name.isdigit())
+    assert saved == ["10", "20"]
     state = jaxckpt.run(tiny_config(data_dir), workdir)  # the same run, now to 40 steps
     assert int(state.step) == 40
     assert {"config.json", "checkpoints", "metrics.jsonl", "curves.png", "tensorboard", "train.log"} <= entries(workdir)

@@ -28,8 +28,8 @@ import optax
 
 from jaxckpt.checkpoint.manager import CheckpointManager
 from jaxckpt.checkpoint import storage
-from jaxckpt.errors import (CheckpointSaveError, NonFiniteLossError, Preempted, SaveFailedError, UserError, WorkdirError,
-                            is_user_error)
+from jaxckpt.errors import (CheckpointSaveError, NonFiniteLossError, Preempted, SaveFailedError, UserError,
+                            WorkdirError, is_user_error)
 from jaxckpt.runner import distributed, early_stop, object_lock, sources
 from jaxckpt.runner import mesh as mesh_lib
 from jaxckpt.runner.config import complete
