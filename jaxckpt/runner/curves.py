@@ -1,6 +1,7 @@
 """`curves.png`: loss and a main metric per split against step, drawn from `metrics.jsonl`.
 
-matplotlib is imported inside `plot_curves`, so importing the runner does not import it.
+matplotlib is imported inside `plot_curves`, so importing the runner does not import it. Both paths
+may be `gs://` / `s3://` URLs (the PNG is then drawn locally and uploaded in one PUT).
 
 Example:
 
@@ -10,10 +11,11 @@ Example:
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Any
 
+from jaxckpt.checkpoint.storage import AnyPath
 from jaxckpt.runner.metrics_jsonl import atomic_write, read_metrics
+from jaxckpt.runner.rundir import run_file
 
 PathLike = str | os.PathLike[str]
 
@@ -52,7 +54,7 @@ def _pick_metric(points: list[dict[str, Any]]) -> str:
 _NOT_METRICS = ("step", "split", "loss", "num_examples")
 
 
-def plot_curves(metrics_path: PathLike, out_png: PathLike, *, main_metric: str | None = None) -> pathlib.Path:
+def plot_curves(metrics_path: PathLike, out_png: PathLike, *, main_metric: str | None = None) -> AnyPath:
     """Draws `curves.png`: loss per split against step, and `main_metric` per split against step.
 
     Cheap enough to call at every evaluation: it uses the Agg canvas directly (no display, no pyplot
@@ -87,6 +89,6 @@ def plot_curves(metrics_path: PathLike, out_png: PathLike, *, main_metric: str |
     FigureCanvasAgg(figure)
     for axes, metric in zip(figure.subplots(1, len(metrics), squeeze=False)[0], metrics):
         _draw_panel(axes, points, metric)
-    out_png = pathlib.Path(out_png)
+    out_png = run_file(out_png)
     atomic_write(out_png, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     return out_png

@@ -10,14 +10,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jaxckpt.checkpoint import pins
+from jaxckpt.checkpoint import pins, storage
+from jaxckpt.runner.rundir import run_file
 
 _RESERVED = ("step", "split")
 
 
-def result_path(workdir: str | Path, split: str, step: int) -> Path:
-    """`WORKDIR/eval_<split>_<step>.json`."""
-    return Path(workdir) / f"eval_{split}_{step}.json"
+def result_path(workdir: str | Path, split: str, step: int) -> storage.AnyPath:
+    """`WORKDIR/eval_<split>_<step>.json` (an `epath.Path` for a `gs://` / `s3://` workdir)."""
+    return run_file(workdir) / f"eval_{split}_{step}.json"
 
 
 class FollowerResults:
@@ -28,7 +29,7 @@ class FollowerResults:
     """
 
     def __init__(self, workdir: str | Path, split: str):
-        self._workdir = Path(workdir)
+        self._workdir = run_file(workdir)
         self._split = split
         self._found: dict[int, dict[str, float]] = {}  # a result, once written, never changes
 

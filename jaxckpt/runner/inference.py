@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxckpt.checkpoint.storage import local_path
+from jaxckpt.checkpoint import storage
 from jaxckpt.errors import UserError
 from jaxckpt.runner import distributed, predictions, sources
 from jaxckpt.runner.config import complete
@@ -52,7 +52,7 @@ def _check_split(task: Task, split: str) -> None:
                         "(or the split argument) to one of them.")
 
 
-def _load_for_inference(config: Any, workdir: Path, task: Task | None) -> tuple[Task, TrainState, int, Any]:
+def _load_for_inference(config: Any, workdir: storage.AnyPath, task: Task | None) -> tuple[Task, TrainState, int, Any]:
     """The task and the params-only state that val/test/predict use (see `sources.load_for_inference`).
 
     The workdir's checkpoints are opened read-only (nothing cleaned up or moved aside) unless this
@@ -83,7 +83,7 @@ def evaluate(config: Any, workdir: str | Path, *, split: str = "val", task: Task
 
     Args:
       config: the experiment config (its `task`, `eval.batch_size` and `checkpoint` fields are used).
-      workdir: the run directory; the JSON file is written there (by process 0).
+      workdir: the run directory (local, `gs://` or `s3://`); the JSON file is written there (by process 0).
       split: any evaluation split of the task, e.g. "val" or "test".
       task: the task; None builds it from `config.task`.
 
@@ -95,7 +95,7 @@ def evaluate(config: Any, workdir: str | Path, *, split: str = "val", task: Task
         checkpoint to evaluate is corrupt, or the task has no such split.
     """
     config = complete(config)
-    workdir = local_path(workdir, key="workdir")
+    workdir = storage.run_path(workdir, key="workdir")
     task, state, step, mesh = _load_for_inference(config, workdir, task)
     _check_split(task, split)
     eval_step = jax.jit(make_eval_step(task.metrics_fn, model_state=has_model_state(task)))
@@ -108,17 +108,17 @@ def evaluate(config: Any, workdir: str | Path, *, split: str = "val", task: Task
     return result
 
 
-def predict(config: Any, workdir: str | Path, *, split: str = "test", task: Task | None = None) -> Path:
+def predict(config: Any, workdir: str | Path, *, split: str = "test", task: Task | None = None) -> storage.AnyPath:
     """Writes the task's predictions for every example of `split` to `predictions.csv` (or `.jsonl`).
 
     Columns are `id` and what the task's `predict_fn` returns (see `jaxckpt.Task`); a classification
     task with `class_names` gets `prediction` (the class name) and one `prob_<class>` column each.
     `predict.max_examples` caps the number of examples. The file is written to a temporary name and
-    renamed, so an interrupted run never leaves a partial one.
+    renamed (on an object store, uploaded in one PUT), so an interrupted run never leaves a partial one.
 
     Args:
       config: the experiment config (its `task`, `eval.batch_size` and `checkpoint` fields are used).
-      workdir: the run directory; the file is written there (by process 0).
+      workdir: the run directory (local, `gs://` or `s3://`); the file is written there (by process 0).
       split: any evaluation split of the task, e.g. "test".
       task: the task; None builds it from `config.task`.
 
@@ -130,7 +130,7 @@ def predict(config: Any, workdir: str | Path, *, split: str = "test", task: Task
         `predict_fn`, or it has no such split.
     """
     config = complete(config)
-    workdir = local_path(workdir, key="workdir")
+    workdir = storage.run_path(workdir, key="workdir")
     task, state, step, mesh = _load_for_inference(config, workdir, task)
     _check_split(task, split)
     if not callable(getattr(task, "predict_fn", None)):

@@ -1,26 +1,60 @@
 """The run directory's lock: one writer per workdir, and a crash never leaves a stale lock.
 
 The lock is an `fcntl.flock` on `WORKDIR/.lock`, which the kernel releases when the holder dies;
-the file records the holder's pid and host for the error message.
+the file records the holder's pid and host for the error message. A workdir on `gs://` or
+`s3://` has no flock: `jaxckpt.runner.object_lock.lock_for` gives it a leased lock object instead.
+
+`run` registers the lock it holds with `holding`, so code deeper in the run finds it by workdir
+(`run_lock`) to check that it still holds it before a save (an object lock's lease can be taken
+over), and `holds_lock` answers for both kinds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from jaxckpt.checkpoint import storage
 from jaxckpt.errors import WorkdirError
 
 _HELD: set[Path] = set()  # `.lock` files this process holds
+_RUN_LOCKS: dict[str, Any] = {}  # normalised workdir -> the lock `run` holds on it (flock or object lock)
+
+
+def _key(workdir: str | os.PathLike) -> str:
+    return str(storage.run_path(workdir))
 
 
 def holds_lock(workdir: str | os.PathLike) -> bool:
-    """Whether this process holds `workdir`'s `WorkdirLock` (then it alone may move its checkpoints)."""
-    return (Path(os.path.abspath(workdir)) / ".lock") in _HELD
+    """Whether this process holds `workdir`'s lock (then it alone may move its checkpoints)."""
+    if _key(workdir) in _RUN_LOCKS:
+        return True
+    return not storage.is_url(workdir) and (Path(os.path.abspath(workdir)) / ".lock") in _HELD
+
+
+@contextlib.contextmanager
+def holding(workdir: str | os.PathLike, lock: Any) -> Iterator[Any]:
+    """Makes `lock` (held, or None on a process that holds none) `run_lock(workdir)` while the block runs."""
+    key = _key(workdir)
+    if lock is None:
+        yield lock
+        return
+    _RUN_LOCKS[key] = lock
+    try:
+        yield lock
+    finally:
+        if _RUN_LOCKS.get(key) is lock:
+            del _RUN_LOCKS[key]
+
+
+def run_lock(workdir: str | os.PathLike) -> Any:
+    """The lock `run` registered for `workdir` with `holding`, or None (e.g. on another process)."""
+    return _RUN_LOCKS.get(_key(workdir))
 
 
 class WorkdirLock:

@@ -27,15 +27,16 @@ import numpy as np
 import optax
 
 from jaxckpt.checkpoint.manager import CheckpointManager
-from jaxckpt.checkpoint.storage import local_path
-from jaxckpt.errors import CheckpointSaveError, NonFiniteLossError, Preempted, SaveFailedError, UserError, is_user_error
-from jaxckpt.runner import distributed, early_stop, sources
+from jaxckpt.checkpoint import storage
+from jaxckpt.errors import (CheckpointSaveError, NonFiniteLossError, Preempted, SaveFailedError, UserError,
+                            WorkdirError, is_user_error)
+from jaxckpt.runner import distributed, early_stop, object_lock, sources
 from jaxckpt.runner import mesh as mesh_lib
 from jaxckpt.runner.config import complete
 from jaxckpt.runner.curves import plot_curves
 from jaxckpt.runner.inference import evaluate, evaluate_split, predict
-from jaxckpt.runner.lock import WorkdirLock
-from jaxckpt.runner.logs import log
+from jaxckpt.runner.lock import holding, run_lock
+from jaxckpt.runner.logs import file_handler, log
 from jaxckpt.runner.metrics_jsonl import truncate_after
 from jaxckpt.runner.preemption import StopRequest
 from jaxckpt.runner.prefetch import Prefetcher
@@ -60,7 +61,7 @@ def run(config: Any, workdir: str | Path, *, task: Task | None = None,
     Args:
       config: an `ml_collections.ConfigDict` starting from `jaxckpt.default_config()`; sections or
         fields it lacks take their defaults.
-      workdir: the run directory; created if needed.
+      workdir: the run directory, local or `gs://` / `s3://`; created if needed.
       task: the task to run; None builds it from `config.task` (an import path).
       tx: an optax optimizer to train with instead of `config.optimizer` (whose `freeze` and
         `lr_multipliers` still apply over it).
@@ -85,14 +86,14 @@ def run(config: Any, workdir: str | Path, *, task: Task | None = None,
     config = complete(config)
     if config.run_type not in RUN_TYPES:
         raise UserError(f"config.run_type={config.run_type!r} is not one of {', '.join(RUN_TYPES)}.")
-    workdir = local_path(workdir, key="workdir")
+    workdir = storage.run_path(workdir, key="workdir")
     primary = jax.process_index() == 0
     before = entries(workdir)
     # Lock before touching anything: a refused second run must not write into the first one's log.
-    lock = WorkdirLock(workdir).acquire() if primary else None
+    lock = object_lock.lock_for(workdir).acquire() if primary else None
     failed = False
     try:
-        with _run_log(workdir, write=primary):
+        with holding(workdir, lock), _run_log(workdir, write=primary):
             if config.run_type in ("train", "train_val"):
                 return train_and_evaluate(config, workdir, task=task, tx=tx, train_step=train_step)
             split = config.eval.split or ("val" if config.run_type == "val" else "test")
@@ -115,14 +116,17 @@ def run(config: Any, workdir: str | Path, *, task: Task | None = None,
 
 
 @contextlib.contextmanager
-def _run_log(workdir: Path, *, write: bool):
-    """Copies the `jaxckpt` logger's INFO records to `WORKDIR/train.log` while the run lasts."""
+def _run_log(workdir: storage.AnyPath, *, write: bool):
+    """Copies the `jaxckpt` logger's INFO records to `WORKDIR/train.log` while the run lasts.
+
+    On an object store the log is uploaded every few seconds, not per record (`logs.file_handler`).
+    """
     if not write:
         yield
         return
-    workdir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(workdir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    if not storage.is_url(workdir):
+        workdir.mkdir(parents=True, exist_ok=True)
+    handler = file_handler(workdir / "train.log")
     handler.setLevel(logging.INFO)
     old_level = log.level
     if log.getEffectiveLevel() > logging.INFO:
@@ -156,7 +160,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, task: Task | None = 
       Preempted: after saving, when SIGTERM/SIGINT asked the run to stop.
     """
     config = complete(config)
-    workdir = local_path(workdir, key="workdir")
+    workdir = storage.run_path(workdir, key="workdir")
     primary = jax.process_index() == 0
     mesh = distributed.run_mesh(config)
     distributed.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
@@ -188,7 +192,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *, task: Task | None = 
         manager.close()
 
 
-def _train(config: Any, workdir: Path, task: Task, manager: CheckpointManager, mesh: Any, state: TrainState,
+def _train(config: Any, workdir: storage.AnyPath, task: Task, manager: CheckpointManager, mesh: Any, state: TrainState,
            loop_state: dict[str, Any], train_iter: Any, custom_step: TrainStep | None) -> TrainState:
     primary = jax.process_index() == 0
     num_steps = config.train.num_steps
@@ -228,7 +232,10 @@ def _train(config: Any, workdir: Path, task: Task, manager: CheckpointManager, m
             "loop_state": {**loop_state, "pending_train": [{k: float(v) for k, v in m.items()} for m in host_pending]},
             "task_artifacts": artifacts,
         }
+        _check_lock(workdir)
         manager.save(step, state, metrics=metrics, extra=extra)
+        if writers is not None:  # TensorBoard events and metrics as durable as the checkpoint
+            writers.flush()
 
     step = start_step
     clock = SaveClock(config.checkpoint.get("every_seconds", 0.0), config.train.log_every_steps)
@@ -306,6 +313,24 @@ def _train(config: Any, workdir: Path, task: Task, manager: CheckpointManager, m
     log.info("done at step %d; checkpoints %s (latest %s, best %s)", step, manager.all_steps(),
              manager.latest_step(), manager.best_step())
     return state
+
+
+def _check_lock(workdir: storage.AnyPath) -> None:
+    """Stops the run, on every process, if `run`'s workdir lock was lost (an object lock's lease taken over).
+
+    Called before each save, at the same step on every process, so no process is left waiting
+    in a save the others skipped; a run whose lock another run took must not write over it.
+    """
+    lock = run_lock(workdir)
+    lost: WorkdirError | None = None
+    try:
+        if lock is not None:
+            lock.check()
+    except WorkdirError as e:
+        lost = e
+    if distributed.any_process(lost is not None):
+        raise lost or WorkdirError(f"process 0 lost the lock of workdir {workdir}; see its log. Stopped "
+                                   "without saving, so the run that holds it now is not overwritten.")
 
 
 def _panel_metric(config: Any) -> str | None:

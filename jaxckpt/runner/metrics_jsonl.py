@@ -3,6 +3,11 @@
 On resume, `truncate_after(path, step)` drops the points logged after the restored checkpoint, so a
 resumed run never shows the same step twice.
 
+A path may be a `gs://` / `s3://` URL: reads go through `etils.epath`, and every change is one
+whole-object upload (`storage.write_bytes_atomic` / `append_line`), as an object has no append or
+rename. The flock that keeps a follower's appends and a truncation apart is local only: on an
+object store the workdir lock is what keeps writers apart.
+
 Example:
 
     val_points = [p for p in read_metrics(workdir / "metrics.jsonl") if p["split"] == "val"]
@@ -19,12 +24,14 @@ import pathlib
 import tempfile
 from typing import Any, Callable, Iterator, Mapping
 
+from jaxckpt.checkpoint import storage
 from jaxckpt.checkpoint.storage import give_default_mode
+from jaxckpt.runner.rundir import run_file
 
 PathLike = str | os.PathLike[str]
 
 
-def _parse_lines(path: pathlib.Path) -> list[tuple[str, dict[str, Any]]]:
+def _parse_lines(path: storage.AnyPath) -> list[tuple[str, dict[str, Any]]]:
     """Parses a JSONL file into `(raw line, record)` pairs.
 
     A last line without a newline that does not parse is a write torn by a crash and is dropped;
@@ -67,7 +74,7 @@ def read_metrics(path: PathLike) -> list[dict[str, Any]]:
 
         val_points = [p for p in read_metrics("run/metrics.jsonl") if p["split"] == "val"]
     """
-    path = pathlib.Path(path)
+    path = run_file(path)
     if not path.exists():
         return []
     points = []
@@ -76,13 +83,21 @@ def read_metrics(path: PathLike) -> list[dict[str, Any]]:
     return points
 
 
-def atomic_write(path: pathlib.Path, write_fn: Callable[[pathlib.Path], Any]) -> None:
+def atomic_write(path: PathLike, write_fn: Callable[[pathlib.Path], Any]) -> None:
     """Calls `write_fn(tmp_path)` then moves the temporary file over `path` in one rename.
 
     The file gets the mode a plain `open` would give it (not `mkstemp`'s 0600). Temporary files of
     an earlier write that was killed are removed first: one process writes a run's files (the
-    workdir lock), so none of them is in use.
+    workdir lock), so none of them is in use. For a URL `path`, `write_fn` writes a local
+    temporary file, which is uploaded in one PUT.
     """
+    if storage.is_url(path):
+        with tempfile.TemporaryDirectory(prefix="jaxckpt-") as local:
+            tmp = pathlib.Path(local) / run_file(path).name
+            write_fn(tmp)
+            storage.write_bytes_atomic(path, tmp.read_bytes())
+        return
+    path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
@@ -120,19 +135,26 @@ def truncate_after(path: PathLike, step: int, *, dropped_to: PathLike | None = N
 
         truncate_after(workdir / "metrics.jsonl", restored_step)
     """
-    path = pathlib.Path(path)
+    path = run_file(path)
     if not path.exists():
         return 0
+    if storage.is_url(path):
+        return _truncate_after(path, step, dropped_to)
     with _appends_held(path):  # a follower evaluator appending now would land in the replaced file
         return _truncate_after(path, step, dropped_to)
 
 
-def _truncate_after(path: pathlib.Path, step: int, dropped_to: PathLike | None) -> int:
+def _truncate_after(path: storage.AnyPath, step: int, dropped_to: PathLike | None) -> int:
     parsed = _parse_lines(path)
     kept = [line for line, record in parsed if int(record["step"]) <= step]
     dropped = [line for line, record in parsed if int(record["step"]) > step]
+    # The dropped points are written before the truncation: a crash in between leaves a copy, never a loss.
+    if storage.is_url(path):
+        if dropped and dropped_to is not None:
+            storage.append_line(dropped_to, "\n".join(dropped))
+        storage.write_bytes_atomic(path, "".join(line + "\n" for line in kept).encode("utf-8"))
+        return len(parsed) - len(kept)
     if dropped and dropped_to is not None:
-        # Written before the truncation: a crash in between leaves a copy, never a loss.
         with open(dropped_to, "a", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in dropped))
             f.flush()
@@ -182,12 +204,15 @@ def append_point(path: PathLike, step: int, split: str, metrics: Mapping[str, in
         split: the data split, e.g. `"val"`.
         metrics: Python scalars by name (as `mean_metrics` returns them); NaN and inf are written as `null`.
     """
-    path = pathlib.Path(path)
+    path = run_file(path)
     record: dict[str, Any] = {"step": int(step), "split": str(split)}
     for name, value in metrics.items():
         finite = value is not None and (isinstance(value, int) or math.isfinite(value))
         record[name] = value if finite else None
     line = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
+    if storage.is_url(path):  # one read and rewrite of the object; the workdir lock keeps writers apart
+        storage.append_line(path, line.decode("utf-8"))
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with _appends_held(path) as fd:
         os.write(fd, line)

@@ -4,16 +4,21 @@ A task's `predict_fn` returns named per-example columns (`{column: [batch, ...] 
 optional `format_predictions` turns a batch of them into per-example Python values (token ids into
 text, say) on the host. A classification task (`class_names` and a single `[batch, classes]`
 output) keeps its familiar CSV: `id, prediction, prob_<class>...`.
+
+The file is written whole at the end: locally to a temporary name then renamed, on `gs://` /
+`s3://` in one upload.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
-from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Mapping
 
 import numpy as np
+
+from jaxckpt.checkpoint import storage
 
 
 def _columns(task: Any, outputs: Any, rows: np.ndarray) -> dict[str, list]:
@@ -41,7 +46,7 @@ def _scalar(value: Any) -> bool:
 class Writer:
     """Collects predictions batch by batch; `close` writes the file atomically and returns its path."""
 
-    def __init__(self, workdir: Path, task: Any):
+    def __init__(self, workdir: storage.AnyPath, task: Any):
         self._workdir = workdir
         self._task = task
         self._ids: list[int] = []
@@ -53,23 +58,31 @@ class Writer:
         for name, values in _columns(self._task, outputs, rows).items():
             self._columns.setdefault(name, []).extend(values)
 
-    def close(self) -> Path:
+    def close(self) -> storage.AnyPath:
         """Writes `predictions.csv` (all columns scalar) or `predictions.jsonl`; returns its path."""
-        names = list(self._columns)
         scalar = all(_scalar(v) for values in self._columns.values() for v in values)
         path = self._workdir / ("predictions.csv" if scalar else "predictions.jsonl")
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            if scalar:
-                writer = csv.writer(f)
-                writer.writerow(["id"] + names)
-                for i, example_id in enumerate(self._ids):
-                    writer.writerow([example_id] + [self._columns[n][i] for n in names])
-            else:
-                for i, example_id in enumerate(self._ids):
-                    f.write(json.dumps({"id": example_id, **{n: self._columns[n][i] for n in names}}) + "\n")
-        tmp.replace(path)
+        if storage.is_url(path):
+            text = io.StringIO(newline="")
+            self._write(text, scalar)
+            storage.write_bytes_atomic(path, text.getvalue().encode("utf-8"))
+        else:
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w", newline="") as f:
+                self._write(f, scalar)
+            tmp.replace(path)
         # A file of the other kind from an earlier predict would now be stale.
         other = self._workdir / ("predictions.jsonl" if scalar else "predictions.csv")
         other.unlink(missing_ok=True)
         return path
+
+    def _write(self, f: IO[str], scalar: bool) -> None:
+        names = list(self._columns)
+        if scalar:
+            writer = csv.writer(f)
+            writer.writerow(["id"] + names)
+            for i, example_id in enumerate(self._ids):
+                writer.writerow([example_id] + [self._columns[n][i] for n in names])
+        else:
+            for i, example_id in enumerate(self._ids):
+                f.write(json.dumps({"id": example_id, **{n: self._columns[n][i] for n in names}}) + "\n")

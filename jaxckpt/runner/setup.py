@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
 import optax
 
 from jaxckpt import config_strings
+from jaxckpt.checkpoint import storage
 from jaxckpt.checkpoint.manager import CheckpointManager
 from jaxckpt.runner import mesh as mesh_lib
 from jaxckpt.runner.follow_results import follower_results
@@ -17,7 +17,7 @@ from jaxckpt.train.optim import freeze_and_scale, make_optimizer
 from jaxckpt.train.state import TrainState
 
 
-def open_manager(config: Any, workdir: Path, *, read_only: bool = False) -> CheckpointManager:
+def open_manager(config: Any, workdir: storage.AnyPath, *, read_only: bool = False) -> CheckpointManager:
     """The run's `CheckpointManager` over `workdir/checkpoints`, with the config's retention."""
     ck = config.checkpoint
     return CheckpointManager(

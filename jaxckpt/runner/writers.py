@@ -8,6 +8,11 @@
 * `TensorBoardWriter` writes the same points to event files with tags `<split>/<metric>`;
   `purge_step=step + 1` hides the points a resumed run logs again.
 
+On a `gs://` / `s3://` workdir both write through whole-object uploads, as an object has no
+append: `JsonlWriter` adds each line with `storage.append_line` (read, add, upload), and
+`TensorBoardWriter` writes its event files to a local staging directory and uploads each to
+`WORKDIR/tensorboard/<same name>` on `flush` and `close` (the loop flushes at every checkpoint).
+
 `format_metrics` formats a point for a log line.
 
 Example:
@@ -22,9 +27,14 @@ import json
 import math
 import os
 import pathlib
+import shutil
+import tempfile
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
+
+from jaxckpt.checkpoint import storage
+from jaxckpt.runner.rundir import run_file
 
 PathLike = str | os.PathLike[str]
 
@@ -97,11 +107,15 @@ class JsonlWriter(_WriterBase):
         """Opens `path` for appending, creating it and its parent directory if needed.
 
         Args:
-            path: the JSONL file; existing points are kept (call `truncate_after` first on resume).
+            path: the JSONL file, local or a URL; existing points are kept (call `truncate_after`
+                first on resume).
         """
-        self.path = pathlib.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self.path = run_file(path)
+        self._file = None
+        self._closed = False
+        if not storage.is_url(self.path):  # a URL is appended to line by line (`storage.append_line`)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
         """Appends `{"step": step, "split": split, **metrics}` as one line and flushes it.
@@ -117,17 +131,25 @@ class JsonlWriter(_WriterBase):
         record = {"step": int(step), "split": str(split)}
         for name, value in _to_scalars(metrics).items():
             record[name] = value if math.isfinite(value) else None
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        line = json.dumps(record, allow_nan=False) + "\n"
+        if self._file is None:
+            if self._closed:
+                raise ValueError(f"write to {self.path} after close")
+            storage.append_line(self.path, line)
+            return
+        self._file.write(line)
         self._file.flush()
 
     def flush(self) -> None:
-        """Forces the lines written so far to disk."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Forces the lines written so far to disk (on an object store each line is uploaded as written)."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
         """Closes the file (idempotent)."""
-        if not self._file.closed:
+        self._closed = True
+        if self._file is not None and not self._file.closed:
             self._file.close()
 
 
@@ -145,16 +167,24 @@ class TensorBoardWriter(_WriterBase):
         """Creates an event-file writer in `logdir`.
 
         Args:
-            logdir: the directory of event files (created if needed).
+            logdir: the directory of event files (created if needed), local or a URL; for a URL
+                the files are staged in a local temporary directory and uploaded on `flush`/`close`.
             purge_step: on resume, the first step to be logged again; TensorBoard then hides the
                 events from earlier runs at steps `>= purge_step`, so curves have no duplicates.
+                A resumed run writes a new event file (next to the old ones, also on a URL).
         """
         # Imported here: only runs that write TensorBoard events pay for importing tensorboardX.
         from tensorboardX import SummaryWriter
 
-        self.logdir = pathlib.Path(logdir)
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(logdir=str(self.logdir), purge_step=purge_step)
+        self.logdir = run_file(logdir)
+        self._staging: pathlib.Path | None = None
+        if storage.is_url(self.logdir):
+            self._staging = pathlib.Path(tempfile.mkdtemp(prefix="jaxckpt-tensorboard-"))
+            local = self._staging
+        else:
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            local = self.logdir
+        self._writer = SummaryWriter(logdir=str(local), purge_step=purge_step)
 
     def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
         """Adds each metric as a scalar tagged `<split>/<name>` at `step`.
@@ -166,12 +196,25 @@ class TensorBoardWriter(_WriterBase):
             self._writer.add_scalar(f"{split}/{name}", value, global_step=int(step))
 
     def flush(self) -> None:
-        """Writes pending events to the event file."""
+        """Writes pending events to the event file (and uploads it, for a URL `logdir`)."""
         self._writer.flush()
+        self._upload()
 
     def close(self) -> None:
-        """Flushes and closes the event file (idempotent)."""
+        """Flushes and closes the event file, uploads it for a URL `logdir` (idempotent)."""
         self._writer.close()
+        self._upload()
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+
+    def _upload(self) -> None:
+        """Uploads each staged event file whole to `logdir/<its name>`; nothing for a local `logdir`."""
+        if self._staging is None:
+            return
+        for event_file in sorted(self._staging.iterdir()):
+            if event_file.is_file():
+                storage.write_bytes_atomic(self.logdir / event_file.name, event_file.read_bytes())
 
 
 class MultiWriter(_WriterBase):
@@ -208,14 +251,14 @@ def open_writers(workdir: PathLike, *, tensorboard: bool = True,
     """Opens the standard writers of a run directory: `metrics.jsonl` and `tensorboard/`.
 
     Args:
-        workdir: the run directory.
+        workdir: the run directory, local or a `gs://` / `s3://` URL.
         tensorboard: whether to also write TensorBoard event files.
         purge_step: passed to `TensorBoardWriter` (the first step logged again after a resume).
 
     Returns:
         A `MultiWriter` over the JSONL writer and, if asked, the TensorBoard writer.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = run_file(workdir)
     writers: list[MetricWriter] = [JsonlWriter(workdir / "metrics.jsonl")]
     if tensorboard:
         writers.append(TensorBoardWriter(workdir / "tensorboard", purge_step=purge_step))
