@@ -72,6 +72,7 @@ def default_config() -> Any:
     c.checkpoint.keep_best = 1  # also keep the best K by early_stop.criteria
     c.checkpoint.keep_every_steps = 0  # also keep every N-th step forever; 0 = off
     c.checkpoint.async_save = True  # write checkpoints in the background
+    c.checkpoint.lock_lease_s = 60.0  # gs:// / s3:// workdirs: a killed run's lock is taken over this long after its last renewal
     c.checkpoint.resume = True  # continue from this workdir's own checkpoint if it has one
     c.checkpoint.resume_best = False  # use the best rather than the latest checkpoint
     c.checkpoint.resume_file = ""  # run dir, step dir or zoo:NAME: full state to continue from / evaluate

@@ -90,7 +90,7 @@ def run(config: Any, workdir: str | Path, *, task: Task | None = None,
     primary = jax.process_index() == 0
     before = entries(workdir)
     # Lock before touching anything: a refused second run must not write into the first one's log.
-    lock = object_lock.lock_for(workdir).acquire() if primary else None
+    lock = object_lock.lock_for(workdir, lease_s=config.checkpoint.lock_lease_s).acquire() if primary else None
     failed = False
     try:
         with holding(workdir, lock), _run_log(workdir, write=primary):
