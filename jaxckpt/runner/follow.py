@@ -42,7 +42,6 @@ from __future__ import annotations
 import ast
 import json
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -148,20 +147,10 @@ class _Evaluator:
         return evaluate_split(task, state, eval_step, self._split, config.eval.batch_size, self._mesh)
 
 
-def _result_path(workdir: storage.AnyPath, split: str, step: int) -> storage.AnyPath:
-    """`result_path` of a local or URL workdir (its own `Path(workdir)` would fold `gs://` into `gs:/`)."""
-    return workdir / result_path(".", split, step).name
-
-
 def _written_points(workdir: storage.AnyPath, split: str) -> set[int]:
     path = workdir / "metrics.jsonl"
     if not path.exists():
         return set()
-    if storage.is_url(path):  # read_metrics parses local files: parse a local copy
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / path.name
-            local.write_bytes(path.read_bytes())
-            return _written_points(Path(tmp), split)
     return {int(p["step"]) for p in read_metrics(path) if p.get("split") == split}
 
 
@@ -205,7 +194,7 @@ def follow(workdir: str | Path, *, split: str = "val", overrides: Sequence[str] 
                 if p.name.rsplit("_", 1)[1][:-5].isdigit()}
         if not remote:  # killed between the JSON and its point (on a URL, all points come at the end)
             for step in sorted(done - _written_points(workdir, split)):
-                _append(workdir, split, step, json.loads(_result_path(workdir, split, step).read_text()))
+                _append(workdir, split, step, json.loads(result_path(workdir, split, step).read_text()))
         if done:
             log.info("follow %s: %d step(s) already evaluated (last %d); continuing after them", workdir,
                      len(done), max(done))
@@ -240,7 +229,7 @@ def follow(workdir: str | Path, *, split: str = "val", overrides: Sequence[str] 
                 skipped.append(step)
                 continue
             result = {"step": step, "split": split, **dict(metrics)}
-            _write_result(_result_path(workdir, split, step), result)
+            _write_result(result_path(workdir, split, step), result)
             if not remote:
                 _append(workdir, split, step, result)
             done.add(step)
@@ -279,7 +268,7 @@ def _finish(workdir: storage.AnyPath, split: str, last: int, deferred: Sequence[
     extra = read_json_item(workdir / "checkpoints" / str(last), EXTRA_ITEM) or {}
     config = ml_collections.ConfigDict(extra.get("config") or {})
     results = follower_results(config, workdir) if config else None
-    if results is not None and _result_path(workdir, split, last).exists() and results.metrics(last) is None:
+    if results is not None and result_path(workdir, split, last).exists() and results.metrics(last) is None:
         # Its results would read as missing, and retention would rank the steps without them.
         log.warning("follow: the follower results of %s cannot be read back; retention is left to the trainer", workdir)
         results = None
@@ -299,7 +288,7 @@ def _finish(workdir: storage.AnyPath, split: str, last: int, deferred: Sequence[
             time.sleep(0.5)
     try:
         for step in deferred:
-            _append(workdir, split, step, json.loads(_result_path(workdir, split, step).read_text()))
+            _append(workdir, split, step, json.loads(result_path(workdir, split, step).read_text()))
         if results is None:
             return []
         ck = config.checkpoint

@@ -40,13 +40,6 @@ def _run_config(checkpoint_dir: storage.AnyPath, step_dir: storage.AnyPath) -> d
 def _jsonl_metrics(run_dir: storage.AnyPath, step: int) -> dict[str, float]:
     """The points logged in `metrics.jsonl` at `step`, as `{"<split>/<metric>": value}`."""
     path = run_dir / "metrics.jsonl"
-    if storage.is_url(path):  # read_metrics parses local files: parse a local copy, in one place
-        if not path.exists():
-            return {}
-        with tempfile.TemporaryDirectory() as tmp:
-            local = pathlib.Path(tmp) / path.name
-            local.write_bytes(path.read_bytes())
-            return _jsonl_metrics(pathlib.Path(tmp), step)
     out = {}
     for point in read_metrics(path):
         if point.get("step") == step:
