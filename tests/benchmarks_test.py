@@ -15,7 +15,9 @@ from tests.runs import ROOT
 # Record names are part of the contract (issue 5); extra records (plain Orbax, torch) may follow.
 GOALS = {
     "save_large": "ratio >= 0.9",
+    "save_large_orbax_tuned": "ratio >= 1.0",
     "restore_large": "ratio >= 0.9",
+    "restore_large_orbax_tuned": "ratio >= 1.0",
     "small_leaves": "ratio >= 5",
     "async_overhead": "ratio >= 0.98",
     "loop_overhead": "ratio >= 0.97",
