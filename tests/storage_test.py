@@ -278,18 +278,23 @@ def test_dotdot_is_resolved_everywhere(tmp_path):
     assert zoo.resolve(str(dotted)) == tmp_path / "checkpoints"
 
 
-@pytest.mark.parametrize("url", ["gs://bucket/run", "s3://bucket/run", "https://example.com/run", "file:///tmp/x"])
-def test_a_url_is_refused_before_anything_is_created(tmp_path, monkeypatch, url):
+@pytest.mark.parametrize("url", ["https://example.com/run", "file:///tmp/x", "gs:///no-bucket"])
+def test_a_url_other_than_a_bucket_path_is_refused_before_anything_is_created(tmp_path, monkeypatch, url):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=r"checkpoint.resume_file=.*is a URL; .*not supported yet"):
-        storage.local_path(url, key="checkpoint.resume_file")
-    with pytest.raises(UserError, match="is a URL"):
+    with pytest.raises(UserError, match=r"^'.*' (is not a gs:// or s3:// URL|names no bucket)"):
         CheckpointManager(url)
-    with pytest.raises(UserError, match="is a URL"):
+    with pytest.raises(UserError, match=r"^workdir=.*(is not a gs:// or s3:// URL|names no bucket)"):
         jaxckpt.run(digits.get_config(), url)
-    with pytest.raises(UserError, match="is a URL"):
+    with pytest.raises(UserError):
         resolve_checkpoint_path(url)
-    assert os.listdir(tmp_path) == []  # no folder named "gs:" or "s3:"
+    assert os.listdir(tmp_path) == []  # no folder named "https:" or "file:"
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/run", "s3://bucket/run"])
+def test_local_path_refuses_bucket_urls_where_only_a_local_path_will_do(url):
+    with pytest.raises(UserError, match=r"zoo=.*is a URL; .*local paths only"):
+        storage.local_path(url, key="zoo")
+    assert str(storage.run_path(url)) == url
 
 
 def test_give_default_mode_follows_the_umask(tmp_path):

@@ -22,10 +22,10 @@ import functools
 import importlib.metadata
 import json
 import os
-import pathlib
 import sys
 from typing import Any
 
+from jaxckpt.checkpoint import storage
 from jaxckpt.errors import CheckpointFormatError
 
 
@@ -48,10 +48,10 @@ INFO_FILE = ("jaxckpt", "metadata")
 STATE_METADATA_FILE = ("state", "_METADATA")
 
 
-def _json(path: pathlib.Path) -> dict[str, Any]:
+def _json(path: storage.AnyPath) -> dict[str, Any]:
     """A JSON file of a step ({} if missing); an unparseable one raises (proof of damage)."""
     try:
-        with open(path) as f:
+        with path.open() as f:
             data = json.load(f)
     except FileNotFoundError:
         return {}
@@ -62,7 +62,7 @@ def _json(path: pathlib.Path) -> dict[str, Any]:
 
 def step_format(step_dir: os.PathLike | str) -> tuple[int, str]:
     """`(format, jaxckpt version)` a step records; (1, "unknown") for a step without a record."""
-    step_dir = pathlib.Path(step_dir)
+    step_dir = storage.run_path(step_dir)
     info = _json(step_dir.joinpath(*INFO_FILE))
     state = (_json(step_dir.joinpath(*STATE_METADATA_FILE)).get("custom_metadata") or {}).get("jaxckpt") or {}
     formats = [int(f) for f in (info.get("format"), state.get("format")) if isinstance(f, (int, float))]
@@ -78,7 +78,7 @@ def check_readable(step_dir: os.PathLike | str) -> int:
     number, version = step_format(step_dir)
     if number > FORMAT:
         raise CheckpointFormatError(
-            f"Step {pathlib.Path(step_dir).name} at {step_dir} was written by jaxckpt {version} (format {number}); "
+            f"Step {storage.run_path(step_dir).name} at {step_dir} was written by jaxckpt {version} (format {number}); "
             f"this jaxckpt {library_version()} reads formats {READS[0]} to {READS[-1]}: upgrade jaxckpt to read it.")
     return number
 
@@ -88,7 +88,7 @@ def recorded_best(directory: os.PathLike | str, best_mode: str = "min") -> tuple
 
     So a reader (`checkpoint.resume_file`, `inspect`) ranks steps as the run that saved them did.
     """
-    directory = pathlib.Path(directory)
+    directory = storage.run_path(directory)
     steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
     for step in steps:
         try:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pathlib
 import re
 import time
 from typing import Callable, Iterator, TypeVar
 
+from jaxckpt.checkpoint import storage
 from jaxckpt.errors import (
     CheckpointCorruptError,
     CheckpointFormatError,
@@ -80,7 +80,7 @@ def damage(exc: BaseException, step_dir: os.PathLike | str) -> str | None:
         if any(code in text for code in _DAMAGE_CODES) or any(t in text for t in _DAMAGE_TEXT):
             return text
         missing = isinstance(e, FileNotFoundError) or text.startswith("NOT_FOUND") or errno.ENOENT in codes
-        if missing and pathlib.Path(step_dir).is_dir():
+        if missing and storage.run_path(step_dir).is_dir():
             return f"a file of the step is missing ({text})"
     return None
 
@@ -131,7 +131,7 @@ def read_step(step_dir: os.PathLike | str, read: Callable[[], T], *, what: str =
       ValueError: a read's own `ValueError` that is not about the bytes (e.g. a target of other
         shapes) passes through unchanged when `read` raises it before touching the disk.
     """
-    step_dir = pathlib.Path(step_dir)
+    step_dir = storage.run_path(step_dir)
     for attempt in range(ATTEMPTS):
         try:
             return read()

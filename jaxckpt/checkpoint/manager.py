@@ -31,9 +31,9 @@ alive (`jaxckpt.checkpoint.writers`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import pathlib
 import threading
 import warnings
 import weakref
@@ -43,7 +43,7 @@ import flax.serialization
 import jax
 import orbax.checkpoint as ocp
 
-from jaxckpt.checkpoint import formats, pins, state_item, step_save, storage, writers
+from jaxckpt.checkpoint import formats, orbax_s3, pins, state_item, step_save, storage, writers
 from jaxckpt.checkpoint.retention import RetentionPolicy
 from jaxckpt.checkpoint.step_metrics import LateMetrics, StepMetrics
 from jaxckpt.checkpoint.stepdir import (
@@ -113,7 +113,7 @@ class CheckpointManager:
           ValueError: for an inconsistent retention setting (e.g. `max_to_keep=0`).
           CheckpointNotFoundError: if `read_only` and the directory does not exist.
         """
-        self._directory = storage.local_path(directory)
+        self._directory = storage.run_path(directory)
         self._async = async_save
         self._read_only = read_only
         if read_only and not self._directory.is_dir():
@@ -125,6 +125,10 @@ class CheckpointManager:
             best_metric, best_mode = formats.recorded_best(self._directory, best_mode)
         self._policy = RetentionPolicy(max_to_keep, keep_best, best_metric, best_mode, keep_every_steps)
         self._unregister = None
+        # Orbax 0.12.8 cannot put arrays on s3:// by itself; kept open until close() (saves run in the background).
+        self._s3 = contextlib.ExitStack()
+        if str(self._directory).startswith("s3://"):
+            self._s3.enter_context(orbax_s3.orbax_s3())
         if not read_only and jax.process_index() == 0:
             self._directory.mkdir(parents=True, exist_ok=True)
             writers.remove_unfinished_saves(self._directory)
@@ -154,12 +158,15 @@ class CheckpointManager:
             enable_async_checkpointing=async_save and not self._own_thread,
             create=not read_only,
             read_only=read_only,
+            # On gs:// and s3://: a step is committed by its commit_success.txt (no rename there);
+            # readers need it too, or a half-written step counts as saved.
+            atomicity_options=storage.atomicity_options(self._directory),
         )
         self._mngr = ocp.CheckpointManager(self._directory, options=options,
                                            item_handlers=step_save.item_handlers(self._fast))
 
     @property
-    def directory(self) -> pathlib.Path:
+    def directory(self) -> storage.AnyPath:
         """The directory holding the step directories."""
         return self._directory
 
@@ -173,7 +180,7 @@ class CheckpointManager:
         """The retention policy in force."""
         return self._policy
 
-    def step_dir(self, step: int) -> pathlib.Path:
+    def step_dir(self, step: int) -> storage.AnyPath:
         """The directory of one step (whether or not it exists)."""
         return self._directory / str(int(step))
 
@@ -416,7 +423,7 @@ class CheckpointManager:
         """
         verify_state(self.step_dir(self._resolve_step(step)))
 
-    def quarantine(self, step: int) -> pathlib.Path:
+    def quarantine(self, step: int) -> storage.AnyPath:
         """Moves a step directory to `DIRECTORY/corrupt/<step>` (never deletes it); returns the new path."""
         if self._read_only:
             raise ValueError(f"This CheckpointManager for {self._directory} is read-only; it moves nothing.")
@@ -438,6 +445,7 @@ class CheckpointManager:
             self.wait()
         finally:
             self._mngr.close()
+            self._s3.close()
             if self._unregister is not None:
                 self._unregister()
 

@@ -18,6 +18,12 @@ that decided it commits; the `.doomed` mark covers that gap. A pin or follower f
 is dead (same host: its pid is gone) is ignored and removed, so a killed reader never pins a step
 forever; files from another host are trusted (use one host per workdir, or remove them by hand).
 The lock is `flock`, so the workdir must be on a local or POSIX-locking filesystem.
+
+On `gs://` and `s3://` there is no such lock, so no pin files are written there: `pin` and `attach`
+return the path they would have used (so callers need not ask), `guard` keeps what the policy
+keeps, and `attached`/`missed` see no follower. A follower of an object-store run is then not
+protected from retention deleting the step it reads (it reports that step as unreadable), and
+retention does not wait for its metrics.
 """
 
 from __future__ import annotations
@@ -30,14 +36,16 @@ import re
 import socket
 from typing import Iterable, Iterator
 
+from jaxckpt.checkpoint import storage
+
 PINS_DIR = ".pins"
 _PIN = re.compile(r"(\d+)\.pin-(.+)-(\d+)")
 _DOOMED = re.compile(r"(\d+)\.doomed")
 _FOLLOWER = re.compile(r"follower-([A-Za-z0-9_]+)-(.+)-(\d+)")
 
 
-def _dir(directory: os.PathLike | str) -> pathlib.Path:
-    return pathlib.Path(directory) / PINS_DIR
+def _dir(directory: os.PathLike | str) -> storage.AnyPath:
+    return storage.run_path(directory) / PINS_DIR
 
 
 @contextlib.contextmanager
@@ -93,6 +101,8 @@ def pin(directory: os.PathLike | str, step: int) -> pathlib.Path | None:
       The pin file (pass it to `unpin`), or None when the step is not there (never committed, or
       deleted already) or retention has decided to delete it.
     """
+    if storage.is_url(directory):  # no lock to pin under (see the module docstring)
+        return _dir(directory) / f"{step}.pin-{_owner()}" if (storage.run_path(directory) / str(step)).is_dir() else None
     with _locked(directory) as pins:
         if (pins / f"{step}.doomed").exists() or not (pathlib.Path(directory) / str(step)).is_dir():
             return None
@@ -103,7 +113,7 @@ def pin(directory: os.PathLike | str, step: int) -> pathlib.Path | None:
 
 def unpin(path: pathlib.Path | None) -> None:
     """Removes a pin made by `pin` (None and an already removed pin are fine)."""
-    if path is not None:
+    if path is not None and not storage.is_url(path):
         path.unlink(missing_ok=True)
 
 
@@ -123,7 +133,7 @@ def guard(directory: os.PathLike | str, steps: Iterable[int], keep: set[int], *,
       The steps to keep; every other step of `steps` is marked doomed and may be deleted.
     """
     steps = set(steps)
-    if not _dir(directory).is_dir():
+    if storage.is_url(directory) or not _dir(directory).is_dir():
         return set(keep)  # nobody ever pinned here: no lock, no files
     with _locked(directory) as pins:
         keep = set(keep) | {int(m.group(1)) for m in _live(pins, _PIN)} & steps
@@ -145,14 +155,14 @@ def _forget_gone(pins: pathlib.Path, steps: set[int]) -> None:
 
 def forget_deleted(directory: os.PathLike | str, steps: Iterable[int]) -> None:
     """Clears the doomed marks of steps that are gone; `steps` are those still there."""
-    if _dir(directory).is_dir():
+    if not storage.is_url(directory) and _dir(directory).is_dir():
         with _locked(directory) as pins:
             _forget_gone(pins, set(steps))
 
 
 def missed(directory: os.PathLike | str) -> list[int]:
     """Steps retention has deleted since the last call (their doomed marks are consumed), oldest first."""
-    if not _dir(directory).is_dir():
+    if storage.is_url(directory) or not _dir(directory).is_dir():
         return []
     gone = []
     with _locked(directory) as pins:
@@ -168,6 +178,8 @@ def attach(directory: os.PathLike | str, split: str) -> pathlib.Path:
     """Registers this process as a follower delivering `split` metrics; returns the file for `detach`."""
     if not re.fullmatch(r"[A-Za-z0-9_]+", split):
         raise ValueError(f"split {split!r} must be letters, digits or '_' (e.g. 'val').")
+    if storage.is_url(directory):
+        return _dir(directory) / f"follower-{split}-{_owner()}"
     with _locked(directory) as pins:
         path = pins / f"follower-{split}-{_owner()}"
         path.touch()
@@ -176,12 +188,14 @@ def attach(directory: os.PathLike | str, split: str) -> pathlib.Path:
 
 def detach(path: pathlib.Path | None) -> None:
     """Removes a registration made by `attach`."""
-    if path is not None:
+    if path is not None and not storage.is_url(path):
         path.unlink(missing_ok=True)
 
 
 def attached(directory: os.PathLike | str, split: str) -> bool:
     """Whether a live follower delivering `split` metrics is attached to `directory`."""
+    if storage.is_url(directory):
+        return False
     pins = _dir(directory)
     if not pins.is_dir():
         return False

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 import tensorstore as ts
 
-from jaxckpt.checkpoint import state_item
+from jaxckpt.checkpoint import state_item, storage
 from jaxckpt.errors import ChecksumMismatch, ChunkSizeMismatch
 
 # How many bytes of arrays a restore reads ahead of the one it places on devices: enough to keep
@@ -32,9 +31,9 @@ def read_custom_metadata(item_dir: os.PathLike | str) -> dict[str, Any]:
       json.JSONDecodeError: if `_METADATA` does not parse (proof of damage, see `integrity`).
       OSError: if it cannot be read (which proves nothing: the caller classifies it).
     """
-    path = pathlib.Path(item_dir) / state_item.METADATA_FILE
+    path = storage.run_path(item_dir) / state_item.METADATA_FILE
     try:
-        with open(path) as f:
+        with path.open() as f:
             return json.load(f).get("custom_metadata") or {}
     except FileNotFoundError:
         return {}
@@ -75,7 +74,7 @@ def read_arrays(item_dir: os.PathLike | str, wanted: Mapping[str, tuple[Any, Any
       ChecksumMismatch: with `check`, naming every array whose bytes changed. Hashes of an
         algorithm this release does not know (CRC-32C before 0.1.0) are not checked.
     """
-    item_dir = pathlib.Path(item_dir)
+    item_dir = storage.run_path(item_dir)
     custom = read_custom_metadata(item_dir)
     arrays = layout_arrays(item_dir)
     if arrays is None:

@@ -8,12 +8,11 @@ awaiting the best metric while more are coming, plus steps a reader pins (`jaxck
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import jax
 
-from jaxckpt.checkpoint import pins
+from jaxckpt.checkpoint import pins, storage
 from jaxckpt.checkpoint.retention import RetentionPolicy
 from jaxckpt.checkpoint.stepdir import read_json_item
 
@@ -31,7 +30,7 @@ class LateMetrics(Protocol):
 class StepMetrics:
     """The saved and late metrics of the steps in one directory, and the retention decision over them."""
 
-    def __init__(self, directory: pathlib.Path, policy: RetentionPolicy, late: LateMetrics | None):
+    def __init__(self, directory: storage.AnyPath, policy: RetentionPolicy, late: LateMetrics | None):
         self._directory = directory
         self._policy = policy
         self._late = late

@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime
 import errno
 import json
-import pathlib
-import shutil
 import time
 from typing import Any, Mapping
 
@@ -20,7 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxckpt.checkpoint import formats, integrity, state_item, writers
+from jaxckpt.checkpoint import formats, integrity, state_item, storage, writers
 from jaxckpt.checkpoint.retention import RetentionPolicy
 from jaxckpt.checkpoint.stepdir import EXTRA_ITEM, INFO_ITEM, STATE_ITEM
 from jaxckpt.errors import CheckpointSaveError
@@ -102,7 +100,7 @@ def _is_disk_full(exc: BaseException) -> bool:
                for e in integrity.exception_chain(exc))
 
 
-def save_error(directory: pathlib.Path, step: int | None, kept: list[int], exc: BaseException) -> CheckpointSaveError:
+def save_error(directory: storage.AnyPath, step: int | None, kept: list[int], exc: BaseException) -> CheckpointSaveError:
     """The error of a failed save of `step` (None: unknown) to `directory`, where `kept` steps remain."""
     where = f"step {step} to {directory / str(step)}" if step is not None else f"to {directory}"
     if _is_disk_full(exc):
@@ -114,7 +112,7 @@ def save_error(directory: pathlib.Path, step: int | None, kept: list[int], exc: 
     )
 
 
-def remove_failed_save(directory: pathlib.Path, step: int) -> None:
+def remove_failed_save(directory: storage.AnyPath, step: int) -> None:
     """Removes a failed save's partial directory once the writes still in flight have stopped.
 
     Orbax raises at the first failed item while other items' writes may still be landing (and
@@ -124,8 +122,8 @@ def remove_failed_save(directory: pathlib.Path, step: int) -> None:
         return
     quiet, deadline = 0, time.monotonic() + _SETTLE_SECONDS
     while quiet < 3 and time.monotonic() < deadline:
-        leftovers = list(directory.glob(f"{step}{writers.TMP_MARK}*"))
+        leftovers = writers.unfinished_saves(directory, step)
         for leftover in leftovers:
-            shutil.rmtree(leftover, ignore_errors=True)
+            writers.remove(leftover)
         quiet = 0 if leftovers else quiet + 1
         time.sleep(0.05)

@@ -6,8 +6,8 @@ See `jaxckpt.checkpoint` for the layout of a step directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import pathlib
 import shutil
 from typing import Any, Mapping
 
@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxckpt.checkpoint import formats, integrity, shard_checksums, state_item, state_read
+from jaxckpt.checkpoint import formats, integrity, orbax_s3, shard_checksums, state_item, state_read, storage, writers
 from jaxckpt.errors import ChecksumMismatch
 from jaxckpt.tree import treepath
 from jaxckpt.types import PyTree
@@ -43,7 +43,7 @@ def read_state_metadata(step_dir: os.PathLike | str) -> dict[str, jax.ShapeDtype
     """
     def read() -> dict[str, jax.ShapeDtypeStruct]:
         formats.check_readable(step_dir)
-        arrays = state_read.layout_arrays(pathlib.Path(step_dir) / STATE_ITEM)
+        arrays = state_read.layout_arrays(storage.run_path(step_dir) / STATE_ITEM)
         if arrays is not None:  # recorded in _METADATA: no tensorstore open per array
             return {p: jax.ShapeDtypeStruct(tuple(shape), state_item.dtype_of(dtype))
                     for p, (_, dtype, shape) in arrays.items()}
@@ -59,16 +59,23 @@ def saved_checksums(step_dir: os.PathLike | str) -> dict[str, list]:
     {} if none was, or if they were computed by an algorithm this release does not check (CRC-32C in
     builds before 0.1.0): such a step is read without the check, never taken for corrupt.
     """
-    return state_read.checkable(state_read.read_custom_metadata(pathlib.Path(step_dir) / STATE_ITEM))
+    return state_read.checkable(state_read.read_custom_metadata(storage.run_path(step_dir) / STATE_ITEM))
 
 
 def _orbax_tree_metadata(step_dir: os.PathLike | str) -> PyTree:
-    return ocp.PyTreeCheckpointHandler().metadata(epath.Path(pathlib.Path(step_dir) / STATE_ITEM)).tree
+    item = storage.run_path(step_dir) / STATE_ITEM
+    with _orbax_reads(item):
+        return ocp.PyTreeCheckpointHandler().metadata(epath.Path(item)).tree
+
+
+def _orbax_reads(path: storage.AnyPath) -> contextlib.AbstractContextManager:
+    """Where Orbax itself reads arrays of `path`: on s3:// only inside `orbax_s3()` (Orbax 0.12.8 knows gs:// only)."""
+    return orbax_s3.orbax_s3() if str(path).startswith("s3://") else contextlib.nullcontext()
 
 
 def saved_shard_checksums(step_dir: os.PathLike | str) -> dict[str, dict[str, Any]]:
     """Per-shard hashes of arrays that were sharded over processes (see `jaxckpt.checkpoint.shard_checksums`)."""
-    record = state_read.read_custom_metadata(pathlib.Path(step_dir) / STATE_ITEM).get(state_item.CUSTOM_KEY) or {}
+    record = state_read.read_custom_metadata(storage.run_path(step_dir) / STATE_ITEM).get(state_item.CUSTOM_KEY) or {}
     return record.get("shards", {}) if record.get("checksum") == state_item.CHECKSUM else {}
 
 
@@ -95,17 +102,30 @@ def read_json_item(step_dir: os.PathLike | str, item: str) -> dict[str, Any] | N
 
 
 
-def move_aside(directory: pathlib.Path, step: int) -> pathlib.Path:
-    """Moves `directory/<step>` to `directory/corrupt/<step>` (`<step>.1`, ... if taken); returns the new path."""
+def move_aside(directory: storage.AnyPath, step: int) -> storage.AnyPath:
+    """Moves `directory/<step>` to `directory/corrupt/<step>` (`<step>.1`, ... if taken); returns the new path.
+
+    On an object store there is no rename: the step's objects are copied, then its commit marker
+    is deleted first (so Orbax no longer takes it for a step), then the rest. A kill half-way
+    leaves the step where it was, or uncommitted beside a full copy; never only half of it.
+    """
     aside = directory / CORRUPT_DIR
     aside.mkdir(exist_ok=True)
     dest, n = aside / str(step), 1
     while dest.exists():
         dest, n = aside / f"{step}.{n}", n + 1
-    shutil.move(directory / str(int(step)), dest)
+    source = directory / str(int(step))
+    if not storage.is_url(directory):
+        shutil.move(source, dest)
+        return dest
+    for f in storage.files_under(source):
+        (dest / str(f)[len(str(source)) + 1:]).write_bytes(f.read_bytes())
+    (source / writers.COMMIT_FILE).unlink(missing_ok=True)
+    source.rmtree(missing_ok=True)
     return dest
 
-def _readable_fast(item_dir: pathlib.Path) -> bool:
+
+def _readable_fast(item_dir: storage.AnyPath) -> bool:
     """Whether `state_read.read_arrays` may read an item (it wrote it, and one process reads)."""
     return state_read.layout_arrays(item_dir) is not None and jax.process_count() == 1
 
@@ -140,7 +160,7 @@ def read_state(step_dir: os.PathLike | str, target: PyTree, *, verify: bool = Tr
       CheckpointReadError: if the arrays cannot be read for another reason (EMFILE, EIO, ENOMEM, ...).
       CheckpointFormatError: if a newer jaxckpt wrote the step.
     """
-    step_dir = pathlib.Path(step_dir)
+    step_dir = storage.run_path(step_dir)
     item = step_dir / STATE_ITEM
     _check_structure(treepath.flatten(target), read_state_metadata(step_dir), step_dir)
     abstract = jax.tree.map(_on_a_device, target)
@@ -150,8 +170,9 @@ def read_state(step_dir: os.PathLike | str, target: PyTree, *, verify: bool = Tr
             wanted = {p: (x.dtype, x.sharding) for p, x in treepath.flatten(abstract).items()}
             return treepath.unflatten(state_read.read_arrays(item, wanted, check=verify), abstract)
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-        restored = ocp.PyTreeCheckpointHandler().restore(
-            epath.Path(item), args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args))
+        with _orbax_reads(item):
+            restored = ocp.PyTreeCheckpointHandler().restore(
+                epath.Path(item), args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args))
         if verify:
             _verify_flat(step_dir, treepath.flatten(restored))
         return restored
@@ -167,7 +188,7 @@ def verify_state(step_dir: os.PathLike | str) -> None:
       CheckpointReadError: if it cannot be read for a reason that proves nothing (EMFILE, EIO, ...).
       CheckpointFormatError: if a newer jaxckpt wrote the step.
     """
-    step_dir = pathlib.Path(step_dir)
+    step_dir = storage.run_path(step_dir)
     item = step_dir / STATE_ITEM
 
     def read() -> None:
@@ -178,14 +199,15 @@ def verify_state(step_dir: os.PathLike | str) -> None:
             return
         tree = _orbax_tree_metadata(step_dir)
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        restored = treepath.flatten(ocp.PyTreeCheckpointHandler().restore(
-            epath.Path(item), args=ocp.args.PyTreeRestore(restore_args=as_numpy)))
+        with _orbax_reads(item):
+            restored = treepath.flatten(ocp.PyTreeCheckpointHandler().restore(
+                epath.Path(item), args=ocp.args.PyTreeRestore(restore_args=as_numpy)))
         _verify_flat(step_dir, restored)
 
     integrity.read_step(step_dir, read)
 
 
-def _verify_flat(step_dir: pathlib.Path, flat: Mapping[str, Any]) -> None:
+def _verify_flat(step_dir: storage.AnyPath, flat: Mapping[str, Any]) -> None:
     bad = state_read.mismatched_checksums(saved_checksums(step_dir), flat)
     bad += shard_checksums.mismatched(saved_shard_checksums(step_dir), flat)
     if bad:
@@ -193,7 +215,7 @@ def _verify_flat(step_dir: pathlib.Path, flat: Mapping[str, Any]) -> None:
 
 
 def _check_structure(
-    target: Mapping[str, Any], saved: Mapping[str, jax.ShapeDtypeStruct], step_dir: pathlib.Path
+    target: Mapping[str, Any], saved: Mapping[str, jax.ShapeDtypeStruct], step_dir: storage.AnyPath
 ) -> None:
     """Raises one error listing every path/shape difference between a restore target and a step."""
     missing = sorted(set(target) - set(saved))

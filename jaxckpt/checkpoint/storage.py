@@ -6,15 +6,11 @@ s3fs for `s3://`), every tensorstore kvstore through `kvstore_spec`, and every O
 (see `jaxckpt.checkpoint.orbax_s3`). Small files a run writes (config.json, eval JSON,
 curves.png) go through `write_bytes_atomic`, metrics.jsonl through `append_line`.
 
-Where it plugs in: `state_item.item_kvstore_spec` builds its OCDBT base from
-`kvstore_spec(item_dir, single_writer=True)`; `manager.CheckpointManager` keeps its directory
-as `as_path(directory)` and passes `atomicity_options(directory)` to Orbax; the runner's
-`write_json`, metric writer and curve plot call `write_bytes_atomic` / `append_line`.
-
-Today the runner and the checkpoint manager take local paths only, through `local_path`, which
-normalises them (tensorstore refuses a path holding `..`, after a whole run has trained) and
-refuses URLs with a clear error rather than letting `pathlib` turn `gs://b` into a folder `gs:`;
-wiring `as_path` into the manager, the state item and the run files lifts that.
+Where it plugs in: a workdir, checkpoint directory or step directory goes through `run_path`
+(a `pathlib.Path` locally, an `epath.Path` for a URL); `state_item.item_kvstore_spec` builds its
+OCDBT base from `kvstore_spec(item_dir, single_writer=True)`; `manager.CheckpointManager` passes
+`atomicity_options(directory)` to Orbax; the run's small files go through `write_bytes_atomic` /
+`append_line`. `local_path` is for the few paths that must stay local (it refuses URLs).
 
 Object stores have no rename and no append. A checkpoint is committed by a marker object
 (Orbax's `commit_success.txt`) instead of a directory rename; a small file is one PUT, which an
@@ -43,6 +39,24 @@ SCHEMES = ("gs", "s3")
 # fsspec (under epath) expands these as globs in some calls (exists, rm, ls), so a key holding
 # one would silently name other objects, or none.
 _GLOB_CHARS = "[]*?"
+
+
+def _no_listing_cache() -> None:
+    """Turns off fsspec's listing cache for gcsfs and s3fs (before any of their file systems is made).
+
+    That cache never expires by default and sees only writes made through fsspec itself, while
+    tensorstore and other processes (the trainer a follower watches) write objects behind it: a
+    cached listing would hide new steps, or show deleted ones, for the life of the process.
+    """
+    try:
+        import fsspec.config
+    except ImportError:  # no object-store client installed: nothing to configure
+        return
+    for protocol in ("gs", "gcs", "s3", "s3a"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+
+_no_listing_cache()
 
 
 def is_url(path: os.PathLike | str) -> bool:
@@ -256,14 +270,13 @@ def local_path(path: os.PathLike | str, *, key: str | None = None) -> pathlib.Pa
       key: the config key or argument it came from (e.g. "checkpoint.pretrained"), for the error.
 
     Raises:
-      UserError: if `path` is a URL (object storage is not supported yet).
+      UserError: if `path` is a URL: for paths that must be local (use `run_path` elsewhere).
     """
     text = os.fspath(path)
     if _URL.match(text):
         where = f"{key}={text}" if key else text
         raise UserError(
-            f"{where} is a URL; jaxckpt reads and writes local paths only for now (object storage such as "
-            "gs:// or s3:// is not supported yet). Copy the files to a local disk (e.g. with gsutil or "
+            f"{where} is a URL; this setting takes local paths only. Copy the files to a local disk (e.g. with gsutil or "
             "aws s3 cp) and pass that path.")
     return pathlib.Path(os.path.normpath(os.path.abspath(os.path.expanduser(text))))
 
@@ -298,6 +311,21 @@ def run_path(path: os.PathLike | str, *, key: str | None = None) -> AnyPath:
         return as_path(text)
     except UserError as e:
         raise UserError(f"{key}={text}: {e}" if key else str(e)) from None
+
+
+def files_under(path: AnyPath) -> list[AnyPath]:
+    """Every file below a directory, local or on an object store (epath's `rglob` refuses URLs).
+
+    On an object store this is one recursive listing (fsspec's `find`), not a walk of "folders".
+    """
+    if not is_url(path):
+        return sorted(pathlib.Path(root) / name for root, _, names in os.walk(path) for name in names)
+    import fsspec  # (installed with gcsfs / s3fs, which a URL needs anyway)
+
+    fs, root = fsspec.core.url_to_fs(str(path))
+    fs.invalidate_cache(root)  # tensorstore writes objects behind fsspec's listing cache
+    scheme = split_url(path)[0]
+    return sorted(epath.Path(f"{scheme}://{key}") for key in fs.find(root))
 
 
 def is_local(path: os.PathLike | str) -> bool:
