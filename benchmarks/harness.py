@@ -171,7 +171,7 @@ def mbps(nbytes: int, seconds: float) -> float:
     return nbytes / MiB / seconds
 
 
-def throughput_records(name: str, speed: Mapping[str, float], baselines: Mapping[str, str], goal: str,
+def throughput_records(name: str, speed: Mapping[str, float], baselines: Mapping[str, str], goal: str | None,
                        goals: Mapping[str, str] | None = None) -> list[Record]:
     """jaxckpt's MB/s (`speed["jaxckpt"]`) against each baseline that ran.
 

@@ -41,27 +41,6 @@ def _orbax_manager(directory, *, tuned: bool):
                                              atomicity_options=commit_file))
 
 
-def _jaxckpt_manager(directory, **kwargs):
-    """jaxckpt's `CheckpointManager` on `directory`, or a `UserError` saying it takes no URL yet."""
-    from jaxckpt.checkpoint.manager import CheckpointManager
-
-    return CheckpointManager(directory, **kwargs)
-
-
-def jaxckpt_refusal(url: str) -> str | None:
-    """Why jaxckpt's `CheckpointManager` cannot open `url` (None if it can): the checkpoint layer's URL support."""
-    from etils import epath
-
-    from jaxckpt.errors import UserError
-
-    try:
-        _jaxckpt_manager(url, async_save=False).close()
-    except UserError as e:
-        return str(e)
-    epath.Path(url).rmtree(missing_ok=True)
-    return None
-
-
 def measure(mode: str, base_url: str) -> dict:
     """In a child pointed at the emulator: median seconds of each candidate's save and restore."""
     import jax
@@ -70,12 +49,12 @@ def measure(mode: str, base_url: str) -> dict:
 
     from benchmarks.restore_large import _abstract
     from benchmarks.save_large import nbytes, state_of_size
+    from jaxckpt.checkpoint.manager import CheckpointManager
 
     size = harness.rounds(mode, 2 * MiB, 16 * MiB, 256 * MiB)
     reps = harness.rounds(mode, 2, 5, 5)
     state = jax.block_until_ready(state_of_size(size))
     target = _abstract(state)
-    refusal = jaxckpt_refusal(f"{base_url}/probe")
 
     def timed_save(open_and_save):
         def once() -> float:
@@ -96,13 +75,12 @@ def measure(mode: str, base_url: str) -> dict:
         return open_and_save
 
     def jaxckpt_save(directory):
-        mngr = _jaxckpt_manager(directory, async_save=False, max_to_keep=None)
+        mngr = CheckpointManager(directory, async_save=False, max_to_keep=None)
         return lambda: mngr.save(1, state), mngr.close
 
-    saves = {"orbax": timed_save(orbax_save(False)), "orbax_tuned": timed_save(orbax_save(True))}
-    if refusal is None:
-        saves["jaxckpt"] = timed_save(jaxckpt_save)
-    next(iter(saves.values()))()  # warm-up: the first request opens connections and thread pools
+    saves = {"jaxckpt": timed_save(jaxckpt_save), "orbax": timed_save(orbax_save(False)),
+             "orbax_tuned": timed_save(orbax_save(True))}
+    saves["jaxckpt"]()  # warm-up: the first requests open connections and thread pools
     save_seconds = harness.side_by_side(saves, reps)
 
     readers = {}
@@ -112,11 +90,10 @@ def measure(mode: str, base_url: str) -> dict:
             mngr.save(1, args=ocp.args.PyTreeSave(state) if tuned else ocp.args.StandardSave(state))
             mngr.wait_until_finished()
         readers[name] = _orbax_manager(directory, tuned=tuned)
-    if refusal is None:
-        directory = f"{base_url}/restore/jaxckpt"
-        with _jaxckpt_manager(directory, async_save=False) as mngr:
-            mngr.save(1, state)
-        readers["jaxckpt"] = _jaxckpt_manager(directory, read_only=True)
+    directory = f"{base_url}/restore/jaxckpt"
+    with CheckpointManager(directory, async_save=False) as mngr:
+        mngr.save(1, state)
+    readers["jaxckpt"] = CheckpointManager(directory, read_only=True)
     tuned_args = ocp.args.PyTreeRestore(target, restore_args=jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), target))
     restore = {
@@ -133,13 +110,13 @@ def measure(mode: str, base_url: str) -> dict:
         return once
 
     restores = {name: timed_restore(name) for name in readers}
-    restores[next(iter(readers))]()  # warm-up
+    restores["jaxckpt"]()  # warm-up
     restore_seconds = harness.side_by_side(restores, reps)
     for reader in readers.values():
         reader.close()
     epath.Path(base_url).rmtree(missing_ok=True)
     return {"save": save_seconds, "restore": restore_seconds, "bytes": nbytes(state),
-            "arrays": len(jax.tree.leaves(state)), "refusal": refusal}
+            "arrays": len(jax.tree.leaves(state))}
 
 
 def run(mode: str, workdir: pathlib.Path) -> list[Record]:
@@ -153,14 +130,9 @@ def run(mode: str, workdir: pathlib.Path) -> list[Record]:
     finally:
         _stop(process)
     note = f"{got['bytes'] / MiB:.0f} MiB, {got['arrays']} arrays, GCS emulator"
-    speeds = {op: {k: harness.mbps(got["bytes"], v) for k, v in got[op].items()} for op in ("save", "restore")}
-    if got["refusal"]:  # no records: each is jaxckpt's figure beside a baseline
-        print(f"[{NAME}] jaxckpt skipped, plain Orbax measured alone ({note}): " + "; ".join(
-            f"{op} " + ", ".join(f"{k} {v:.0f} MB/s" for k, v in speed.items()) for op, speed in speeds.items()))
-        print(f"[{NAME}] why: {got['refusal']}")
-        return []
     records = []
-    for op, speed in speeds.items():
+    for op in ("save", "restore"):
+        speed = {k: harness.mbps(got["bytes"], v) for k, v in got[op].items()}
         records += harness.throughput_records(f"remote_{op}", speed, {
             "orbax": f"plain Orbax CheckpointManager.{op} (defaults, commit file; {note})",
             "orbax_tuned": f"plain Orbax CheckpointManager.{op}, tuned as save_large's orbax_tuned",
