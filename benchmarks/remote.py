@@ -8,7 +8,9 @@ Plain Orbax commits a step with a `commit_success.txt` marker (`AtomicityMode.CO
 it picks itself on `gs://` and what jaxckpt uses on every object store); it runs once with its
 defaults and once tuned as in `save_large.tuned_orbax`. A save is timed until the manager says it
 is finished (an object store has no fsync: an acknowledged upload is durable); a restore from a
-manager opened on a finished step. The measuring runs in a child process, so the emulator's
+manager opened on a finished step, jaxckpt checking every array's XXH3 hash (its default). The
+emulator is started with tests/object_store.py's launcher, so this needs the repository's
+`tests/` and the `test` extras (gcp-storage-emulator, gcsfs). The measuring runs in a child process, so the emulator's
 endpoint variables (and the gcsfs and tensorstore clients that read them once) stay out of the
 runner's process.
 
