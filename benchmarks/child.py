@@ -12,12 +12,13 @@ import os
 import pathlib
 import subprocess
 import sys
-from typing import Any
+from typing import Any, Mapping
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def call(function: str, *args: Any, devices: int | None = None, timeout: float = 900) -> Any:
+def call(function: str, *args: Any, devices: int | None = None, env: Mapping[str, str] | None = None,
+         timeout: float = 900) -> Any:
     """Runs `module:function(*args)` in a new Python process and returns what it returned (JSON).
 
     Args:
@@ -25,6 +26,7 @@ def call(function: str, *args: Any, devices: int | None = None, timeout: float =
       *args: JSON-able arguments.
       devices: fake this many CPU devices (`--xla_force_host_platform_device_count`); None keeps
         the environment's setting.
+      env: variables to set in the child only (e.g. an object-store emulator's endpoint).
       timeout: seconds before the child is killed.
 
     Raises:
@@ -33,11 +35,12 @@ def call(function: str, *args: Any, devices: int | None = None, timeout: float =
     module, name = function.split(":")
     code = (f"import json, sys; from {module} import {name}; "
             f"print(json.dumps({name}(*json.loads(sys.argv[1]))))")
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    child_env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                 **(env or {})}
     if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))], cwd=ROOT, env=env,
+        child_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))], cwd=ROOT, env=child_env,
                           capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{function}{args} failed in a child process:\n{done.stderr[-4000:]}")

@@ -171,20 +171,23 @@ def mbps(nbytes: int, seconds: float) -> float:
     return nbytes / MiB / seconds
 
 
-def throughput_records(name: str, speed: Mapping[str, float], baselines: Mapping[str, str], goal: str) -> list[Record]:
+def throughput_records(name: str, speed: Mapping[str, float], baselines: Mapping[str, str], goal: str | None,
+                       goals: Mapping[str, str] | None = None) -> list[Record]:
     """jaxckpt's MB/s (`speed["jaxckpt"]`) against each baseline that ran.
 
     Args:
       name: the record name; the first baseline's record carries it and `goal`, the others are
-        `name_<baseline>` without a goal.
+        `name_<baseline>` with their goal in `goals`, if any.
       speed: MB/s by candidate name.
       baselines: candidate name -> what it is, in words, in order.
       goal: the first record's goal.
+      goals: goals of the other records, by baseline name (those not named have none).
     """
+    goals = {**(goals or {}), next(b for b in baselines if b in speed): goal}
     records = []
     for i, (baseline, what) in enumerate((b, w) for b, w in baselines.items() if b in speed):
         records.append(Record(name if i == 0 else f"{name}_{baseline}", speed["jaxckpt"], "MB/s", speed[baseline],
-                              what, speed["jaxckpt"] / speed[baseline], goal if i == 0 else None))
+                              what, speed["jaxckpt"] / speed[baseline], goals.get(baseline)))
     return records
 
 

@@ -42,6 +42,7 @@ BENCHMARKS = (
     "sharded_save",
     "sharded_restore",
     "restore_peak_rss",
+    "remote",
 )
 """Module names under `benchmarks/`, in the order they run."""
 

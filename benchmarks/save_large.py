@@ -2,7 +2,8 @@
 
 Every candidate writes the same arrays to a fresh directory and is timed until the bytes are
 durable (fsync'ed): `np.save` per array + fsync, plain Orbax's `StandardCheckpointer` (its
-defaults), jaxckpt's `CheckpointManager.save` (synchronous), and `torch.save` when torch imports.
+defaults), plain Orbax tuned as an expert would (`tuned_orbax`), jaxckpt's `CheckpointManager.save`
+(synchronous), and `torch.save` when torch imports.
 
   python -m benchmarks.save_large [--quick | --smoke]
 """
@@ -53,6 +54,25 @@ def np_save(state, directory: pathlib.Path) -> None:
             os.fsync(f.fileno())
 
 
+TUNED_ORBAX = "plain Orbax tuned: PyTreeCheckpointHandler(OCDBT, zarr3, no compression), synchronous Checkpointer"
+
+
+def tuned_orbax() -> ocp.Checkpointer:
+    """Plain Orbax as an expert sets it up for large float arrays (Orbax 0.12.8's options).
+
+    OCDBT (the default) packs every array into a few data files; zarr3 (each array one sharded
+    value with a chunk index) was the fastest format here, 1.1-1.4 GB/s against zarr2's
+    0.9-1.0 GB/s for a 256 MiB-1 GiB save without compression; compression is off because random
+    (like trained) float32 weights barely shrink under zstd and compressing costs more than it
+    saves on disk (it halves Orbax's default speed). The synchronous `Checkpointer` has no
+    background thread to wait for (the async one measured the same). Chunks stay one per array
+    (Orbax's default for a single-device array) and OCDBT data files the 2 GB default:
+    `SaveArgs(chunk_byte_size=...)` with `ocdbt_target_data_file_size=0` made no difference
+    beyond the noise.
+    """
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=False))
+
+
 def torch_save(state, path: pathlib.Path) -> None:
     import torch
 
@@ -94,10 +114,15 @@ def run(mode: str, workdir: pathlib.Path) -> list[Record]:
         ckptr = ocp.StandardCheckpointer()
         return lambda: (ckptr.save(target / "1", state), ckptr.wait_until_finished()), ckptr.close
 
+    def orbax_tuned_save(target: pathlib.Path):
+        ckptr = tuned_orbax()
+        return lambda: ckptr.save(target / "1", ocp.args.PyTreeSave(state)), ckptr.close
+
     candidates = {
         "numpy": timed(plain(lambda d: np_save(state, d))),
         "jaxckpt": timed(jaxckpt_save),
         "orbax": timed(orbax_save),
+        "orbax_tuned": timed(orbax_tuned_save),
     }
     if has_torch():
         candidates["torch"] = timed(plain(lambda d: torch_save(state, d / "state.pt")))
@@ -109,8 +134,9 @@ def run(mode: str, workdir: pathlib.Path) -> list[Record]:
     return harness.throughput_records(NAME, speed, {
         "numpy": f"np.save + fsync per array ({size_note})",
         "orbax": "plain Orbax StandardCheckpointer (defaults)",
+        "orbax_tuned": TUNED_ORBAX,
         "torch": "torch.save + fsync",
-    }, "ratio >= 0.9")
+    }, "ratio >= 0.9", goals={"orbax_tuned": "ratio >= 1.0"})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ from tests.runs import ROOT
 # Record names are part of the contract (issue 5); extra records (plain Orbax, torch) may follow.
 GOALS = {
     "save_large": "ratio >= 0.9",
+    "save_large_orbax_tuned": "ratio >= 1.0",
     "restore_large": "ratio >= 0.9",
+    "restore_large_orbax_tuned": "ratio >= 1.0",
     "small_leaves": "ratio >= 5",
     "async_overhead": "ratio >= 0.98",
     "loop_overhead": "ratio >= 0.97",
@@ -48,6 +50,7 @@ def test_quick_runs_every_benchmark_and_writes_records(tmp_path):
         assert record.met() in (None, True, False)
     assert all(any(n == b or n.startswith(b + "_") for b in BENCHMARKS) for n in names), names
     assert "name" in done.stdout and "baseline is" in done.stdout  # the table
+    assert {"remote_save", "remote_restore", "save_large_orbax_tuned", "restore_large_orbax_tuned"} <= set(names)
 
 
 def test_unknown_benchmark_is_refused():
