@@ -15,7 +15,6 @@ preconditions); S3 by moto's server. Neither needs anything beyond loopback.
 
 import os
 import pathlib
-import posixpath
 import socket
 import subprocess
 import sys
@@ -24,7 +23,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from urllib import parse
 
 import pytest
 
@@ -62,7 +60,7 @@ def s3_environment(endpoint: str) -> dict[str, str]:
     """The variables that point botocore/s3fs and tensorstore at an S3 emulator."""
     return {
         # botocore >= 1.31, hence s3fs. tensorstore's `s3` driver ignores it: its spec needs
-        # `"endpoint"` (see `orbax_s3_kvstore`), else it tries AWS itself and hangs offline.
+        # `"endpoint"` (see `jaxckpt.checkpoint.storage.kvstore_spec`), else it tries AWS itself and hangs offline.
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -154,37 +152,23 @@ def s3_emulator():
             _stop(process)
 
 
-def orbax_s3_kvstore(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Makes Orbax write and read arrays on `s3://` through tensorstore's `s3` driver.
+def main(argv: list[str]) -> int:
+    """`python -m tests.object_store {gcs,s3} COMMAND...`: COMMAND against a fresh local emulator.
 
-    Orbax 0.12.8 only knows `gs://`: it builds `{"driver": "file", "path": "s3:/bucket/..."}` for any
-    other path (`os.path.normpath` eats one slash), so OCDBT saves fail with "Checkpoint path should
-    be absolute" and non-OCDBT saves write the arrays under `./s3:/` on local disk. These are the
-    three private functions that decide the kvstore; the `s3` spec takes its endpoint from
-    `AWS_ENDPOINT_URL`. Orbax must also be told to commit with a marker file
-    (`AtomicityMode.COMMIT_FILE`), since S3 cannot rename a directory.
+    Starts the emulator with bucket `jaxckpt-test`, runs COMMAND with the environment that points
+    every client at it, and stops the emulator when COMMAND ends (the objects go with it).
     """
-    from orbax.checkpoint._src.path import gcs_utils
-    from orbax.checkpoint._src.serialization import tensorstore_utils
+    if len(argv) < 2 or argv[0] not in ("gcs", "s3"):
+        print("usage: python -m tests.object_store {gcs,s3} COMMAND [ARG...]\n"
+              f"  runs COMMAND with a local emulator of that store, bucket {BUCKET}", file=sys.stderr)
+        return 2
+    process, endpoint = start_gcs_emulator() if argv[0] == "gcs" else start_s3_emulator()
+    env = gcs_environment(endpoint) if argv[0] == "gcs" else s3_environment(endpoint)
+    try:
+        return subprocess.call(argv[1:], env={**os.environ, **env})
+    finally:
+        _stop(process)
 
-    normalize, use_remote_driver = tensorstore_utils._normalize_path, tensorstore_utils._use_gcs_driver
-    gcs_kvstore = gcs_utils.get_kvstore_for_gcs
 
-    def normalize_path(path: str) -> str:
-        if path.startswith("s3://"):
-            return "s3://" + posixpath.normpath(path.removeprefix("s3://"))
-        return normalize(path)
-
-    def kvstore(path: str) -> dict:
-        if not path.startswith("s3://"):
-            return gcs_kvstore(path)
-        url = parse.urlparse(path)
-        spec = {"driver": "s3", "bucket": url.netloc, "path": url.path.lstrip("/")}
-        if os.environ.get("AWS_ENDPOINT_URL"):
-            spec["endpoint"] = os.environ["AWS_ENDPOINT_URL"]
-        return spec
-
-    monkeypatch.setattr(tensorstore_utils, "_normalize_path", normalize_path)
-    monkeypatch.setattr(tensorstore_utils, "_use_gcs_driver",
-                        lambda directory: directory.startswith("s3://") or use_remote_driver(directory))
-    monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", kvstore)
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -187,10 +187,12 @@ def test_orbax_alone_cannot_write_arrays_to_s3(s3_emulator, tmp_path, monkeypatc
 def test_orbax_roundtrip_on_s3(s3_emulator, use_ocdbt, tmp_path, monkeypatch):
     import boto3
 
-    object_store.orbax_s3_kvstore(monkeypatch)
+    from jaxckpt.checkpoint.orbax_s3 import orbax_s3
+
     monkeypatch.chdir(tmp_path)
     url = f"{s3_emulator}/orbax_ocdbt_{use_ocdbt}"
-    _save_and_restore(epath.Path(url), use_ocdbt=use_ocdbt, steps=3, atomicity_options=COMMIT_FILE)
+    with orbax_s3():
+        _save_and_restore(epath.Path(url), use_ocdbt=use_ocdbt, steps=3, atomicity_options=COMMIT_FILE)
 
     bucket, prefix = _key(url)
     listing = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix + "/")
