@@ -3,7 +3,8 @@
 A run killed with SIGKILL while it saves: the half-written step is never resumed from, a rerun is
 refused while the dead run's lease lasts, then takes the lock over and ends bitwise where an
 uninterrupted local run ends; plain Orbax reads its state item. Then val and predict on the URL,
-and a local run evaluating the URL run through `checkpoint.resume_file`.
+and a local run evaluating the URL run through `checkpoint.resume_file`. Two processes training an
+fsdp-sharded state into a bucket, each writing its own shards, and one process continuing it.
 """
 
 import json
@@ -107,7 +108,7 @@ def test_sigkill_mid_save_on_a_bucket_then_takeover_and_the_same_run(url, data_d
 
 
 @pytest.mark.slow
-def test_val_and_predict_on_a_bucket_and_a_local_run_evaluating_it(url, data_dir, reference, tmp_path):
+def test_val_and_predict_on_a_bucket_and_a_local_run_evaluating_it(url, data_dir, tmp_path):
     short = {"train.num_steps": 20, "train.eval_every_steps": 10, "checkpoint.every_steps": 10}
     assert run_cli(cli_args(tiny_config(data_dir, **short), url), env=CLI_ENV).returncode == 0
     val = run_cli(cli_args(tiny_config(data_dir, **{**short, "run_type": "val"}), url), env=CLI_ENV)
@@ -126,3 +127,22 @@ def test_val_and_predict_on_a_bucket_and_a_local_run_evaluating_it(url, data_dir
     test = run_cli(cli_args(config, local), env=CLI_ENV)
     assert test.returncode == 0, test.stderr
     assert json.loads((local / "eval_test_20.json").read_text())["accuracy"] > 0
+
+
+@pytest.mark.slow
+def test_two_processes_train_fsdp_on_a_bucket_and_one_process_continues(gcs_emulator, data_dir):
+    from tests.sharding_test import SHORT, _two_processes
+
+    url = f"{gcs_emulator}/runs/two_processes_fsdp"
+    runs = _two_processes(cli_args(tiny_config(data_dir, **{**SHORT, "mesh.fsdp": 4}), url), devices_each=2)
+    codes = [r.finish(timeout=300) for r in runs]
+    assert codes == [0, 0], "\n".join(r.stderr for r in runs)
+    assert "mesh 1 data x 4 fsdp" in runs[0].stderr
+    state = storage.as_path(url) / "checkpoints" / "20" / "state"
+    assert sorted(p.name for p in state.glob("ocdbt.process_*")) == ["ocdbt.process_0", "ocdbt.process_1"]
+    assert not (storage.as_path(url) / ".lock").exists()
+
+    more = run_cli(cli_args(tiny_config(data_dir, **{**SHORT, "train.num_steps": 30}), url), env=CLI_ENV)
+    assert more.returncode == 0, more.stderr
+    assert "resuming from this workdir's latest checkpoint, step 20" in more.stderr
+    assert _steps(url, committed=True)[-1] == 30
