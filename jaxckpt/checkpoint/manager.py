@@ -125,10 +125,8 @@ class CheckpointManager:
             best_metric, best_mode = formats.recorded_best(self._directory, best_mode)
         self._policy = RetentionPolicy(max_to_keep, keep_best, best_metric, best_mode, keep_every_steps)
         self._unregister = None
-        # Orbax 0.12.8 cannot put arrays on s3:// by itself; kept open until close() (saves run in the background).
-        self._s3 = contextlib.ExitStack()
-        if str(self._directory).startswith("s3://"):
-            self._s3.enter_context(orbax_s3.orbax_s3())
+        self._s3 = contextlib.ExitStack()  # Orbax 0.12.8 needs it on s3://, until close() (background saves)
+        self._s3.enter_context(orbax_s3.for_path(self._directory))
         if not read_only and jax.process_index() == 0:
             self._directory.mkdir(parents=True, exist_ok=True)
             writers.remove_unfinished_saves(self._directory)

@@ -138,6 +138,11 @@ def orbax_s3(*, allow_untested: bool = False) -> Iterator[None]:
                 _uninstall()
 
 
+def for_path(path: Any) -> contextlib.AbstractContextManager:
+    """`orbax_s3()` for an `s3://` path, else a context that does nothing (Orbax handles it)."""
+    return orbax_s3() if str(path).startswith("s3://") else contextlib.nullcontext()
+
+
 def enable_orbax_s3(*, allow_untested: bool = False) -> None:
     """Makes Orbax handle `s3://` for the rest of the process (for programs using plain Orbax).
 

@@ -6,7 +6,6 @@ See `jaxckpt.checkpoint` for the layout of a step directory.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 from typing import Any, Mapping
@@ -64,13 +63,9 @@ def saved_checksums(step_dir: os.PathLike | str) -> dict[str, list]:
 
 def _orbax_tree_metadata(step_dir: os.PathLike | str) -> PyTree:
     item = storage.run_path(step_dir) / STATE_ITEM
-    with _orbax_reads(item):
+    with orbax_s3.for_path(item):
         return ocp.PyTreeCheckpointHandler().metadata(epath.Path(item)).tree
 
-
-def _orbax_reads(path: storage.AnyPath) -> contextlib.AbstractContextManager:
-    """Where Orbax itself reads arrays of `path`: on s3:// only inside `orbax_s3()` (Orbax 0.12.8 knows gs:// only)."""
-    return orbax_s3.orbax_s3() if str(path).startswith("s3://") else contextlib.nullcontext()
 
 
 def saved_shard_checksums(step_dir: os.PathLike | str) -> dict[str, dict[str, Any]]:
@@ -170,7 +165,7 @@ def read_state(step_dir: os.PathLike | str, target: PyTree, *, verify: bool = Tr
             wanted = {p: (x.dtype, x.sharding) for p, x in treepath.flatten(abstract).items()}
             return treepath.unflatten(state_read.read_arrays(item, wanted, check=verify), abstract)
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-        with _orbax_reads(item):
+        with orbax_s3.for_path(item):
             restored = ocp.PyTreeCheckpointHandler().restore(
                 epath.Path(item), args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args))
         if verify:
@@ -199,7 +194,7 @@ def verify_state(step_dir: os.PathLike | str) -> None:
             return
         tree = _orbax_tree_metadata(step_dir)
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        with _orbax_reads(item):
+        with orbax_s3.for_path(item):
             restored = treepath.flatten(ocp.PyTreeCheckpointHandler().restore(
                 epath.Path(item), args=ocp.args.PyTreeRestore(restore_args=as_numpy)))
         _verify_flat(step_dir, restored)
