@@ -20,7 +20,6 @@ runner's process.
 from __future__ import annotations
 
 import pathlib
-import subprocess
 import uuid
 
 from benchmarks import child, harness
@@ -130,7 +129,7 @@ def run(mode: str, workdir: pathlib.Path) -> list[Record]:
         got = child.call("benchmarks.remote:measure", mode, f"gs://{object_store.BUCKET}/bench-{uuid.uuid4().hex}",
                          env=object_store.gcs_environment(endpoint))
     finally:
-        _stop(process)
+        object_store.stop_emulator(process)
     note = f"{got['bytes'] / MiB:.0f} MiB, {got['arrays']} arrays, GCS emulator"
     records = []
     for op in ("save", "restore"):
@@ -140,15 +139,6 @@ def run(mode: str, workdir: pathlib.Path) -> list[Record]:
             "orbax_tuned": f"plain Orbax CheckpointManager.{op}, tuned as save_large's orbax_tuned",
         }, None)
     return records
-
-
-def _stop(process) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 if __name__ == "__main__":

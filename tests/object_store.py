@@ -71,7 +71,8 @@ def s3_environment(endpoint: str) -> dict[str, str]:
     }
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_emulator(process: subprocess.Popen) -> None:
+    """Stops an emulator process: politely, then for sure."""
     process.terminate()
     try:
         process.wait(timeout=10)
@@ -96,7 +97,7 @@ def _launch(command: list[str], health_url: str, name: str) -> subprocess.Popen:
             if process.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
                 continue
-            _stop(process)
+            stop_emulator(process)
             log.seek(0)
             raise RuntimeError(f"{name} did not answer {health_url} (exit code {process.returncode}):\n"
                                f"{log.read().decode(errors='replace')[-2000:]}") from None
@@ -121,7 +122,7 @@ def start_s3_emulator() -> tuple[subprocess.Popen, str]:
         # moto checks no signatures, so a plain PUT creates the bucket (in us-east-1).
         urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{BUCKET}", method="PUT"), timeout=10)
     except BaseException:
-        _stop(process)
+        stop_emulator(process)
         raise
     return process, endpoint
 
@@ -136,7 +137,7 @@ def gcs_emulator():
         try:
             yield f"gs://{BUCKET}/{uuid.uuid4().hex}"
         finally:
-            _stop(process)
+            stop_emulator(process)
 
 
 @pytest.fixture(scope="session")
@@ -149,7 +150,7 @@ def s3_emulator():
         try:
             yield f"s3://{BUCKET}/{uuid.uuid4().hex}"
         finally:
-            _stop(process)
+            stop_emulator(process)
 
 
 def main(argv: list[str]) -> int:
@@ -167,7 +168,7 @@ def main(argv: list[str]) -> int:
     try:
         return subprocess.call(argv[1:], env={**os.environ, **env})
     finally:
-        _stop(process)
+        stop_emulator(process)
 
 
 if __name__ == "__main__":

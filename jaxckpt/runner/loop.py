@@ -86,6 +86,9 @@ def run(config: Any, workdir: str | Path, *, task: Task | None = None,
     config = complete(config)
     if config.run_type not in RUN_TYPES:
         raise UserError(f"config.run_type={config.run_type!r} is not one of {', '.join(RUN_TYPES)}.")
+    if not config.checkpoint.lock_lease_s > 0:
+        raise UserError(f"config.checkpoint.lock_lease_s={config.checkpoint.lock_lease_s} must be a positive number "
+                        "of seconds (the default is 60).")
     workdir = storage.run_path(workdir, key="workdir")
     primary = jax.process_index() == 0
     before = entries(workdir)
