@@ -201,3 +201,17 @@ def test_two_processes_save_their_own_shards_to_a_bucket_and_one_restores(gcs_em
         manager.verify(3)
         restored = manager.restore({"w": jax.ShapeDtypeStruct((8, 6), jnp.float32), "step": jnp.asarray(0)})
     assert np.array_equal(restored["w"], np.arange(48.0).reshape(8, 6))
+
+
+def test_load_params_from_a_bare_orbax_checkpoint_in_a_bucket(store_url):
+    from jaxckpt import load_params
+
+    params = _state(4)["params"]
+    url = f"{store_url}/bare"
+    with orbax_s3.orbax_s3():  # what a plain-Orbax user on s3:// does (README); a no-op for gs://
+        ckptr = ocp.StandardCheckpointer(atomicity_options=storage.atomicity_options(url))  # (no rename on s3)
+        ckptr.save(storage.as_path(url), params)
+        ckptr.wait_until_finished()
+    target = jax.tree.map(jnp.zeros_like, params)
+    loaded, report = load_params(url, target)
+    assert _equal(loaded, params) and not report.missing

@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxckpt.checkpoint import integrity, state_read, storage
+from jaxckpt.checkpoint import integrity, orbax_s3, state_read, storage
 from jaxckpt.checkpoint.retention import RetentionPolicy
 from jaxckpt.checkpoint.stepdir import STATE_ITEM, read_json_item, read_state_metadata
 from jaxckpt.checkpoint.writers import COMMIT_FILE
@@ -172,8 +172,11 @@ def _read_metadata(checkpoint: storage.AnyPath) -> dict[str, jax.ShapeDtypeStruc
     """Shapes and dtypes of a step directory's state or a bare PyTree checkpoint; reads no array."""
     if _is_step_dir(checkpoint):
         return read_state_metadata(checkpoint)
-    tree = integrity.read_step(checkpoint, lambda: ocp.PyTreeCheckpointHandler().metadata(epath.Path(checkpoint)).tree,
-                               what="the array metadata")
+    def read() -> Any:
+        with orbax_s3.for_path(checkpoint):  # Orbax 0.12.8 reads s3:// only through it
+            return ocp.PyTreeCheckpointHandler().metadata(epath.Path(checkpoint)).tree
+
+    tree = integrity.read_step(checkpoint, read, what="the array metadata")
     return {p: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)) for p, m in treepath.flatten(tree).items()}
 
 
@@ -200,8 +203,11 @@ def _read_arrays(
             args[path] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=saved.shape, dtype=saved.dtype)
     restore = ocp.args.PyTreeRestore(item=treepath.unflatten_dict(items), restore_args=treepath.unflatten_dict(args),
                                      partial_restore=True)
-    restored = integrity.read_step(
-        checkpoint, lambda: ocp.PyTreeCheckpointHandler().restore(epath.Path(item_dir), args=restore), what="the params")
+    def read() -> Any:
+        with orbax_s3.for_path(item_dir):
+            return ocp.PyTreeCheckpointHandler().restore(epath.Path(item_dir), args=restore)
+
+    restored = integrity.read_step(checkpoint, read, what="the params")
     flat = treepath.flatten(restored)
     return {path: flat[path] for path in wanted}
 
