@@ -152,12 +152,11 @@ class CheckpointManager:
             # A best_fn makes Orbax write each step's metrics item; ranking itself is the policy's.
             best_fn=lambda metrics: 0.0,
             best_mode=best_mode,
-            cleanup_tmp_directories=False,  # done by _remove_unfinished_saves, before Orbax looks
+            cleanup_tmp_directories=False,  # done by writers.remove_unfinished_saves, before Orbax looks
             enable_async_checkpointing=async_save and not self._own_thread,
             create=not read_only,
             read_only=read_only,
-            # On gs:// and s3://: a step is committed by its commit_success.txt (no rename there);
-            # readers need it too, or a half-written step counts as saved.
+            # gs:// and s3://: commit_success.txt commits a step (no rename); readers need it too.
             atomicity_options=storage.atomicity_options(self._directory),
         )
         self._mngr = ocp.CheckpointManager(self._directory, options=options,
@@ -184,14 +183,8 @@ class CheckpointManager:
 
     # Saving.
 
-    def save(
-        self,
-        step: int,
-        state: PyTree,
-        *,
-        metrics: Mapping[str, Any] | None = None,
-        extra: Mapping[str, Any] | None = None,
-    ) -> None:
+    def save(self, step: int, state: PyTree, *, metrics: Mapping[str, Any] | None = None,
+             extra: Mapping[str, Any] | None = None) -> None:
         """Saves `state` as step `step`, with metrics for retention and JSON extras.
 
         Waits for the previous background save first, so its failure is raised here.
