@@ -148,7 +148,7 @@ def test_ocdbt_rewrite_on_gcs_needs_the_generation_of_each_read(gcs_emulator, mo
         with pytest.raises(ValueError, match="Malformed StorageGeneration"):
             _write_twice_to_ocdbt("ocdbt/")
     finally:
-        object_store._stop(process)
+        object_store.stop_emulator(process)
 
 
 def test_tensorstore_gcs_key_ranges_and_conditional_delete(gcs_emulator):
