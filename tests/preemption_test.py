@@ -122,13 +122,17 @@ def leftovers(workdir) -> list[str]:
     return sorted(p.name for p in (workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir):
-    """One uninterrupted run (it also prepares the dataset for the others)."""
-    workdir = tmp_path_factory.mktemp("reference")
-    done = run_cli(cli_args(tiny_config(data_dir, **TRAIN), workdir), env=CLI_ENV)
+def uninterrupted_run(workdir, data_dir, train: dict):
+    """`run.py` trained once without interruption into `workdir` (it also prepares the dataset)."""
+    done = run_cli(cli_args(tiny_config(data_dir, **train), workdir), env=CLI_ENV)
     assert done.returncode == 0, done.stderr
     return workdir
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """One uninterrupted run, the one every interrupted run must end equal to."""
+    return uninterrupted_run(tmp_path_factory.mktemp("reference"), data_dir, TRAIN)
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxckpt.checkpoint import orbax_s3, storage
-from tests.preemption_test import CLI_ENV, Running, cli_args
+from tests.preemption_test import CLI_ENV, Running, cli_args, uninterrupted_run
 from tests.runs import run_cli, tiny_config
 
 NUM_STEPS = 300
@@ -35,11 +35,8 @@ def url(request):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
-    """One uninterrupted local run (it also prepares the dataset for the others)."""
-    workdir = tmp_path_factory.mktemp("reference")
-    done = run_cli(cli_args(tiny_config(data_dir, **TRAIN), workdir), env=CLI_ENV)
-    assert done.returncode == 0, done.stderr
-    return workdir
+    """One uninterrupted local run, the one the run killed on a bucket must end equal to."""
+    return uninterrupted_run(tmp_path_factory.mktemp("reference"), data_dir, TRAIN)
 
 
 def _steps(workdir, *, committed: bool) -> list[int]:

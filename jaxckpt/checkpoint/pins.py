@@ -102,7 +102,8 @@ def pin(directory: os.PathLike | str, step: int) -> pathlib.Path | None:
       deleted already) or retention has decided to delete it.
     """
     if storage.is_url(directory):  # no lock to pin under (see the module docstring)
-        return _dir(directory) / f"{step}.pin-{_owner()}" if (storage.run_path(directory) / str(step)).is_dir() else None
+        there = (storage.run_path(directory) / str(step)).is_dir()
+        return _dir(directory) / f"{step}.pin-{_owner()}" if there else None
     with _locked(directory) as pins:
         if (pins / f"{step}.doomed").exists() or not (pathlib.Path(directory) / str(step)).is_dir():
             return None
@@ -186,10 +187,8 @@ def attach(directory: os.PathLike | str, split: str) -> pathlib.Path:
         return path
 
 
-def detach(path: pathlib.Path | None) -> None:
-    """Removes a registration made by `attach`."""
-    if path is not None and not storage.is_url(path):
-        path.unlink(missing_ok=True)
+detach = unpin
+"""Removes a registration made by `attach` (the same as removing a pin)."""
 
 
 def attached(directory: os.PathLike | str, split: str) -> bool:
